@@ -282,7 +282,7 @@ def _render_ign(root: Path, seed: int, city: City, truth: GroundTruth, shifts: d
                 refl = lut[truth.material[rows]] * truth.brightness[rows] * texture[rows]
                 refl += 0.003 * rng.standard_normal(refl.shape, dtype=np.float32)
                 bands[b, rows] = encode_ortho(refl)
-        declared = Affine.translation(*shift) * truth.grid.transform
+        declared = Affine.translation(*shift) @ truth.grid.transform
         path = layout.files_dir(root) / "ign" / f"ortho_{year}" / f"{city.name}.tif"
         write_cog(path, bands, LAMBERT93, declared, nodata=0, blocksize=512,
                   band_descriptions=list(IGN_BANDS))

@@ -88,7 +88,7 @@ class FractionCube:
             sums[i] = np.bincount(index.ravel(), weights=truth.brightness[rows, : n * factor].ravel(),
                                   minlength=n * n_mat)
         self.fractions = (sums.reshape(n, n, n_mat) / factor**2).astype(np.float32)
-        self.transform = truth.grid.transform * Affine.scale(factor)
+        self.transform = truth.grid.transform @ Affine.scale(factor)
         self.gsd_m = gsd_m
 
     def reflectance(self, doy: float, center_um: float, fwhm_um: float) -> np.ndarray:
@@ -99,7 +99,7 @@ def warp_to_grid(src: np.ndarray, src_transform: Affine, grid: SensorGrid, shift
                  resampling: Resampling = Resampling.average, src_nodata: float | None = None) -> np.ndarray:
     """Resample a Lambert-93 raster onto ``grid`` displaced by ``-shift_m`` (see module docstring)."""
     dx, dy = shift_m
-    true_transform = Affine.translation(-dx, -dy) * grid.transform
+    true_transform = Affine.translation(-dx, -dy) @ grid.transform
     out = np.full(grid.shape, np.nan, dtype=np.float32)
     reproject(src.astype(np.float32), out, src_transform=src_transform, src_crs=LAMBERT93,
               dst_transform=true_transform, dst_crs=grid.crs, resampling=resampling,
@@ -172,7 +172,8 @@ def apply_atmosphere(surface: np.ndarray, clouds: CloudField, center_um: float) 
 def encode_s2(reflectance: np.ndarray, valid: np.ndarray, processing_baseline: str) -> np.ndarray:
     """Sentinel-2 L2A DN: reflectance * 10000, plus 1000 from baseline 04.00 on (BOA_ADD_OFFSET)."""
     offset = 1000.0 if processing_baseline >= "04.00" else 0.0
-    dn = np.clip(np.round(reflectance * 10000.0 + offset), 1, 65535)
+    # Round first, then add the integer offset: both baselines encode the same rounded value.
+    dn = np.clip(np.round(reflectance * 10000.0) + offset, 1, 65535)
     return np.where(valid, dn, 0).astype(np.uint16)
 
 

@@ -1,0 +1,40 @@
+# xstars: rebuild the MSC-France multi-sensor dataset (Sentinel-2, Landsat-8, IGN aerial
+# orthophotos, WorldCover labels) from public catalogues and pretrain ViTs with X-STARS.
+#
+# This file is the table of contents. Rules live in workflow/rules/*.smk and only call the
+# `xstars` command line: the logic is in the Python package, where it is unit-tested.
+# workflow/README.md explains the layout and why this file sits at the repository root.
+#
+#   snakemake --cores 2 all --config world=demo   # offline demo world (targets BEFORE --config:
+#                                                 # --config takes every word after it)
+#   snakemake --cores 8 all                       # the real build, config.yaml as it is
+#   snakemake --lint; snakemake -n all; snakemake --report report.html
+#
+# Every config key is documented in workflow/schemas/config.schema.yaml; values given with
+# --config KEY=VALUE win over the selected world's overlay.
+
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+report: "workflow/report/workflow.rst"
+
+
+# Validates the config, applies the world overlay, defines RESULTS, DEMO_ROOT and helpers.
+include: "workflow/rules/common.smk"
+# Stages, in data-flow order.
+include: "workflow/rules/demo.smk"
+
+
+localrules:
+    all,
+
+
+rule all:
+    default_target: True
+    input:
+        get_final_output(),

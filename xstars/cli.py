@@ -1,0 +1,218 @@
+"""The ``xstars`` command line: what the Snakemake rules call, and what a person types.
+
+::
+
+    xstars config show [--config config.yaml] [--world demo] [--set stac.url=http://...]
+    xstars demo generate [--root DIR] [--config config.yaml | --demo-json JSON]
+    xstars demo up|down|status [--root DIR] [--config config.yaml]
+    xstars demo preview --root DIR --out preview.png
+
+Errors raised on purpose (:class:`~xstars.errors.XstarsError`) print ``error: <message>`` and exit
+with status 2, without a traceback; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from xstars import __version__
+from xstars.config import deep_merge, load_config, parse_override, validate
+from xstars.errors import ConfigError, XstarsError
+
+log = logging.getLogger("xstars.cli")
+
+#: Exit status for an error the user can fix (bad config, service down...), as argparse uses.
+EXIT_USAGE = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``xstars`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return args.func(args) or 0
+    except XstarsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser (one sub-parser per command, each bound to its function)."""
+    parser = argparse.ArgumentParser(
+        prog="xstars",
+        description="Rebuild a multi-sensor EO dataset over France and pretrain X-STARS models.",
+    )
+    parser.add_argument("--version", action="version", version=f"xstars {__version__}")
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="logging threshold (logs go to stderr; default: %(default)s)",
+    )
+    groups = parser.add_subparsers(dest="group", required=True, metavar="{config,demo}")
+
+    config_opts = _config_options()
+    config_cmds = groups.add_parser("config", help="inspect the configuration").add_subparsers(
+        dest="command", required=True
+    )
+    show = config_cmds.add_parser(
+        "show", parents=[config_opts], help="print the resolved, validated config as YAML"
+    )
+    show.set_defaults(func=cmd_config_show)
+
+    demo_cmds = groups.add_parser("demo", help="the offline demo world").add_subparsers(
+        dest="command", required=True
+    )
+    root_opt = argparse.ArgumentParser(add_help=False)
+    root_opt.add_argument("--root", type=Path, help="demo world folder (default: config demo.root)")
+
+    generate = demo_cmds.add_parser(
+        "generate", parents=[config_opts, root_opt], help="generate the synthetic world"
+    )
+    generate.add_argument(
+        "--demo-json",
+        metavar="JSON",
+        help="the `demo` config section as JSON instead of --config (what the workflow passes)",
+    )
+    generate.set_defaults(func=cmd_demo_generate)
+    for name, func, text in [
+        ("up", cmd_demo_up, "start (or reuse) the loopback STAC/files/WMS servers"),
+        ("down", cmd_demo_down, "stop the servers"),
+        ("status", cmd_demo_status, "say whether the servers answer (exit 1 when down)"),
+    ]:
+        demo_cmds.add_parser(name, parents=[config_opts, root_opt], help=text).set_defaults(
+            func=func
+        )
+    preview = demo_cmds.add_parser("preview", help="render a PNG overview of a generated world")
+    preview.add_argument("--root", type=Path, required=True, help="demo world folder")
+    preview.add_argument("--out", type=Path, required=True, help="PNG to write")
+    preview.set_defaults(func=cmd_demo_preview)
+    return parser
+
+
+def _config_options() -> argparse.ArgumentParser:
+    """Options shared by every command that reads the configuration."""
+    opts = argparse.ArgumentParser(add_help=False)
+    opts.add_argument("--config", type=Path, help="config file (default: ./config.yaml)")
+    opts.add_argument("--world", help="world overlay to apply (default: the file's `world`)")
+    opts.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one value, e.g. --set stac.max_retries=3 (VALUE is YAML; repeatable)",
+    )
+    return opts
+
+
+def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """Load the config named by --config, with --world and every --set applied last."""
+    overrides: dict[str, Any] = {}
+    for assignment in args.overrides:
+        overrides = deep_merge(overrides, parse_override(assignment))
+    if args.world is not None:
+        overrides["world"] = args.world
+    return load_config(args.config, overrides)
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    """Print the resolved config, defaults included, in a form `--config` accepts back."""
+    config = config_from_args(args)
+    sys.stdout.write(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
+    return 0
+
+
+def cmd_demo_generate(args: argparse.Namespace) -> int:
+    """Generate the demo world under --root (default: demo.root)."""
+    if args.demo_json is not None:
+        if args.config is not None or args.world is not None or args.overrides:
+            raise ConfigError("--demo-json replaces --config/--world/--set: give one or the other")
+        demo = _demo_from_json(args.demo_json)
+    else:
+        demo = config_from_args(args)["demo"]
+    root = args.root or Path(demo["root"])
+    demo["root"] = str(root)
+    # Imported once the config is known to be valid: the generator pulls in the raster stack.
+    from xstars.demo.generate import generate_world
+    from xstars.demo.layout import world_json
+
+    log.info("demo generate root=%s seed=%d cities=%s", root, demo["seed"], _names(demo))
+    generate_world(root, demo)
+    log.info("demo generated world_json=%s", world_json(root))
+    return 0
+
+
+def cmd_demo_up(args: argparse.Namespace) -> int:
+    """Start the demo servers (or reuse the running ones) and print their URLs as key=value."""
+    from xstars.demo.server import ensure_up
+
+    demo = config_from_args(args)["demo"]
+    root = args.root or Path(demo["root"])
+    info = ensure_up(root, demo["host"], demo["port"], demo["stac_backend_port"])
+    log.info("demo up root=%s pid=%s", root, info.pid)
+    for key in ("stac_url", "files_url", "wms_url", "pid"):
+        print(f"{key}={getattr(info, key)}")
+    return 0
+
+
+def cmd_demo_down(args: argparse.Namespace) -> int:
+    """Stop the demo servers started for --root; not running is not an error."""
+    from xstars.demo.server import stop
+
+    root = args.root or Path(config_from_args(args)["demo"]["root"])
+    stopped = stop(root)
+    log.info("demo down root=%s stopped=%s", root, stopped)
+    print("stopped" if stopped else "not running")
+    return 0
+
+
+def cmd_demo_status(args: argparse.Namespace) -> int:
+    """Whether the servers recorded for --root answer their health check (exit 0 up, 1 down)."""
+    from xstars.demo.server import health, read_server_json
+
+    root = args.root or Path(config_from_args(args)["demo"]["root"])
+    info = read_server_json(root)
+    if info is None or health(info.base_url) is None:
+        print(f"down root={root}")
+        return 1
+    print(f"up root={root} pid={info.pid} stac_url={info.stac_url} wms_url={info.wms_url}")
+    return 0
+
+
+def cmd_demo_preview(args: argparse.Namespace) -> int:
+    """Render the overview PNG of a generated world."""
+    from xstars.demo.generate import render_preview
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    render_preview(args.root, args.out)
+    log.info("demo preview root=%s out=%s", args.root, args.out)
+    return 0
+
+
+def _demo_from_json(text: str) -> dict[str, Any]:
+    """The `demo` section from JSON, validated (and defaults filled) like the whole config."""
+    try:
+        demo = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"--demo-json is not valid JSON: {err}") from None
+    return validate({"demo": demo})["demo"]
+
+
+def _names(demo: dict[str, Any]) -> str:
+    return ",".join(city["name"] for city in demo["cities"])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

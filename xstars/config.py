@@ -1,0 +1,315 @@
+"""Load, resolve and validate the pipeline configuration.
+
+Resolution, later wins::
+
+    config.yaml                the top-level values describe the real MSC-France build
+    worlds[<world>]            an overlay, e.g. the demo world's loopback endpoints
+    overrides                  snakemake --config/--configfile, ``xstars ... --set a.b=VALUE``
+
+Mappings are merged key by key; lists and scalars are replaced whole. The result is validated
+against ``xstars/schemas/config.schema.yaml`` (JSON Schema 2020-12), which fills in defaults and
+rejects unknown keys; a few cross-key rules the schema cannot express are checked after it.
+Every problem is reported as a :class:`~xstars.errors.ConfigError` naming the key path.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import datetime as dt
+import functools
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from xstars.errors import ConfigError
+
+#: Where the CLI looks for the configuration when no path is given (the working directory).
+DEFAULT_CONFIG = Path("config.yaml")
+
+_SCHEMA_RESOURCE = ("schemas", "config.schema.yaml")
+_CITIES_RESOURCE = ("data", "cities.csv")
+
+
+@functools.cache
+def load_schema() -> dict[str, Any]:
+    """The configuration schema shipped in the package (treat as read-only: it is cached)."""
+    text = resources.files("xstars").joinpath(*_SCHEMA_RESOURCE).read_text(encoding="utf-8")
+    return yaml.safe_load(text)
+
+
+@functools.cache
+def load_cities() -> dict[str, tuple[float, float]]:
+    """City table shipped in the package: name -> (lon, lat) in WGS84 degrees."""
+    text = resources.files("xstars").joinpath(*_CITIES_RESOURCE).read_text(encoding="utf-8")
+    rows = csv.DictReader(text.splitlines())
+    return {row["name"]: (float(row["lon"]), float(row["lat"])) for row in rows}
+
+
+def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> dict:
+    """Read a YAML config, apply its world overlay and ``overrides``, validate, fill defaults.
+
+    Args:
+        path: YAML file; ``config.yaml`` in the working directory when None.
+        overrides: Nested mapping merged last, e.g. ``{"world": "demo"}``.
+
+    Raises:
+        ConfigError: unreadable file, unknown world, or a value the schema rejects.
+    """
+    return resolve_config(read_yaml(DEFAULT_CONFIG if path is None else Path(path)), overrides)
+
+
+def resolve_config(config: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> dict:
+    """Resolve and validate an in-memory config (what Snakemake's ``config`` holds).
+
+    ``config`` may already contain ``overrides`` (Snakemake merges ``--config`` into it before
+    the Snakefile runs); they are applied once more after the world overlay so that they win.
+    """
+    overrides = _dates_to_iso(overrides or {})
+    merged = deep_merge(_dates_to_iso(config), overrides)
+    # Checked before resolving so that a malformed `world`/`worlds` gets a schema message.
+    _raise_on(_schema_errors(merged, fill_defaults=False))
+    resolved = resolve_world(merged, overrides)
+    overlay = merged.get("worlds", {}).get(merged.get("world", "real"), {})
+    return validate(resolved, overlay=overlay, overrides=overrides)
+
+
+def resolve_world(config: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> dict:
+    """Deep-merge ``worlds[world]`` over ``config``, drop ``worlds``, then re-apply ``overrides``.
+
+    ``world`` stays in the result so that later stages know which world they run in.
+    """
+    worlds = config.get("worlds", {"real": {}})
+    world = config.get("world", "real")
+    if world not in worlds:
+        raise ConfigError(
+            f"config key 'world': {world!r} is not one of the worlds defined under 'worlds' "
+            f"({', '.join(sorted(worlds)) or 'none'})"
+        )
+    base = {key: value for key, value in config.items() if key != "worlds"}
+    return deep_merge(deep_merge(base, worlds[world]), overrides or {})
+
+
+def validate(
+    config: dict,
+    *,
+    overlay: Mapping[str, Any] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> dict:
+    """Validate a resolved config in place, filling defaults; return it.
+
+    Args:
+        config: Resolved config (``worlds`` may be present or not).
+        overlay: The world overlay it was resolved with. A bad value that came from it, and not
+            from ``overrides``, is reported as ``worlds.<world>.<key>``: the line to fix.
+        overrides: The overrides applied after the overlay.
+
+    Raises:
+        ConfigError: one line per problem, each naming its key path.
+    """
+    errors = list(_schema_errors(config, fill_defaults=True))
+    if not errors:
+        errors = list(_consistency_errors(config))
+    world_prefix = ("worlds", str(config.get("world", "real")))
+
+    def located(parts: tuple) -> tuple:
+        from_overlay = _defined_in(parts, overlay) and not _defined_in(parts, overrides)
+        return world_prefix + parts if from_overlay else parts
+
+    _raise_on((located(parts), message) for parts, message in errors)
+    return config
+
+
+def deep_merge(base: Mapping[str, Any], overlay: Mapping[str, Any]) -> dict:
+    """A new dict: ``overlay`` over ``base``; mappings merge recursively, other values replace."""
+    merged = copy.deepcopy(dict(base))
+    for key, value in overlay.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def read_yaml(path: Path) -> dict:
+    """Read a YAML mapping; ConfigError naming the file when missing, malformed or not a mapping."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} not found (pass --config PATH)") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config file {str(path)!r} must hold a mapping, not {type(data).__name__}"
+        )
+    return data
+
+
+def parse_override(assignment: str) -> dict:
+    """``"a.b=VALUE"`` -> ``{"a": {"b": VALUE}}``, VALUE read as YAML (``3`` is an int)."""
+    key, sep, text = assignment.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {assignment!r} must look like KEY.SUBKEY=VALUE")
+    try:
+        value: Any = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {assignment!r}: value is not valid YAML: {err}") from None
+    for part in reversed(key.split(".")):
+        value = {part: value}
+    return value
+
+
+def retype_snakemake_overrides(overrides: Mapping[str, Any]) -> dict:
+    """Re-read the string scalars of Snakemake's ``--config`` values as YAML.
+
+    Snakemake parses a nested ``--config`` value with YAML's BaseLoader, which leaves every
+    scalar a string (``--config "stac={max_retries: 3}"`` gives ``'3'``). A string that reads
+    as another scalar (number, boolean, date) becomes that; anything else is kept as it was.
+    """
+
+    def retype(node: Any) -> Any:
+        if isinstance(node, Mapping):
+            return {key: retype(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [retype(value) for value in node]
+        if isinstance(node, str):
+            try:
+                value = yaml.safe_load(node)
+            except yaml.YAMLError:
+                return node
+            return value if isinstance(value, int | float | bool | dt.date) else node
+        return node
+
+    return retype(overrides)
+
+
+def key_path(parts: Sequence[str | int]) -> str:
+    """``["sites", "cities", 2]`` -> ``"sites.cities[2]"``."""
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+# --- internals ---------------------------------------------------------------------------------
+
+_Error = tuple[tuple[str | int, ...], str]  # (key path parts, message)
+
+
+def _raise_on(errors: Iterable[_Error]) -> None:
+    lines = sorted(
+        {
+            f"config key '{key_path(parts)}': {msg}" if parts else f"config: {msg}"
+            for parts, msg in errors
+        }
+    )
+    if lines:
+        raise ConfigError("\n".join(lines))
+
+
+def _schema_errors(config: Any, *, fill_defaults: bool) -> Iterator[_Error]:
+    validator_cls = _DefaultFillingValidator if fill_defaults else jsonschema.Draft202012Validator
+    for error in validator_cls(load_schema()).iter_errors(config):
+        yield from _describe(error)
+
+
+def _describe(error: jsonschema.ValidationError) -> Iterator[_Error]:
+    """Turn a jsonschema error into (key path, message), naming the offending key itself."""
+    path = tuple(error.absolute_path)
+    if error.validator == "additionalProperties" and isinstance(error.instance, dict):
+        allowed = sorted(error.schema.get("properties", {}))
+        for key in sorted(set(error.instance) - set(allowed)):
+            yield (*path, key), f"unknown key (allowed here: {', '.join(allowed)})"
+    elif error.validator == "required" and isinstance(error.instance, dict):
+        for key in error.validator_value:
+            if key not in error.instance:
+                yield (*path, key), "required but missing"
+    else:
+        yield path, error.message
+
+
+def _defined_in(parts: tuple, mapping: Mapping[str, Any] | None) -> bool:
+    """Whether ``mapping`` sets the value at ``parts`` (setting a list sets all its items)."""
+    node: Any = mapping
+    for part in parts:
+        if isinstance(part, int) and isinstance(node, list):
+            return True
+        if not isinstance(node, Mapping) or part not in node:
+            return False
+        node = node[part]
+    return bool(parts)
+
+
+def _consistency_errors(config: dict) -> Iterator[_Error]:
+    """Rules across keys that the schema cannot state (run on a schema-valid config)."""
+    known = load_cities()
+    for i, city in enumerate(config["sites"]["cities"]):
+        if city not in known:
+            known_names = ", ".join(sorted(known))
+            yield (
+                ("sites", "cities", i),
+                f"{city!r} is not in xstars/data/cities.csv (known: {known_names})",
+            )
+    split = config["sites"]["split"]
+    if split["val_fraction"] + split["test_fraction"] >= 1:
+        yield (
+            ("sites", "split"),
+            "val_fraction + test_fraction must be below 1 (nothing left to train on)",
+        )
+    dates = config["dates"]
+    parsed = {}
+    for key in ("start", "end"):
+        try:
+            parsed[key] = dt.date.fromisoformat(dates[key])
+        except ValueError:
+            yield ("dates", key), f"{dates[key]!r} is not a calendar date (YYYY-MM-DD)"
+    if len(parsed) == 2 and parsed["start"] > parsed["end"]:
+        yield ("dates",), f"start {dates['start']} is after end {dates['end']}"
+    names = [season["name"] for season in dates["seasons"]]
+    if len(set(names)) != len(names):
+        yield ("dates", "seasons"), f"season names must be unique, got {names}"
+    demo = config["demo"]
+    if demo["port"] == demo["stac_backend_port"]:
+        yield ("demo", "stac_backend_port"), f"must differ from demo.port ({demo['port']})"
+    demo_names = [city["name"] for city in demo["cities"]]
+    if len(set(demo_names)) != len(demo_names):
+        yield ("demo", "cities"), f"city names must be unique, got {demo_names}"
+
+
+def _dates_to_iso(node: Any) -> Any:
+    """YAML reads an unquoted 2021-04-01 as a date: keep it as the ISO string the schema expects."""
+    if isinstance(node, Mapping):
+        return {key: _dates_to_iso(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_dates_to_iso(value) for value in node]
+    if isinstance(node, dt.date):
+        return node.isoformat()
+    return node
+
+
+def _extend_with_defaults(cls: type) -> type:
+    """A validator class that, before checking an object's properties, fills missing defaults.
+
+    Defaults are deep-copied (the schema is cached and shared). An object filled with its
+    default (often ``{}``) is then descended into, so nested defaults are filled too.
+    """
+    check_properties = cls.VALIDATORS["properties"]
+
+    def fill_then_check(validator, properties, instance, schema):
+        if validator.is_type(instance, "object"):
+            for name, subschema in properties.items():
+                if "default" in subschema and name not in instance:
+                    instance[name] = copy.deepcopy(subschema["default"])
+        yield from check_properties(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(cls, {"properties": fill_then_check})
+
+
+_DefaultFillingValidator = _extend_with_defaults(jsonschema.Draft202012Validator)
