@@ -76,7 +76,8 @@ def test_demo_world_swaps_in_loopback_endpoints_and_demo_sites() -> None:
     demo = load_config(CONFIG, {"world": "demo"})
     assert LOOPBACK.match(demo["stac"]["url"])
     assert LOOPBACK.match(demo["ign"]["wms_url"])
-    assert demo["stac"]["signing"] == "none"
+    # Same signing path as against the real API: sign_inplace leaves loopback hrefs unchanged.
+    assert demo["stac"]["signing"] == "planetary_computer"
     assert demo["sites"]["cities"] == [city["name"] for city in demo["demo"]["cities"]]
     assert demo["sites"]["footprint_m"] < real["sites"]["footprint_m"]
     # What the overlay does not name is the real build's.
