@@ -28,13 +28,40 @@ report: "workflow/report/workflow.rst"
 include: "workflow/rules/common.smk"
 # Stages, in data-flow order.
 include: "workflow/rules/demo.smk"
+include: "workflow/rules/catalog.smk"
 
 
 localrules:
     all,
+    build_dataset,
 
 
 rule all:
     default_target: True
     input:
         get_final_output(),
+
+
+rule build_dataset:
+    input:
+        RESULTS / "catalog" / "manifest.parquet",
+
+
+# The demo world's servers are started by the first rule that needs them (xstars catalog
+# search, ...); they are stopped at the end unless they were already running before this run.
+_DEMO_SERVERS = {"were_up": False}
+
+
+onstart:
+    if IS_DEMO:
+        _DEMO_SERVERS["were_up"] = demo_servers_up()
+
+
+onsuccess:
+    if IS_DEMO and not _DEMO_SERVERS["were_up"]:
+        stop_demo_servers()
+
+
+onerror:
+    if IS_DEMO and not _DEMO_SERVERS["were_up"]:
+        stop_demo_servers()

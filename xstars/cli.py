@@ -6,6 +6,15 @@
     xstars demo generate [--root DIR] [--config config.yaml | --demo-json JSON]
     xstars demo up|down|status [--root DIR] [--config config.yaml]
     xstars demo preview --root DIR --out preview.png
+    xstars catalog sites --out sites.parquet
+    xstars catalog search --sites sites.parquet --shard I --out candidates-I.jsonl
+    xstars catalog manifest --sites sites.parquet --out manifest.parquet candidates-*.jsonl
+    xstars catalog freeze --out manifest.parquet      # frozen mode: check and copy catalog.manifest
+
+Every command that reads the configuration takes ``--config FILE [--world W] [--set K=V]`` or
+``--config-json JSON`` (the resolved config, or the sections a rule needs, as the workflow
+passes them). With ``world: demo`` the commands that talk to the services start the demo
+servers first if they are not up (``xstars demo down`` stops them).
 
 Errors raised on purpose (:class:`~xstars.errors.XstarsError`) print ``error: <message>`` and exit
 with status 2, without a traceback; anything else is a bug and keeps its traceback.
@@ -23,7 +32,7 @@ from typing import Any
 import yaml
 
 from xstars import __version__
-from xstars.config import deep_merge, load_config, parse_override, validate
+from xstars.config import deep_merge, expand_demo_address, load_config, parse_override, validate
 from xstars.errors import ConfigError, XstarsError
 
 log = logging.getLogger("xstars.cli")
@@ -60,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="logging threshold (logs go to stderr; default: %(default)s)",
     )
-    groups = parser.add_subparsers(dest="group", required=True, metavar="{config,demo}")
+    groups = parser.add_subparsers(dest="group", required=True, metavar="{config,demo,catalog}")
 
     config_opts = _config_options()
     config_cmds = groups.add_parser("config", help="inspect the configuration").add_subparsers(
@@ -98,6 +107,29 @@ def build_parser() -> argparse.ArgumentParser:
     preview.add_argument("--root", type=Path, required=True, help="demo world folder")
     preview.add_argument("--out", type=Path, required=True, help="PNG to write")
     preview.set_defaults(func=cmd_demo_preview)
+
+    catalog_cmds = groups.add_parser("catalog", help="sites, STAC search, scene selection").add_subparsers(
+        dest="command", required=True
+    )
+    sites = catalog_cmds.add_parser("sites", parents=[config_opts], help="draw the sites (GeoParquet)")
+    sites.add_argument("--out", type=Path, required=True)
+    sites.set_defaults(func=cmd_catalog_sites)
+    search = catalog_cmds.add_parser("search", parents=[config_opts], help="search one shard of sites")
+    search.add_argument("--sites", type=Path, required=True, help="sites.parquet")
+    search.add_argument("--shard", type=int, required=True, help="shard index, 0..catalog.search_shards-1")
+    search.add_argument("--out", type=Path, required=True, help="candidates (JSON lines)")
+    search.set_defaults(func=cmd_catalog_search)
+    manifest = catalog_cmds.add_parser("manifest", parents=[config_opts], help="select scenes, write the manifest")
+    manifest.add_argument("--sites", type=Path, required=True, help="sites.parquet")
+    manifest.add_argument("--out", type=Path, required=True, help="manifest.parquet")
+    manifest.add_argument("--summary", type=Path, help="also write the kept/dropped counts as JSON")
+    manifest.add_argument("candidates", type=Path, nargs="+", help="candidate files of every shard")
+    manifest.set_defaults(func=cmd_catalog_manifest)
+    freeze = catalog_cmds.add_parser("freeze", parents=[config_opts],
+                                     help="frozen mode: check catalog.manifest and copy it (no search)")
+    freeze.add_argument("--out", type=Path, required=True, help="manifest.parquet")
+    freeze.add_argument("--summary", type=Path, help="also write the kept/dropped counts as JSON")
+    freeze.set_defaults(func=cmd_catalog_freeze)
     return parser
 
 
@@ -106,6 +138,11 @@ def _config_options() -> argparse.ArgumentParser:
     opts = argparse.ArgumentParser(add_help=False)
     opts.add_argument("--config", type=Path, help="config file (default: ./config.yaml)")
     opts.add_argument("--world", help="world overlay to apply (default: the file's `world`)")
+    opts.add_argument(
+        "--config-json",
+        metavar="JSON",
+        help="the resolved config (or some of its sections) as JSON, instead of --config/--world/--set",
+    )
     opts.add_argument(
         "--set",
         dest="overrides",
@@ -118,7 +155,19 @@ def _config_options() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """Load the config named by --config, with --world and every --set applied last."""
+    """Load the config named by --config, with --world and every --set applied last.
+
+    With --config-json, that JSON is the config (validated, defaults filled for absent keys).
+    """
+    if getattr(args, "config_json", None) is not None:
+        if args.config is not None or args.world is not None or args.overrides:
+            raise ConfigError("--config-json replaces --config/--world/--set: give one or the other")
+        try:
+            given = json.loads(args.config_json)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"--config-json is not valid JSON: {err}") from None
+        # Already resolved (world overlay applied): only validated here, defaults filled.
+        return expand_demo_address(validate(given))
     overrides: dict[str, Any] = {}
     for assignment in args.overrides:
         overrides = deep_merge(overrides, parse_override(assignment))
@@ -199,6 +248,89 @@ def cmd_demo_preview(args: argparse.Namespace) -> int:
     render_preview(args.root, args.out)
     log.info("demo preview root=%s out=%s", args.root, args.out)
     return 0
+
+
+def serve_demo_if_needed(config: dict[str, Any]) -> None:
+    """In the demo world, make sure its servers run (started, or reused if already up)."""
+    if config["world"] != "demo":
+        return
+    from xstars.demo.server import ensure_up
+
+    demo = config["demo"]
+    info = ensure_up(Path(demo["root"]), demo["host"], demo["port"], demo["stac_backend_port"])
+    log.info("demo servers root=%s url=%s", demo["root"], info.base_url)
+
+
+def cmd_catalog_sites(args: argparse.Namespace) -> int:
+    """Draw the sites of the config and write them as GeoParquet."""
+    from xstars.sites import sample_sites, write_sites
+
+    config = config_from_args(args)
+    sites = sample_sites(config)
+    write_sites(sites, args.out, config["sites"]["crs"])
+    log.info("catalog sites n=%d out=%s", len(sites), args.out)
+    return 0
+
+
+def cmd_catalog_search(args: argparse.Namespace) -> int:
+    """Search one shard of the sites' groups and write its candidate scenes."""
+    from xstars.catalog import search_shard, write_candidates
+    from xstars.sites import read_sites
+
+    config = config_from_args(args)
+    sites = read_sites(args.sites)
+    serve_demo_if_needed(config)
+    rows, searches = search_shard(config, sites, args.shard)
+    write_candidates(rows, searches, args.out)
+    log.info("catalog search shard=%d searches=%d candidates=%d out=%s", args.shard, len(searches), len(rows),
+             args.out)
+    return 0
+
+
+def cmd_catalog_manifest(args: argparse.Namespace) -> int:
+    """Select a scene per site and sensor from every shard's candidates; write the manifest."""
+    from xstars.catalog import (
+        provenance,
+        read_candidates,
+        searches_path,
+        select,
+        summary,
+        write_manifest,
+    )
+    from xstars.sites import read_sites
+
+    config = config_from_args(args)
+    sites = read_sites(args.sites)
+    rows = select(config, sites, read_candidates(args.candidates))
+    searches = [s for path in args.candidates for s in json.loads(searches_path(path).read_text())]
+    write_manifest(rows, args.out, config["sites"]["crs"], provenance(config, searches))
+    _write_summary(summary(rows), args.summary)
+    return 0
+
+
+def cmd_catalog_freeze(args: argparse.Namespace) -> int:
+    """Frozen mode: check the manifest named by catalog.manifest and copy it, byte for byte."""
+    import shutil
+
+    from xstars.catalog import read_manifest, summary
+
+    config = config_from_args(args)
+    source = config["catalog"]["manifest"]
+    if not source:
+        raise ConfigError("catalog.manifest: empty; frozen mode needs the path of an existing manifest")
+    frame = read_manifest(Path(source))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    if Path(source).resolve() != args.out.resolve():
+        shutil.copyfile(source, args.out)
+    _write_summary(summary(frame.drop(columns="geometry").to_dict("records")), args.summary)
+    return 0
+
+
+def _write_summary(counts: dict[str, Any], path: Path | None) -> None:
+    log.info("catalog manifest %s", json.dumps(counts, sort_keys=True))
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(counts, indent=1, sort_keys=True) + "\n")
 
 
 def _demo_from_json(text: str) -> dict[str, Any]:

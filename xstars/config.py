@@ -75,7 +75,22 @@ def resolve_config(config: Mapping[str, Any], overrides: Mapping[str, Any] | Non
     _raise_on(_schema_errors(merged, fill_defaults=False))
     resolved = resolve_world(merged, overrides)
     overlay = merged.get("worlds", {}).get(merged.get("world", "real"), {})
-    return validate(resolved, overlay=overlay, overrides=overrides)
+    return expand_demo_address(validate(resolved, overlay=overlay, overrides=overrides))
+
+
+def expand_demo_address(config: dict) -> dict:
+    """Replace ``{demo.host}`` and ``{demo.port}`` in the endpoint URLs by the demo's values.
+
+    The demo overlay writes its URLs this way, so that moving the demo servers to another port
+    (``--config demo.port=9000``, as the tests do) moves every endpoint with them.
+    """
+    values = {"{demo.host}": str(config["demo"]["host"]), "{demo.port}": str(config["demo"]["port"])}
+    for section, key in (("stac", "url"), ("ign", "wms_url")):
+        url = config[section][key]
+        for placeholder, value in values.items():
+            url = url.replace(placeholder, value)
+        config[section][key] = url
+    return config
 
 
 def resolve_world(config: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> dict:
@@ -257,7 +272,37 @@ def _consistency_errors(config: dict) -> Iterator[_Error]:
                 ("sites", "cities", i),
                 f"{city!r} is not in xstars/data/cities.csv (known: {known_names})",
             )
-    split = config["sites"]["split"]
+    sites = config["sites"]
+    split = sites["split"]
+    if split["method"] == "blocks" or sites["uniform_count"] > 0:
+        ratio = split["block_m"] / sites["footprint_m"]
+        if abs(ratio - round(ratio)) > 1e-9:
+            yield (
+                ("sites", "split", "block_m"),
+                f"{split['block_m']:g} must be a multiple of sites.footprint_m ({sites['footprint_m']:g}) "
+                "so that blocks never cut a footprint",
+            )
+    for key in ("val_cities", "test_cities"):
+        for i, city in enumerate(split[key]):
+            if city not in sites["cities"]:
+                yield ("sites", "split", key, i), f"{city!r} is not one of sites.cities"
+    both = set(split["val_cities"]) & set(split["test_cities"])
+    if both:
+        yield ("sites", "split", "test_cities"), f"{sorted(both)} also in val_cities"
+    if split["method"] == "cities" and not set(sites["cities"]) - set(split["val_cities"]) - set(
+        split["test_cities"]
+    ):
+        yield ("sites", "split", "method"), "every city is in val_cities or test_cities: none left to train on"
+    for name in ("s2", "l8"):
+        sensor = config["sensors"][name]
+        given = [k for k in ("mask_invalid_classes", "mask_invalid_bits") if k in sensor]
+        if len(given) != 1:
+            yield ("sensors", name), "give exactly one of mask_invalid_classes or mask_invalid_bits"
+    if config["world"] == "demo":
+        demo_names = {city["name"] for city in config["demo"]["cities"]}
+        for i, city in enumerate(sites["cities"]):
+            if city not in demo_names:
+                yield ("sites", "cities", i), f"{city!r} is not a city of the demo world (demo.cities)"
     if split["val_fraction"] + split["test_fraction"] >= 1:
         yield (
             ("sites", "split"),

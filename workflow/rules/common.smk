@@ -21,12 +21,29 @@ DEMO_ROOT = Path(config["demo"]["root"])
 DEMO_JSON = json.dumps(config["demo"], sort_keys=True)
 
 
+IS_DEMO = config["world"] == "demo"
+
+
 def get_final_output():
     """Targets of `rule all`; each stage adds its own here."""
-    return [
-        DEMO_ROOT / "world.json",
-        RESULTS / "demo" / "preview.png",
-    ]
+    demo = [DEMO_ROOT / "world.json", RESULTS / "preview.png"] if IS_DEMO else []
+    return [*demo, RESULTS / "catalog" / "manifest.parquet"]
+
+
+def config_json(*sections):
+    """The named sections of the resolved config as JSON, for a rule's `params`.
+
+    A rule passes it to `xstars ... --config-json`; being a parameter, a change to any of these
+    sections (even with --config) reruns the rule, and to no other section does. Returned as a
+    function so that Snakemake does not read the braces of the JSON (`{year}`) as wildcards.
+    """
+    text = json.dumps({key: config[key] for key in sections}, sort_keys=True)
+    return lambda wildcards: text
+
+
+def demo_world_input(wildcards):
+    """In the demo world, rules that talk to its servers need the world generated first."""
+    return [DEMO_ROOT / "world.json"] if IS_DEMO else []
 
 
 def input_folder(wildcards, input):
@@ -40,3 +57,17 @@ def input_folder(wildcards, input):
 def output_folder(wildcards, output):
     """Folder of a rule's first output (see input_folder)."""
     return str(Path(output[0]).parent)
+
+
+def demo_servers_up():
+    """Whether the demo world's servers answer (on the configured address)."""
+    from xstars.demo.server import health
+
+    return health(f"http://{config['demo']['host']}:{config['demo']['port']}") is not None
+
+
+def stop_demo_servers():
+    """Stop the demo servers of DEMO_ROOT (nothing to do when none runs)."""
+    from xstars.demo.server import stop
+
+    stop(DEMO_ROOT)

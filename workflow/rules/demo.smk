@@ -20,7 +20,7 @@ rule demo_preview:
         world=DEMO_ROOT / "world.json",
     output:
         report(
-            RESULTS / "demo" / "preview.png",
+            RESULTS / "preview.png",
             caption="../report/demo_preview.rst",
             category="Demo world",
         ),

@@ -21,7 +21,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +34,34 @@ from rasterio.warp import reproject, transform_bounds
 from scipy import ndimage
 
 from xstars.demo import layout
-from xstars.demo.items import (LANDSAT_BANDS, S2_BANDS, LandsatAcquisition, S2Acquisition, collection,
-                               landsat_item, s2_item, worldcover_item)
+from xstars.demo.items import (
+    LANDSAT_BANDS,
+    S2_BANDS,
+    LandsatAcquisition,
+    S2Acquisition,
+    collection,
+    landsat_item,
+    s2_item,
+    worldcover_item,
+)
 from xstars.demo.landscape import LAMBERT93, CityGrid, GroundTruth, make_ground_truth
-from xstars.demo.render import (FractionCube, SensorGrid, apply_atmosphere, encode_landsat_sr,
-                                encode_landsat_st, encode_ortho, encode_s2, footprint_mask, landsat_qa_pixel,
-                                make_clouds, psf_blur, s2_scene_classification, scene_grid, warp_to_grid,
-                                write_cog)
+from xstars.demo.render import (
+    FractionCube,
+    SensorGrid,
+    apply_atmosphere,
+    encode_landsat_sr,
+    encode_landsat_st,
+    encode_ortho,
+    encode_s2,
+    footprint_mask,
+    landsat_qa_pixel,
+    make_clouds,
+    psf_blur,
+    s2_scene_classification,
+    scene_grid,
+    warp_to_grid,
+    write_cog,
+)
 from xstars.demo.spectra import MATERIAL_ID, material_reflectance, material_to_worldcover
 
 log = logging.getLogger(__name__)
@@ -56,7 +77,7 @@ S2_SCHEDULE = [
     ("2023-10-04", "10:56:31", "Sentinel-2A", ("05.09",), 0.60, "proj:code"),
 ]
 #: Generation time of each processing baseline (the reprocessing campaign of 2023 for 05.00).
-REPROCESSING_TIME = {"05.00": datetime(2023, 2, 10, 8, 12, 33, tzinfo=timezone.utc)}
+REPROCESSING_TIME = {"05.00": datetime(2023, 2, 10, 8, 12, 33, tzinfo=UTC)}
 
 #: Landsat schedule: (date, time, platform, cloud fraction).
 LANDSAT_SCHEDULE = [
@@ -271,7 +292,7 @@ def _render_ign(root: Path, seed: int, city: City, truth: GroundTruth, shifts: d
     """Orthophoto sources (R, G, B, NIR uint8 at the truth's GSD, Lambert-93) per campaign year."""
     sources = []
     for year in city.ign_years():
-        when = datetime(year, 6, 10, 11, 0, tzinfo=timezone.utc) + timedelta(days=7 * city.index)
+        when = datetime(year, 6, 10, 11, 0, tzinfo=UTC) + timedelta(days=7 * city.index)
         rng = _rng(seed, city, 3, year)
         shift = _shift(rng, "ign", truth.grid.gsd_m)
         bands = np.zeros((len(IGN_BANDS),) + truth.material.shape, dtype=np.uint8)

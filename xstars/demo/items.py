@@ -10,7 +10,7 @@ pre-2022 acquisition that appears twice, and Landsat-9 items in the Landsat coll
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from rasterio.warp import transform_bounds
@@ -68,7 +68,7 @@ class S2Acquisition:
 
 
 def _iso(dt: datetime) -> str:
-    return dt.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _footprint(grid: SensorGrid, valid_bounds_l93: tuple[float, float, float, float]) -> tuple[list, dict]:

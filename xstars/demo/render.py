@@ -51,7 +51,7 @@ class SensorGrid:
     def bounds(self) -> tuple[float, float, float, float]:
         return (self.xmin, self.ymax - self.shape[0] * self.gsd_m, self.xmin + self.shape[1] * self.gsd_m, self.ymax)
 
-    def with_gsd(self, gsd_m: float) -> "SensorGrid":
+    def with_gsd(self, gsd_m: float) -> SensorGrid:
         """Same footprint at another resolution (the footprint is a multiple of both GSDs)."""
         rows = int(round(self.shape[0] * self.gsd_m / gsd_m))
         cols = int(round(self.shape[1] * self.gsd_m / gsd_m))
@@ -126,7 +126,7 @@ class CloudField:
     alpha: np.ndarray
     shadow: np.ndarray
 
-    def at_shape(self, shape: tuple[int, int]) -> "CloudField":
+    def at_shape(self, shape: tuple[int, int]) -> CloudField:
         """Nearest-neighbour resize (cloud fields are smooth; bands differ by integer factors)."""
         def fit(a: np.ndarray) -> np.ndarray:
             ry = np.minimum((np.arange(shape[0]) * a.shape[0]) // shape[0], a.shape[0] - 1)

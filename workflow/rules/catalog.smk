@@ -1,0 +1,74 @@
+"""Catalog stage: sites -> STAC search in shards -> manifest (xstars/catalog.py).
+
+With `catalog.manifest` set (frozen mode) only `manifest` exists: it checks and copies the given
+manifest, and no search is made at all.
+"""
+
+CATALOG = RESULTS / "catalog"
+N_SHARDS = config["catalog"]["search_shards"]
+
+if config["catalog"]["manifest"]:
+
+    rule manifest:
+        input:
+            frozen=config["catalog"]["manifest"],
+        output:
+            manifest=CATALOG / "manifest.parquet",
+            summary=CATALOG / "summary.json",
+        params:
+            cfg=config_json("catalog"),
+        log:
+            "logs/catalog/manifest.log",
+        conda:
+            "../../envs/xstars.yaml"
+        shell:
+            "xstars catalog freeze --config-json {params.cfg:q} --out {output.manifest}"
+            " --summary {output.summary} > {log} 2>&1"
+
+else:
+
+    rule sites:
+        output:
+            CATALOG / "sites.parquet",
+        params:
+            cfg=config_json("seed", "sites"),
+        log:
+            "logs/catalog/sites.log",
+        conda:
+            "../../envs/xstars.yaml"
+        shell:
+            "xstars catalog sites --config-json {params.cfg:q} --out {output} > {log} 2>&1"
+
+    rule search_shard:
+        input:
+            sites=CATALOG / "sites.parquet",
+            world=demo_world_input,
+        output:
+            candidates=CATALOG / "search" / "shard-{shard}.jsonl",
+            searches=CATALOG / "search" / "shard-{shard}.searches.json",
+        params:
+            cfg=config_json("world", "demo", "seed", "sites", "stac", "ign", "sensors", "dates", "catalog"),
+        log:
+            "logs/catalog/search_shard-{shard}.log",
+        conda:
+            "../../envs/xstars.yaml"
+        shell:
+            "xstars catalog search --config-json {params.cfg:q} --sites {input.sites}"
+            " --shard {wildcards.shard} --out {output.candidates} > {log} 2>&1"
+
+    rule manifest:
+        input:
+            sites=CATALOG / "sites.parquet",
+            candidates=expand(CATALOG / "search" / "shard-{shard}.jsonl", shard=range(N_SHARDS)),
+        output:
+            manifest=CATALOG / "manifest.parquet",
+            summary=CATALOG / "summary.json",
+        params:
+            cfg=config_json("seed", "sites", "stac", "ign", "sensors", "dates", "catalog"),
+        log:
+            "logs/catalog/manifest.log",
+        conda:
+            "../../envs/xstars.yaml"
+        shell:
+            "xstars catalog manifest --config-json {params.cfg:q} --sites {input.sites}"
+            " --out {output.manifest} --summary {output.summary} {input.candidates} > {log} 2>&1"

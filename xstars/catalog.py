@@ -1,0 +1,861 @@
+"""Catalog: from sites to a manifest that pins exactly which scene every tile is made of.
+
+The stage runs in three steps, each a Snakemake rule (``workflow/rules/catalog.smk``):
+
+1. :func:`xstars.sites.sample_sites` draws the sites (``sites.parquet``).
+2. :func:`search_shard`, in parallel shards: sites are grouped into square search cells
+   (:func:`search_groups`); for each group, sensor and season window one small STAC search
+   (:class:`StacSearcher`), so the number of requests grows with groups, not sites x scenes.
+   The least cloudy scenes of each search have their quality mask read over the group's
+   footprints (:func:`footprint_fractions`): a scene is judged by the clouds *over the site*,
+   not only by its scene-level ``eo:cloud_cover``. IGN orthophotos, which have no catalogue,
+   are described as STAC-like items from the WMS capabilities (:func:`ign_items`), one per
+   site and campaign year, with a GetMap request as asset. Output: one candidate row per site,
+   sensor and scene.
+3. :func:`select` ranks each site's candidates and :func:`write_manifest` writes the manifest:
+   one row per site and sensor with the chosen item (unsigned JSON), its fallbacks, the
+   footprint, the date, the cloud figures, and the reason a site was dropped if it was.
+
+A manifest given as ``catalog.manifest`` (frozen mode) replaces steps 1-3: no search at all.
+
+Robustness against the real services (see ``../shared/reference/sources.md``): POST searches
+retried on 429/5xx honouring Retry-After (urllib3 ``Retry`` under pystac-client), whole searches
+retried on dropped or truncated answers, items deduplicated by id, a result page that is full
+but has no ``next`` link (a known Planetary Computer failure) continued by sorted id where the
+server supports ``sortby`` and ``filter``, and otherwise by splitting the date window in halves.
+Sentinel-2 reprocessed duplicates are resolved to the highest processing baseline.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import time
+import warnings
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import numpy as np
+import requests
+from pyproj import Transformer
+from shapely.geometry import box, mapping, shape
+from shapely.ops import transform as transform_geometry
+from urllib3 import Retry
+
+from xstars import items as stac_items
+from xstars.acquire import Grid, invalid_from_mask, read_on_grid, redact
+from xstars.errors import ConfigError, DataError, ServiceError
+from xstars.sites import Site
+
+log = logging.getLogger(__name__)
+
+#: Sensors of the manifest, in row order. s2/l8 come from STAC with a quality mask, ign from
+#: the WMS, labels from STAC.
+SENSORS: tuple[str, ...] = ("s2", "l8", "ign", "labels")
+MASKED_SENSORS: tuple[str, ...] = ("s2", "l8")
+IGN_COLLECTION = "ign-bdortho"
+
+#: Retried HTTP statuses (the Planetary Computer's throttling and gateway errors).
+RETRY_STATUSES = (429, 500, 502, 503, 504)
+
+
+# ======================================================================== windows and groups
+
+
+@dataclass(frozen=True)
+class SearchWindow:
+    """A date window searched at once: one season of one year (``2022-summer``)."""
+
+    name: str
+    start: datetime
+    end: datetime
+
+    @property
+    def interval(self) -> str:
+        """RFC 3339 interval with full timestamps (date-only intervals are refused by some APIs)."""
+        return f"{_iso(self.start)}/{_iso(self.end)}"
+
+    @property
+    def middle(self) -> datetime:
+        return self.start + (self.end - self.start) / 2
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def season_windows(dates_cfg: Mapping[str, Any]) -> list[SearchWindow]:
+    """One window per year and season between ``dates.start`` and ``dates.end`` (inclusive).
+
+    A season's months are cut into runs of consecutive months within the year (a winter of
+    December, January and February gives two windows), each clipped to the date range.
+    Raises ConfigError naming ``dates`` when no day of any season falls in the range.
+    """
+    first, last = date.fromisoformat(dates_cfg["start"]), date.fromisoformat(dates_cfg["end"])
+    windows = []
+    for year in range(first.year, last.year + 1):
+        for season in dates_cfg["seasons"]:
+            for run in _month_runs(sorted(season["months"])):
+                start = max(date(year, run[0], 1), first)
+                end = min(_last_day(year, run[-1]), last)
+                if start > end:
+                    continue
+                suffix = "" if len(_month_runs(sorted(season["months"]))) == 1 else f"-{run[0]:02d}"
+                windows.append(SearchWindow(
+                    f"{year}-{season['name']}{suffix}",
+                    datetime(start.year, start.month, start.day, tzinfo=UTC),
+                    datetime(end.year, end.month, end.day, 23, 59, 59, tzinfo=UTC),
+                ))
+    if not windows:
+        raise ConfigError(
+            f"dates: no day of any season ({', '.join(s['name'] for s in dates_cfg['seasons'])}) falls "
+            f"between start {dates_cfg['start']} and end {dates_cfg['end']}: the date window is empty"
+        )
+    return sorted(windows, key=lambda w: w.start)
+
+
+def _month_runs(months: Sequence[int]) -> list[list[int]]:
+    runs: list[list[int]] = []
+    for month in months:
+        if runs and runs[-1][-1] == month - 1:
+            runs[-1].append(month)
+        else:
+            runs.append([month])
+    return runs
+
+
+def _last_day(year: int, month: int) -> date:
+    return (date(year + month // 12, month % 12 + 1, 1)) - timedelta(days=1)
+
+
+@dataclass(frozen=True)
+class SearchGroup:
+    """Sites searched together: those whose footprint centre falls in one square search cell."""
+
+    group_id: str
+    sites: tuple[Site, ...]
+
+    @property
+    def bounds(self) -> tuple[float, float, float, float]:
+        """Union of the sites' footprints (sites CRS)."""
+        boxes = np.array([s.bounds for s in self.sites])
+        return (boxes[:, 0].min(), boxes[:, 1].min(), boxes[:, 2].max(), boxes[:, 3].max())
+
+
+def search_groups(sites: Iterable[Site], cell_m: float) -> list[SearchGroup]:
+    """Group sites by search cell, sorted by group id (stable across runs)."""
+    cells: dict[tuple[int, int], list[Site]] = defaultdict(list)
+    for site in sites:
+        xmin, ymin, xmax, ymax = site.bounds
+        cells[(math.floor((xmin + xmax) / 2 / cell_m), math.floor((ymin + ymax) / 2 / cell_m))].append(site)
+    groups = [SearchGroup(f"g{cx}_{cy}", tuple(sorted(members, key=lambda s: s.site_id)))
+              for (cx, cy), members in cells.items()]
+    return sorted(groups, key=lambda g: g.group_id)
+
+
+def shard_of(groups: Sequence[SearchGroup], shard: int, n_shards: int) -> list[SearchGroup]:
+    """The groups of one search shard (round-robin over the sorted groups)."""
+    if not 0 <= shard < n_shards:
+        raise ConfigError(f"search shard {shard} is not in 0..{n_shards - 1} (catalog.search_shards)")
+    return [g for i, g in enumerate(groups) if i % n_shards == shard]
+
+
+def to_wgs84(geometry, crs: str):
+    """A shapely geometry in ``crs`` -> WGS84 (lon, lat)."""
+    return transform_geometry(Transformer.from_crs(crs, "EPSG:4326", always_xy=True).transform, geometry)
+
+
+# ============================================================================== STAC search
+
+
+@dataclass
+class SearchLog:
+    """What one search asked and got: provenance for the manifest, figures for the tests."""
+
+    collection: str
+    window: str
+    group_id: str
+    body: dict[str, Any]
+    returned: int = 0
+    kept: int = 0
+    attempts: int = 0
+    continuations: list[str] = field(default_factory=list)
+
+
+class StacSearcher:
+    """pystac-client on a STAC API, with the robustness the real services need.
+
+    Retries of single requests (429/5xx honouring Retry-After, dropped connections; POST
+    included) are urllib3's, configured on pystac-client's own session; a search whose answer
+    is truncated or unparsable is retried whole. Server-side filtering (``query``) is used when
+    the API conforms to it; the same filter always runs client-side as well.
+    """
+
+    def __init__(self, stac_cfg: Mapping[str, Any]) -> None:
+        from pystac_client import Client
+        from pystac_client.stac_api_io import StacApiIO
+
+        self.cfg = dict(stac_cfg)
+        retry = Retry(
+            total=int(stac_cfg["max_retries"]),
+            backoff_factor=float(stac_cfg["backoff_s"]),
+            status_forcelist=RETRY_STATUSES,
+            allowed_methods=None,  # POST /search too: searches are read-only
+            respect_retry_after_header=True,
+            raise_on_status=False,  # the last answer reaches pystac-client, which names its status
+        )
+        stac_io = StacApiIO(max_retries=retry, timeout=float(stac_cfg["timeout_s"]))
+        self.url = stac_cfg["url"]
+        try:
+            self.client = self._with_retries(lambda: Client.open(self.url, stac_io=stac_io), f"opening {self.url}")
+        except ServiceError as err:
+            raise ServiceError(f"stac.url {self.url} is unreachable: {err}") from None
+        self.conforms_query = self._conforms("QUERY")
+        self.conforms_sort_filter = self._conforms("SORT") and self._conforms("FILTER")
+        self.logs: list[SearchLog] = []
+        log.info("stac url=%s query=%s sort+filter=%s", self.url, self.conforms_query, self.conforms_sort_filter)
+
+    def _conforms(self, name: str) -> bool:
+        from pystac_client import ConformanceClasses
+
+        return bool(self.client.conforms_to(getattr(ConformanceClasses, name)))
+
+    def check_collection(self, collection: str, key: str) -> None:
+        """Raise ConfigError naming ``key`` when the API has no such collection."""
+        from pystac_client.exceptions import APIError
+
+        try:
+            self._with_retries(lambda: self.client.get_collection(collection), f"collection {collection}")
+        except (ServiceError, APIError, KeyError) as err:
+            if "404" in str(err) or isinstance(err, KeyError) or "not found" in str(err).lower():
+                raise ConfigError(f"{key}: collection {collection!r} does not exist at {self.url}") from None
+            raise
+
+    def search(
+        self,
+        collection: str,
+        bbox: Sequence[float] | None,
+        window: SearchWindow | None,
+        *,
+        group_id: str,
+        max_cloud_cover: float | None = None,
+        platforms: Sequence[str] | None = None,
+    ) -> list[stac_items.Item]:
+        """All items of ``collection`` over ``bbox`` (WGS84) in ``window``, filtered and deduplicated."""
+        query: dict[str, Any] = {}
+        if self.conforms_query:
+            if max_cloud_cover is not None:
+                query["eo:cloud_cover"] = {"lte": max_cloud_cover}
+            if platforms:
+                query["platform"] = {"in": list(platforms)}
+        entry = SearchLog(collection, window.name if window else "-", group_id,
+                          {"collections": [collection], "bbox": [round(v, 7) for v in bbox] if bbox else None,
+                           "datetime": window.interval if window else None, "query": query or None,
+                           "limit": int(self.cfg["page_limit"])})
+        self.logs.append(entry)
+        start, end = (window.start, window.end) if window else (None, None)
+        found = self._search_range(entry, collection, bbox, start, end, query)
+        entry.returned = len(found)
+        kept = [
+            item for item in stac_items.dedupe_by_id(found)
+            if stac_items.platform_matches(item, platforms)
+            and (max_cloud_cover is None or (stac_items.cloud_cover(item) or 0.0) <= max_cloud_cover)
+        ]
+        entry.kept = len(kept)
+        return sorted(kept, key=lambda i: i["id"])
+
+    def _search_range(self, entry: SearchLog, collection: str, bbox, start: datetime | None,
+                      end: datetime | None, query: dict, after_id: str | None = None) -> list[dict]:
+        """One search; continued by id or by halving the window when a full page has no next link."""
+        limit = int(self.cfg["page_limit"])
+        params: dict[str, Any] = {"collections": [collection], "limit": limit}
+        if bbox is not None:
+            params["bbox"] = list(bbox)
+        if start is not None:
+            params["datetime"] = f"{_iso(start)}/{_iso(end)}"
+        if query:
+            params["query"] = query
+        if self.conforms_sort_filter:
+            # Sorted by id, the search can be resumed after the last id seen.
+            params["sortby"] = [{"field": "id", "direction": "asc"}]
+            if after_id is not None:
+                params["filter"] = {"op": ">", "args": [{"property": "id"}, after_id]}
+                params["filter_lang"] = "cql2-json"
+        pages = self._with_retries(lambda: self._all_pages(params), f"search of {collection} at {self.url}", entry)
+        found = [f for page in pages for f in page.get("features", [])]
+        last = pages[-1] if pages else {"features": [], "links": []}
+        truncated = len(last.get("features", [])) >= limit and not any(
+            link.get("rel") == "next" for link in last.get("links", []))
+        if not truncated:
+            return found
+        if self.conforms_sort_filter:
+            last_id = max(f["id"] for f in last["features"])
+            entry.continuations.append(f"after id {last_id}")
+            log.warning("search %s %s: full page without next link, continuing after id %s", collection,
+                        entry.window, last_id)
+            return found + self._search_range(entry, collection, bbox, start, end, query, after_id=last_id)
+        if start is None or (end - start) <= timedelta(seconds=1):
+            raise ServiceError(
+                f"search of {collection} at {self.url} ({entry.window}): a full page of {limit} items came "
+                "without a next link and the window cannot be split further; raise stac.page_limit"
+            )
+        middle = start + (end - start) / 2
+        entry.continuations.append(f"split at {_iso(middle)}")
+        log.warning("search %s %s: full page without next link, splitting the window at %s", collection,
+                    entry.window, _iso(middle))
+        return (self._search_range(entry, collection, bbox, start, middle, query)
+                + self._search_range(entry, collection, bbox, middle + timedelta(seconds=1), end, query))
+
+    def _all_pages(self, params: dict[str, Any]) -> list[dict]:
+        search = self.client.search(method="POST", **params)
+        return list(search.pages_as_dicts())
+
+    def _with_retries(self, call, what: str, entry: SearchLog | None = None):
+        """``call()`` retried on transient failures that urllib3 could not retry itself."""
+        from pystac_client.exceptions import APIError
+
+        attempts = int(self.cfg["max_retries"]) + 1
+        for attempt in range(attempts):
+            if entry is not None:
+                entry.attempts += 1
+            try:
+                return call()
+            except (APIError, json.JSONDecodeError, requests.RequestException) as err:
+                status = getattr(err, "status_code", None)
+                permanent = status is not None and status not in RETRY_STATUSES
+                message = redact(str(err))[:500]
+                if permanent or attempt + 1 == attempts:
+                    detail = f"HTTP {status}: " if status else ""
+                    raise ServiceError(f"{what} failed after {attempt + 1} attempt(s): {detail}{message}") from None
+                delay = float(self.cfg["backoff_s"]) * 2**attempt
+                log.warning("%s failed (%s), retry %d/%d in %.1fs", what, message, attempt + 1, attempts - 1, delay)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+
+# ======================================================================= footprint fractions
+
+
+def footprint_fractions(item: Mapping[str, Any], sensor: str, sensor_cfg: Mapping[str, Any],
+                        sites: Sequence[Site], sites_crs: str, stac_cfg: Mapping[str, Any]) -> dict[str, dict]:
+    """Cloud and no-data fractions of each site's footprint in the item's quality mask.
+
+    The mask asset is read once over the union of the sites' footprints, resampled (nearest)
+    onto a grid of the mask's own resolution in the sites CRS. ``nodata`` counts pixels outside
+    the scene or flagged as fill; ``cloud`` the other invalid pixels (cloud, shadow, cirrus...).
+    """
+    asset_key = sensor_cfg["mask_asset"]
+    asset = item["assets"].get(asset_key)
+    if asset is None:
+        raise DataError(f"item {item['id']!r} has no asset {asset_key!r} (sensors.{sensor}.mask_asset)")
+    gsd = float(asset.get("gsd") or _grid_gsd(asset) or sensor_cfg["gsd_m"])
+    boxes = np.array([s.bounds for s in sites])
+    union = (boxes[:, 0].min(), boxes[:, 1].min(), boxes[:, 2].max(), boxes[:, 3].max())
+    # Snap outwards to the mask's resolution so every footprint is whole pixels of the grid.
+    snapped = (math.floor(union[0] / gsd) * gsd, math.floor(union[1] / gsd) * gsd,
+               math.ceil(union[2] / gsd) * gsd, math.ceil(union[3] / gsd) * gsd)
+    grid = Grid.from_bounds(snapped, gsd, sites_crs)
+    data, covered = read_on_grid(asset["href"], grid, stac_cfg=stac_cfg, what=f"{item['id']}/{asset_key}",
+                                 indexes=[1])
+    mask = data[0]
+    invalid = invalid_from_mask(mask, sensor_cfg)
+    fill = ~covered | _fill_pixels(mask, sensor_cfg)
+    out = {}
+    for site in sites:
+        rows, cols = _pixel_window(grid, site.bounds)
+        site_fill = fill[rows, cols]
+        site_invalid = invalid[rows, cols] | site_fill
+        total = site_fill.size
+        out[site.site_id] = {
+            "nodata_fraction": round(float(site_fill.sum()) / total, 6),
+            "cloud_fraction": round(float((site_invalid & ~site_fill).sum()) / total, 6),
+            "invalid_fraction": round(float(site_invalid.sum()) / total, 6),
+        }
+    return out
+
+
+def _grid_gsd(asset: Mapping[str, Any]) -> float | None:
+    transform = asset.get("proj:transform")
+    return abs(float(transform[0])) if transform else None
+
+
+def _fill_pixels(mask: np.ndarray, sensor_cfg: Mapping[str, Any]) -> np.ndarray:
+    """Pixels the mask itself flags as no data (SCL class 0, qa_pixel bit 0)."""
+    if "mask_invalid_classes" in sensor_cfg:
+        return mask == 0
+    return (mask.astype(np.uint32) & 1) != 0
+
+
+def _pixel_window(grid: Grid, bounds: Sequence[float]) -> tuple[slice, slice]:
+    """Pixels whose centre lies in ``bounds`` (footprints need not align with a coarse grid)."""
+    t = grid.transform
+    col0 = math.ceil((bounds[0] - t.c) / t.a - 0.5)
+    col1 = math.ceil((bounds[2] - t.c) / t.a - 0.5)
+    row0 = math.ceil((bounds[3] - t.f) / t.e - 0.5)
+    row1 = math.ceil((bounds[1] - t.f) / t.e - 0.5)
+    return slice(row0, row1), slice(col0, col1)
+
+
+def footprint_coverage(item: Mapping[str, Any], site: Site, sites_crs: str) -> float:
+    """Fraction of the site's footprint inside the item's geometry (1.0: fully covered)."""
+    footprint = box(*site.bounds)
+    geometry = transform_geometry(
+        Transformer.from_crs("EPSG:4326", sites_crs, always_xy=True).transform, shape(item["geometry"]))
+    return round(float(geometry.intersection(footprint).area / footprint.area), 6)
+
+
+# ==================================================================================== IGN WMS
+
+
+@dataclass(frozen=True)
+class WmsLayer:
+    name: str
+    bounds_l93: tuple[float, float, float, float] | None
+
+
+class WmsClient:
+    """A minimal WMS 1.3.0 client: GetCapabilities and GetMap with retries and a rate limit."""
+
+    def __init__(self, ign_cfg: Mapping[str, Any], stac_cfg: Mapping[str, Any]) -> None:
+        self.url = ign_cfg["wms_url"]
+        self.cfg = ign_cfg
+        self.timeout = float(stac_cfg["timeout_s"])
+        self.session = requests.Session()
+        retry = Retry(total=int(stac_cfg["max_retries"]), backoff_factor=float(stac_cfg["backoff_s"]),
+                      status_forcelist=RETRY_STATUSES, respect_retry_after_header=True, raise_on_status=False)
+        adapter = requests.adapters.HTTPAdapter(max_retries=retry)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+        self.min_interval_s = 1.0 / float(ign_cfg["max_requests_per_s"])
+        self._last_request = 0.0
+
+    def get(self, params: Mapping[str, str], what: str) -> requests.Response:
+        wait = self._last_request + self.min_interval_s - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+        self._last_request = time.monotonic()
+        try:
+            response = self.session.get(self.url, params=params, timeout=self.timeout)
+        except requests.RequestException as err:
+            raise ServiceError(f"ign.wms_url {self.url} is unreachable ({what}): {redact(str(err))[:300]}") from None
+        content_type = response.headers.get("Content-Type", "")
+        # A WMS may answer an error with status 200 and an XML exception report.
+        if response.status_code != 200 or ("xml" in content_type and params.get("REQUEST") == "GetMap"):
+            raise ServiceError(f"{what} at {self.url}: HTTP {response.status_code} {_exception_text(response)}")
+        return response
+
+    def layers(self) -> dict[str, WmsLayer]:
+        """Layers of GetCapabilities with their EPSG:2154 bounding box when declared."""
+        import xml.etree.ElementTree as ET
+
+        response = self.get({"SERVICE": "WMS", "VERSION": "1.3.0", "REQUEST": "GetCapabilities"},
+                            "GetCapabilities")
+        try:
+            root = ET.fromstring(response.content)
+        except ET.ParseError as err:
+            raise ServiceError(f"GetCapabilities at {self.url} is not XML: {err}") from None
+        ns = {"w": "http://www.opengis.net/wms"}
+        out = {}
+        for layer in root.iter("{http://www.opengis.net/wms}Layer"):
+            name = layer.findtext("w:Name", namespaces=ns)
+            if not name:
+                continue
+            bounds = None
+            for bbox in layer.findall("w:BoundingBox", ns):
+                if bbox.get("CRS") == "EPSG:2154":
+                    bounds = tuple(float(bbox.get(k)) for k in ("minx", "miny", "maxx", "maxy"))
+            out[name] = WmsLayer(name, bounds)
+        return out
+
+    def getmap_params(self, layer: str, bounds: Sequence[float], width: int, height: int) -> dict[str, str]:
+        return {"SERVICE": "WMS", "VERSION": "1.3.0", "REQUEST": "GetMap", "LAYERS": layer, "STYLES": "",
+                "CRS": "EPSG:2154", "BBOX": ",".join(f"{v:.2f}" for v in bounds), "WIDTH": str(width),
+                "HEIGHT": str(height), "FORMAT": self.cfg["format"], "TRANSPARENT": "TRUE"}
+
+    def getmap_url(self, layer: str, bounds: Sequence[float], width: int, height: int) -> str:
+        return f"{self.url}?{urlencode(self.getmap_params(layer, bounds, width, height))}"
+
+    def nodata_fraction(self, layer: str, bounds: Sequence[float], size_px: int = 16) -> float:
+        """Fraction of a small GetMap thumbnail of ``bounds`` that is empty (all zero or transparent)."""
+        from rasterio.errors import NotGeoreferencedWarning
+        from rasterio.io import MemoryFile
+
+        response = self.get(self.getmap_params(layer, bounds, size_px, size_px), f"GetMap {layer}")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)  # a PNG carries no georeferencing
+            with MemoryFile(response.content) as memfile, memfile.open() as image:
+                pixels = image.read()
+        empty = (pixels[:3] == 0).all(axis=0)
+        if pixels.shape[0] == 4:
+            empty |= pixels[3] == 0
+        return round(float(empty.mean()), 6)
+
+
+def _exception_text(response: requests.Response) -> str:
+    text = response.text[:400] if "xml" in response.headers.get("Content-Type", "") else ""
+    return redact(" ".join(text.split()))
+
+
+def ign_layer_names(ign_cfg: Mapping[str, Any], year: int) -> dict[str, str]:
+    """Asset key -> layer name for one campaign year: ``rgb`` and ``irc`` (the NIR band)."""
+    return {"rgb": ign_cfg["layer_template"].format(year=year), "irc": ign_cfg["irc_layer_template"].format(year=year)}
+
+
+def ign_items(site: Site, sites_crs: str, layers: Mapping[str, WmsLayer], client: WmsClient,
+              ign_cfg: Mapping[str, Any], ign_sensor_cfg: Mapping[str, Any]) -> list[tuple[dict, float]]:
+    """STAC-like items of the IGN orthophoto campaigns covering a site, with their no-data fraction.
+
+    One item per campaign year whose per-year RGB layer (and IRC layer, when NIR is asked for)
+    exists and declares a box containing the footprint. ``datetime`` is null and
+    ``start_datetime``/``end_datetime`` span the campaign year; the assets are the exact GetMap
+    requests for the footprint at ``sensors.ign.gsd_m``.
+    """
+    needs_irc = "NIR" in ign_sensor_cfg["bands"]
+    footprint = box(*site.bounds)
+    gsd = float(ign_sensor_cfg["gsd_m"])
+    size = round((site.bounds[2] - site.bounds[0]) / gsd)
+    out = []
+    for year in ign_cfg["years"]:
+        names = ign_layer_names(ign_cfg, year)
+        wanted = {"rgb": names["rgb"], **({"irc": names["irc"]} if needs_irc else {})}
+        if not all(n in layers for n in wanted.values()):
+            continue
+        if not all(layers[n].bounds_l93 is None or box(*layers[n].bounds_l93).contains(footprint)
+                   for n in wanted.values()):
+            continue
+        nodata = max(client.nodata_fraction(n, site.bounds) for n in wanted.values())
+        geometry = to_wgs84(footprint, sites_crs)
+        item = {
+            "type": "Feature", "stac_version": "1.0.0", "collection": IGN_COLLECTION,
+            "id": f"{names['rgb']}_{site.site_id}",
+            "bbox": [round(v, 7) for v in geometry.bounds],
+            "geometry": mapping(geometry),
+            "properties": {
+                "datetime": None,
+                "start_datetime": f"{year}-01-01T00:00:00Z",
+                "end_datetime": f"{year}-12-31T23:59:59Z",
+                "ign:campaign_year": year,
+                "proj:code": sites_crs,
+                "gsd": gsd,
+            },
+            "assets": {
+                key: {"href": client.getmap_url(layer, site.bounds, size, size), "type": ign_cfg["format"],
+                      "roles": ["data"], "ign:layer": layer,
+                      "ign:bands": ["R", "G", "B"] if key == "rgb" else ["NIR", "R", "G"]}
+                for key, layer in wanted.items()
+            },
+        }
+        out.append((item, nodata))
+    return out
+
+
+# ============================================================================ search shards
+
+
+def sensor_assets(sensor: str, config: Mapping[str, Any]) -> list[str]:
+    """Asset keys the build stage reads for a sensor."""
+    cfg = config["sensors"][sensor]
+    if sensor in MASKED_SENSORS:
+        return [*cfg["bands"], cfg["mask_asset"]]
+    if sensor == "labels":
+        return [cfg["asset"]]
+    return ["rgb", "irc"] if "NIR" in cfg["bands"] else ["rgb"]
+
+
+def search_shard(config: Mapping[str, Any], sites: Sequence[Site], shard: int) -> tuple[list[dict], list[dict]]:
+    """Search one shard of groups: (candidate rows, search log entries).
+
+    A candidate row is one (site, sensor, item) with the footprint figures; every item kept is
+    the unsigned JSON of the item as served.
+    """
+    cat = config["catalog"]
+    sites_crs = config["sites"]["crs"]
+    groups = shard_of(search_groups(sites, cat["search_cell_m"]), shard, cat["search_shards"])
+    if not groups:
+        return [], []
+    windows = season_windows(config["dates"])
+    searcher = StacSearcher(config["stac"])
+    for sensor in (*MASKED_SENSORS, "labels"):
+        searcher.check_collection(config["sensors"][sensor]["collection"], f"sensors.{sensor}.collection")
+    wms = WmsClient(config["ign"], config["stac"])
+    layers = wms.layers()
+    rows: list[dict] = []
+    started = time.perf_counter()
+    for number, group in enumerate(groups, 1):
+        bbox = to_wgs84(box(*group.bounds), sites_crs).bounds
+        for sensor in MASKED_SENSORS:
+            sensor_cfg = config["sensors"][sensor]
+            for window in windows:
+                found = searcher.search(sensor_cfg["collection"], bbox, window, group_id=group.group_id,
+                                        max_cloud_cover=sensor_cfg["max_scene_cloud_cover"],
+                                        platforms=sensor_cfg.get("platforms"))
+                if sensor == "s2":
+                    found = stac_items.dedupe_s2_reprocessed(found)
+                found.sort(key=lambda i: (stac_items.cloud_cover(i) or 0.0, i["id"]))
+                for item in found[: cat["candidates_per_window"]]:
+                    covering = [s for s in group.sites if footprint_coverage(item, s, sites_crs) > 0]
+                    if not covering:
+                        continue
+                    fractions = footprint_fractions(item, sensor, sensor_cfg, covering, sites_crs, config["stac"])
+                    for site in covering:
+                        rows.append(_candidate(site, sensor, item, window.name, fractions[site.site_id]))
+        labels_cfg = config["sensors"]["labels"]
+        for item in searcher.search(labels_cfg["collection"], bbox, None, group_id=group.group_id):
+            for site in group.sites:
+                coverage = footprint_coverage(item, site, sites_crs)
+                if coverage > 0:
+                    rows.append(_candidate(site, "labels", item, "-", {
+                        "nodata_fraction": round(1 - coverage, 6), "cloud_fraction": 0.0,
+                        "invalid_fraction": round(1 - coverage, 6)}))
+        for site in group.sites:
+            for item, nodata in ign_items(site, sites_crs, layers, wms, config["ign"], config["sensors"]["ign"]):
+                rows.append(_candidate(site, "ign", item, str(item["properties"]["ign:campaign_year"]), {
+                    "nodata_fraction": nodata, "cloud_fraction": 0.0, "invalid_fraction": nodata}))
+        log.info("search shard=%d group %d/%d %s sites=%d candidates=%d elapsed=%.1fs", shard, number,
+                 len(groups), group.group_id, len(group.sites), len(rows), time.perf_counter() - started)
+    searches = [vars(entry) for entry in searcher.logs]
+    return rows, searches
+
+
+def _candidate(site: Site, sensor: str, item: Mapping[str, Any], window: str, fractions: Mapping[str, float]) -> dict:
+    clean = stac_items.unsigned(item)
+    return {
+        "site_id": site.site_id,
+        "sensor": sensor,
+        "item_id": item["id"],
+        "collection": item.get("collection", ""),
+        "window": window,
+        "datetime": _iso(stac_items.item_datetime(item)),
+        "eo_cloud_cover": stac_items.cloud_cover(item),
+        **{key: float(value) for key, value in fractions.items()},
+        "item_json": json.dumps(clean, sort_keys=True, separators=(",", ":")),
+    }
+
+
+def write_candidates(rows: Sequence[dict], searches: Sequence[dict], path: Path) -> Path:
+    """Write a shard's candidates (JSON lines, sorted) and its search log next to it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ordered = sorted(rows, key=lambda r: (r["site_id"], SENSORS.index(r["sensor"]), r["item_id"]))
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in ordered))
+    tmp.replace(path)
+    log_path = searches_path(path)
+    log_path.write_text(json.dumps(list(searches), indent=1, sort_keys=True) + "\n")
+    return path
+
+
+def searches_path(candidates_path: Path) -> Path:
+    return candidates_path.with_name(candidates_path.stem + ".searches.json")
+
+
+def read_candidates(paths: Iterable[Path]) -> list[dict]:
+    rows = []
+    for path in paths:
+        with Path(path).open() as f:
+            rows += [json.loads(line) for line in f if line.strip()]
+    return rows
+
+
+# ================================================================================= selection
+
+
+def select(config: Mapping[str, Any], sites: Sequence[Site], candidates: Sequence[dict]) -> list[dict]:
+    """Choose a scene per site and sensor; rows of the manifest (before geometry).
+
+    Ranking: candidates over ``catalog.max_invalid_fraction`` are out. The anchor sensor's best
+    scene is the one with the least cloud/no-data over the footprint. For every other sensor,
+    footprint fractions within the same ``cloud_fraction_step`` count as equally clear and the
+    scene closest in date to the anchor's wins. Labels: the item covering the footprint, most
+    recent first. Ties go to the smallest item id, so the choice never depends on order.
+    A site lacking a scene for any sensor is dropped, with the reason on every row of it.
+    """
+    cat = config["catalog"]
+    step = float(cat["cloud_fraction_step"])
+    by_site: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for row in candidates:
+        by_site[row["site_id"]][row["sensor"]].append(row)
+    anchor = cat["anchor_sensor"]
+    order = [anchor, *[s for s in SENSORS if s != anchor]]
+    out = []
+    for site in sorted(sites, key=lambda s: s.site_id):
+        chosen: dict[str, list[dict]] = {}
+        reason = ""
+        anchor_time = None
+        for sensor in order:
+            rows = _unique(by_site[site.site_id][sensor])
+            eligible = [r for r in rows if r["invalid_fraction"] <= cat["max_invalid_fraction"]]
+            if sensor == "labels":
+                eligible = [r for r in rows if r["nodata_fraction"] <= 1e-6]
+            if not eligible:
+                if not reason:
+                    reason = _no_candidate_reason(sensor, rows, cat)
+                chosen[sensor] = []
+                continue
+            if sensor == anchor:
+                ranked = sorted(eligible, key=lambda r: (r["invalid_fraction"], r["datetime"], r["item_id"]))
+                anchor_time = stac_items.parse_time(ranked[0]["datetime"])
+            elif sensor == "labels":
+                ranked = sorted(eligible, key=lambda r: (-stac_items.parse_time(r["datetime"]).timestamp(), r["item_id"]))
+            else:
+                ranked = sorted(eligible, key=lambda r: (
+                    math.floor(r["invalid_fraction"] / step + 1e-9),
+                    abs((stac_items.parse_time(r["datetime"]) - anchor_time).total_seconds()) if anchor_time else 0,
+                    r["invalid_fraction"], r["item_id"]))
+            chosen[sensor] = ranked[: 1 + int(cat["fallbacks"])]
+        for sensor in SENSORS:
+            picks = chosen.get(sensor, [])
+            best = picks[0] if picks else None
+            out.append({
+                "site_id": site.site_id,
+                "region": site.region,
+                "split": site.split,
+                "col": site.col,
+                "row": site.row,
+                "footprint_m": site.footprint_m,
+                "sensor": sensor,
+                "status": "dropped" if reason else "ok",
+                "reason": reason,
+                "collection": best["collection"] if best else "",
+                "item_id": best["item_id"] if best else "",
+                "datetime": best["datetime"] if best else "",
+                "eo_cloud_cover": best["eo_cloud_cover"] if best else None,
+                "cloud_fraction": best["cloud_fraction"] if best else None,
+                "nodata_fraction": best["nodata_fraction"] if best else None,
+                "invalid_fraction": best["invalid_fraction"] if best else None,
+                "assets": sensor_assets(sensor, config),
+                "item_json": best["item_json"] if best else "",
+                "fallbacks_json": json.dumps([
+                    {k: r[k] for k in ("item_id", "datetime", "cloud_fraction", "nodata_fraction",
+                                       "invalid_fraction", "item_json")} for r in picks[1:]], sort_keys=True),
+                "n_candidates": len(_unique(by_site[site.site_id][sensor])),
+            })
+    return out
+
+
+def _unique(rows: Sequence[dict]) -> list[dict]:
+    """One candidate per item (an item met in two windows or shards counts once)."""
+    seen: dict[str, dict] = {}
+    for row in sorted(rows, key=lambda r: (r["item_id"], r["window"])):
+        seen.setdefault(row["item_id"], row)
+    return list(seen.values())
+
+
+def _no_candidate_reason(sensor: str, rows: Sequence[dict], cat: Mapping[str, Any]) -> str:
+    if not rows:
+        return f"{sensor}: no item covers the footprint in the searched windows"
+    if sensor == "labels":
+        return f"{sensor}: no single item covers the whole footprint ({len(rows)} partial)"
+    best = min(r["invalid_fraction"] for r in rows)
+    return (f"{sensor}: all {len(rows)} scenes have more than {cat['max_invalid_fraction']:g} of the footprint "
+            f"cloudy or without data (best {best:.2f})")
+
+
+# ================================================================================== manifest
+
+#: Columns a manifest must have (checked in frozen mode).
+MANIFEST_COLUMNS: tuple[str, ...] = (
+    "site_id", "region", "split", "col", "row", "footprint_m", "sensor", "status", "reason", "collection",
+    "item_id", "datetime", "eo_cloud_cover", "cloud_fraction", "nodata_fraction", "invalid_fraction",
+    "assets", "item_json", "fallbacks_json", "n_candidates", "geometry",
+)
+
+
+def write_manifest(rows: Sequence[dict], path: Path, sites_crs: str, provenance: Mapping[str, Any]) -> Path:
+    """Write the manifest as GeoParquet (footprint polygons in the sites CRS), atomically.
+
+    ``provenance`` (config sections, search log summary) goes into the Parquet metadata under
+    ``xstars``; it must not change between two identical builds (no timestamps).
+    """
+    import geopandas as gpd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    frame = gpd.GeoDataFrame(
+        [dict(r) for r in rows],
+        geometry=[box(r["col"] * r["footprint_m"], r["row"] * r["footprint_m"], (r["col"] + 1) * r["footprint_m"],
+                      (r["row"] + 1) * r["footprint_m"]) for r in rows],
+        crs=sites_crs,
+    )
+    _check_unsigned(frame)
+    # geopandas writes the GeoParquet `geo` metadata; the provenance is added beside it.
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer, index=False)
+    table = pq.read_table(pa.BufferReader(buffer.getvalue()))
+    table = table.replace_schema_metadata({
+        **(table.schema.metadata or {}),
+        b"xstars": json.dumps(provenance, sort_keys=True).encode(),
+    })
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    pq.write_table(table, tmp, compression="zstd")
+    tmp.replace(path)
+    return path
+
+
+def read_manifest(path: Path):
+    """Read a manifest (a GeoDataFrame) and check it is one; DataError naming the file if not."""
+    import geopandas as gpd
+
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"manifest {path} does not exist (catalog.manifest)")
+    try:
+        frame = gpd.read_parquet(path)
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path}: not a GeoParquet manifest ({err})") from None
+    missing = [c for c in MANIFEST_COLUMNS if c not in frame.columns]
+    if missing:
+        raise DataError(f"{path}: not an xstars manifest, columns {missing} are missing")
+    _check_unsigned(frame, path)
+    return frame
+
+
+def manifest_provenance(path: Path) -> dict[str, Any]:
+    import pyarrow.parquet as pq
+
+    metadata = pq.read_schema(path).metadata or {}
+    return json.loads(metadata.get(b"xstars", b"{}"))
+
+
+def _check_unsigned(frame, path: Path | None = None) -> None:
+    for column in ("item_json", "fallbacks_json"):
+        for value in frame[column]:
+            if value and ("sig=" in value or "X-Amz-Signature" in value):
+                raise DataError(f"{path or 'manifest'}: a signed URL would be stored in {column}")
+
+
+def provenance(config: Mapping[str, Any], searches: Sequence[dict]) -> dict[str, Any]:
+    """What a rebuild needs to know: the config sections of the catalog and every search made."""
+    return {
+        "stac_url": config["stac"]["url"],
+        "wms_url": config["ign"]["wms_url"],
+        "sensors": config["sensors"],
+        "dates": config["dates"],
+        "sites": config["sites"],
+        "catalog": {k: v for k, v in config["catalog"].items() if k != "manifest"},
+        "seed": config["seed"],
+        "searches": sorted(({k: s[k] for k in ("collection", "window", "group_id", "body", "kept")}
+                            for s in searches), key=lambda s: (s["group_id"], s["collection"], s["window"])),
+    }
+
+
+def summary(rows: Sequence[dict]) -> dict[str, Any]:
+    """Counts of sites kept and dropped by reason (for logs and the report)."""
+    sites = {}
+    for row in rows:
+        sites[row["site_id"]] = (row["status"], row["reason"], row["split"])
+    kept = [s for s in sites.values() if s[0] == "ok"]
+    reasons: dict[str, int] = defaultdict(int)
+    for status, reason, _ in sites.values():
+        if status != "ok":
+            reasons[reason.split(":")[0] + ": " + reason.split(":", 1)[1].split("(")[0].strip()] += 1
+    return {"sites": len(sites), "kept": len(kept),
+            "kept_by_split": {split: sum(s[2] == split for s in kept) for split in ("train", "val", "test")},
+            "dropped_by_reason": dict(sorted(reasons.items()))}
