@@ -37,7 +37,7 @@ def test_real_world_is_the_top_level_of_the_file() -> None:
     raw = read_yaml(CONFIG)
     config = load_config(CONFIG)
     assert config["world"] == "real"
-    for section in ("stac", "ign", "sensors", "sites", "dates", "demo"):
+    for section in ("stac", "ign", "sensors", "sites", "catalog", "dates", "demo"):
         assert config[section] == raw[section], section
     assert config["stac"]["url"] == "https://planetarycomputer.microsoft.com/api/stac/v1"
     assert config["ign"]["wms_url"] == "https://data.geopf.fr/wms-r"
@@ -53,7 +53,7 @@ def test_defaults_fill_missing_sections_and_nested_keys() -> None:
     assert config["sensors"]["ign"] == {"bands": ["R", "G", "B", "NIR"], "gsd_m": 0.2}
     assert config["sensors"]["l8"]["platforms"] == ["landsat-8"]
     assert config["sensors"]["s2"]["mask_asset"] == "SCL"
-    assert config["sites"]["split"]["method"] == "city_blocks"
+    assert config["sites"]["split"]["method"] == "blocks"
     assert config["dates"]["seasons"][0]["name"] == "spring"
     assert config["demo"]["cities"][0]["name"] == "toulouse"
     assert config["world"] == "real"
@@ -63,10 +63,12 @@ def test_defaults_fill_missing_sections_and_nested_keys() -> None:
 
 
 def test_partial_sensor_keeps_its_own_defaults() -> None:
-    config = validate(
-        {"sensors": {"l8": {"collection": "c", "bands": ["red"], "mask_asset": "qa", "gsd_m": 30}}}
-    )
+    l8 = {"collection": "c", "bands": ["red"], "mask_asset": "qa", "gsd_m": 30}
+    config = validate({"sensors": {"l8": {**l8, "mask_invalid_bits": [3]}}})
     assert config["sensors"]["l8"]["max_scene_cloud_cover"] == 50
+    # How to read the mask is not guessed from its name: one rule or the other must be given.
+    with pytest.raises(ConfigError, match=r"'sensors\.l8': give exactly one of mask_invalid_classes"):
+        validate({"sensors": {"l8": l8}})
     with pytest.raises(ConfigError, match=r"config key 'sensors\.l8\.mask_asset': required"):
         validate({"sensors": {"l8": {"collection": "c", "bands": ["red"], "gsd_m": 30}}})
 
@@ -83,8 +85,10 @@ def test_demo_world_swaps_in_loopback_endpoints_and_demo_sites() -> None:
     # What the overlay does not name is the real build's.
     assert demo["stac"]["max_retries"] == real["stac"]["max_retries"]
     assert demo["ign"]["layer_template"] == real["ign"]["layer_template"]
-    for section in ("sensors", "dates", "demo", "seed", "results_dir"):
+    for section in ("sensors", "dates", "demo", "seed"):
         assert demo[section] == real[section], section
+    # ...but the outputs of the two worlds never mix.
+    assert demo["results_dir"] != real["results_dir"]
 
 
 def test_demo_sites_fit_inside_the_synthetic_cities() -> None:

@@ -35,7 +35,7 @@ def snakemake_dry_run(*args: str) -> subprocess.CompletedProcess[str]:
 def test_dry_run_of_the_demo_world_lists_its_jobs() -> None:
     result = snakemake_dry_run("all", "--config", "world=demo")
     assert result.returncode == 0, result.stderr + result.stdout
-    for rule in ("demo_world", "demo_preview", "all"):
+    for rule in ("demo_world", "demo_preview", "sites", "search_shard", "manifest", "all"):
         assert f"rule {rule}:" in result.stdout, rule
     assert "xstars demo generate --root demo_world --demo-json" in result.stdout
 
@@ -69,4 +69,4 @@ def test_config_show_prints_the_resolved_demo_world() -> None:
     assert config["world"] == "demo"
     assert "worlds" not in config
     assert config["stac"]["url"].startswith("http://127.0.0.1:")
-    assert config["sites"]["cities"] == ["toulouse", "bordeaux"]
+    assert config["sites"]["cities"] == ["toulouse", "bordeaux", "lyon"]

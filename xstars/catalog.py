@@ -44,15 +44,13 @@ from urllib.parse import urlencode
 
 import numpy as np
 import requests
-from pyproj import Transformer
 from shapely.geometry import box, mapping, shape
-from shapely.ops import transform as transform_geometry
 from urllib3 import Retry
 
 from xstars import items as stac_items
 from xstars.acquire import Grid, invalid_from_mask, read_on_grid, redact
 from xstars.errors import ConfigError, DataError, ServiceError
-from xstars.sites import Site
+from xstars.sites import Site, reproject_geometry
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +167,7 @@ def shard_of(groups: Sequence[SearchGroup], shard: int, n_shards: int) -> list[S
 
 def to_wgs84(geometry, crs: str):
     """A shapely geometry in ``crs`` -> WGS84 (lon, lat)."""
-    return transform_geometry(Transformer.from_crs(crs, "EPSG:4326", always_xy=True).transform, geometry)
+    return reproject_geometry(geometry, crs, "EPSG:4326")
 
 
 # ============================================================================== STAC search
@@ -231,12 +229,16 @@ class StacSearcher:
         """Raise ConfigError naming ``key`` when the API has no such collection."""
         from pystac_client.exceptions import APIError
 
+        missing = ConfigError(f"{key}: collection {collection!r} does not exist at {self.url}")
         try:
-            self._with_retries(lambda: self.client.get_collection(collection), f"collection {collection}")
+            # pystac-client answers None for a 404 on some versions and raises on others.
+            found = self._with_retries(lambda: self.client.get_collection(collection), f"collection {collection}")
         except (ServiceError, APIError, KeyError) as err:
             if "404" in str(err) or isinstance(err, KeyError) or "not found" in str(err).lower():
-                raise ConfigError(f"{key}: collection {collection!r} does not exist at {self.url}") from None
+                raise missing from None
             raise
+        if found is None:
+            raise missing
 
     def search(
         self,
@@ -291,21 +293,26 @@ class StacSearcher:
         pages = self._with_retries(lambda: self._all_pages(params), f"search of {collection} at {self.url}", entry)
         found = [f for page in pages for f in page.get("features", [])]
         last = pages[-1] if pages else {"features": [], "links": []}
-        truncated = len(last.get("features", [])) >= limit and not any(
-            link.get("rel") == "next" for link in last.get("links", []))
+        # A page repeating items of the previous one (a known PC failure) is not fuller for it.
+        earlier = {f["id"] for page in pages[:-1] for f in page.get("features", [])}
+        new_on_last = {f["id"] for f in last.get("features", [])} - earlier
+        truncated = len(new_on_last) >= limit and not any(link.get("rel") == "next" for link in last.get("links", []))
         if not truncated:
             return found
         if self.conforms_sort_filter:
-            last_id = max(f["id"] for f in last["features"])
+            last_id = max(new_on_last)
             entry.continuations.append(f"after id {last_id}")
             log.warning("search %s %s: full page without next link, continuing after id %s", collection,
                         entry.window, last_id)
             return found + self._search_range(entry, collection, bbox, start, end, query, after_id=last_id)
         if start is None or (end - start) <= timedelta(seconds=1):
-            raise ServiceError(
-                f"search of {collection} at {self.url} ({entry.window}): a full page of {limit} items came "
-                "without a next link and the window cannot be split further; raise stac.page_limit"
-            )
+            # Nothing left to split: either the page was the last one and happened to be full
+            # (then nothing is missing), or more than page_limit items share one second here.
+            entry.continuations.append(f"unsplittable full page at {_iso(start) if start else '-'}")
+            log.warning("search %s %s: a full page of %d items without next link in a window of one second; "
+                        "kept as complete (raise stac.page_limit if items are missing)", collection, entry.window,
+                        limit)
+            return found
         middle = start + (end - start) / 2
         entry.continuations.append(f"split at {_iso(middle)}")
         log.warning("search %s %s: full page without next link, splitting the window at %s", collection,
@@ -318,7 +325,11 @@ class StacSearcher:
         return list(search.pages_as_dicts())
 
     def _with_retries(self, call, what: str, entry: SearchLog | None = None):
-        """``call()`` retried on transient failures that urllib3 could not retry itself."""
+        """``call()``, retried whole when an answer arrived broken (truncated, not JSON).
+
+        Statuses 429/5xx and failed connections are already retried by urllib3 under
+        pystac-client (with backoff and Retry-After): what reaches here from them is final.
+        """
         from pystac_client.exceptions import APIError
 
         attempts = int(self.cfg["max_retries"]) + 1
@@ -329,15 +340,22 @@ class StacSearcher:
                 return call()
             except (APIError, json.JSONDecodeError, requests.RequestException) as err:
                 status = getattr(err, "status_code", None)
-                permanent = status is not None and status not in RETRY_STATUSES
                 message = redact(str(err))[:500]
-                if permanent or attempt + 1 == attempts:
+                broken_answer = isinstance(err, json.JSONDecodeError) or any(
+                    sign in message for sign in _BROKEN_ANSWER)
+                if not broken_answer or attempt + 1 == attempts:
                     detail = f"HTTP {status}: " if status else ""
                     raise ServiceError(f"{what} failed after {attempt + 1} attempt(s): {detail}{message}") from None
                 delay = float(self.cfg["backoff_s"]) * 2**attempt
                 log.warning("%s failed (%s), retry %d/%d in %.1fs", what, message, attempt + 1, attempts - 1, delay)
                 time.sleep(delay)
         raise AssertionError("unreachable")
+
+
+#: How a broken answer body shows in requests/urllib3 errors (urllib3 retries only whole requests
+#: that fail before the body is read).
+_BROKEN_ANSWER = ("IncompleteRead", "Connection broken", "ChunkedEncodingError", "Expecting value",
+                  "Unterminated string", "Expecting ',' delimiter")
 
 
 # ======================================================================= footprint fractions
@@ -406,8 +424,7 @@ def _pixel_window(grid: Grid, bounds: Sequence[float]) -> tuple[slice, slice]:
 def footprint_coverage(item: Mapping[str, Any], site: Site, sites_crs: str) -> float:
     """Fraction of the site's footprint inside the item's geometry (1.0: fully covered)."""
     footprint = box(*site.bounds)
-    geometry = transform_geometry(
-        Transformer.from_crs("EPSG:4326", sites_crs, always_xy=True).transform, shape(item["geometry"]))
+    geometry = reproject_geometry(shape(item["geometry"]), "EPSG:4326", sites_crs)
     return round(float(geometry.intersection(footprint).area / footprint.area), 6)
 
 

@@ -50,6 +50,18 @@ def load_cities() -> dict[str, tuple[float, float]]:
     return {row["name"]: (float(row["lon"]), float(row["lat"])) for row in rows}
 
 
+def city_name(entry: str | Mapping[str, Any]) -> str:
+    """Name of a ``sites.cities`` entry: a name from cities.csv, or ``{name, lon, lat}``."""
+    return entry if isinstance(entry, str) else entry["name"]
+
+
+def city_lonlat(entry: str | Mapping[str, Any]) -> tuple[float, float]:
+    """(lon, lat) of a ``sites.cities`` entry (looked up in cities.csv for a bare name)."""
+    if isinstance(entry, str):
+        return load_cities()[entry]
+    return float(entry["lon"]), float(entry["lat"])
+
+
 def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> dict:
     """Read a YAML config, apply its world overlay and ``overrides``, validate, fill defaults.
 
@@ -266,7 +278,7 @@ def _consistency_errors(config: dict) -> Iterator[_Error]:
     """Rules across keys that the schema cannot state (run on a schema-valid config)."""
     known = load_cities()
     for i, city in enumerate(config["sites"]["cities"]):
-        if city not in known:
+        if isinstance(city, str) and city not in known:
             known_names = ", ".join(sorted(known))
             yield (
                 ("sites", "cities", i),
@@ -274,6 +286,9 @@ def _consistency_errors(config: dict) -> Iterator[_Error]:
             )
     sites = config["sites"]
     split = sites["split"]
+    names = [city_name(c) for c in sites["cities"]]
+    if len(set(names)) != len(names):
+        yield ("sites", "cities"), f"city names must be unique, got {names}"
     if split["method"] == "blocks" or sites["uniform_count"] > 0:
         ratio = split["block_m"] / sites["footprint_m"]
         if abs(ratio - round(ratio)) > 1e-9:
@@ -284,12 +299,12 @@ def _consistency_errors(config: dict) -> Iterator[_Error]:
             )
     for key in ("val_cities", "test_cities"):
         for i, city in enumerate(split[key]):
-            if city not in sites["cities"]:
+            if city not in names:
                 yield ("sites", "split", key, i), f"{city!r} is not one of sites.cities"
     both = set(split["val_cities"]) & set(split["test_cities"])
     if both:
         yield ("sites", "split", "test_cities"), f"{sorted(both)} also in val_cities"
-    if split["method"] == "cities" and not set(sites["cities"]) - set(split["val_cities"]) - set(
+    if split["method"] == "cities" and not set(names) - set(split["val_cities"]) - set(
         split["test_cities"]
     ):
         yield ("sites", "split", "method"), "every city is in val_cities or test_cities: none left to train on"
@@ -300,7 +315,7 @@ def _consistency_errors(config: dict) -> Iterator[_Error]:
             yield ("sensors", name), "give exactly one of mask_invalid_classes or mask_invalid_bits"
     if config["world"] == "demo":
         demo_names = {city["name"] for city in config["demo"]["cities"]}
-        for i, city in enumerate(sites["cities"]):
+        for i, city in enumerate(names):
             if city not in demo_names:
                 yield ("sites", "cities", i), f"{city!r} is not a city of the demo world (demo.cities)"
     if split["val_fraction"] + split["test_fraction"] >= 1:

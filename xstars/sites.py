@@ -39,9 +39,8 @@ import numpy as np
 import shapely
 from pyproj import Transformer
 from shapely.geometry import Polygon, box, shape
-from shapely.ops import transform as transform_geometry
 
-from xstars.config import load_cities
+from xstars.config import city_lonlat, city_name
 from xstars.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -79,16 +78,24 @@ def france_boundary(crs: str = "EPSG:2154") -> Polygon:
     """The shipped mainland France boundary, projected to ``crs``."""
     text = resources.files("xstars.data").joinpath("france_mainland.geojson").read_text()
     geometry = shape(json.loads(text)["features"][0]["geometry"])
-    to_crs = Transformer.from_crs("EPSG:4326", crs, always_xy=True)
     # Densify first: the boundary's edges are long and a projection bends them.
-    return transform_geometry(to_crs.transform, shapely.segmentize(geometry, 0.05))
+    return reproject_geometry(shapely.segmentize(geometry, 0.05), "EPSG:4326", crs)
 
 
-def city_centres(names: Iterable[str], crs: str) -> dict[str, tuple[float, float]]:
-    """City name -> centre (x, y) in ``crs`` from xstars/data/cities.csv."""
-    known = load_cities()
+def reproject_geometry(geometry, src_crs: str, dst_crs: str):
+    """A shapely geometry from ``src_crs`` to ``dst_crs`` (vertex by vertex, x/y order)."""
+    transformer = Transformer.from_crs(src_crs, dst_crs, always_xy=True)
+
+    def project(coords: np.ndarray) -> np.ndarray:
+        return np.column_stack(transformer.transform(coords[:, 0], coords[:, 1]))
+
+    return shapely.transform(geometry, project)
+
+
+def city_centres(cities: Iterable[str | Mapping[str, Any]], crs: str) -> dict[str, tuple[float, float]]:
+    """City name -> centre (x, y) in ``crs``, for ``sites.cities`` entries (names or objects)."""
     to_crs = Transformer.from_crs("EPSG:4326", crs, always_xy=True)
-    return {name: to_crs.transform(*known[name]) for name in names}
+    return {city_name(city): to_crs.transform(*city_lonlat(city)) for city in cities}
 
 
 def cells_near(centre: tuple[float, float], radius_m: float, footprint_m: float) -> list[tuple[int, int]]:
@@ -173,7 +180,8 @@ def sample_sites(config: Mapping[str, Any]) -> list[Site]:
 
     # 1. candidates, each with the region it is drawn for (first city wins on overlap)
     region_of: dict[tuple[int, int], str] = {}
-    for index, city in enumerate(cfg["cities"]):
+    cities = [city_name(c) for c in cfg["cities"]]
+    for index, city in enumerate(cities):
         if not boundary.contains(shapely.Point(centres[city])):
             raise ConfigError(
                 f"sites.cities[{index}]: {city!r} lies outside the mainland France boundary "
@@ -194,7 +202,7 @@ def sample_sites(config: Mapping[str, Any]) -> list[Site]:
     #    candidates before the guard band, so the guard does not shrink the eval splits
     chosen: dict[tuple[int, int], str] = {}
     regions = [(city, cfg["sites_per_city"], f"sites.city_radius_m={cfg['city_radius_m']:g} of {city!r}")
-               for city in cfg["cities"]]
+               for city in cities]
     if cfg["uniform_count"] > 0:
         regions.append((UNIFORM_REGION, cfg["uniform_count"], "mainland France"))
     for region, wanted, where in regions:

@@ -23,7 +23,10 @@ and to the IGN Géoplateforme. One detached process, the *gateway*, does it all:
     soon as ``bbox`` or ``collections`` is given, so a GET is translated to the equivalent POST
     body and the paging links of the answer back to GET links.
     rustac limitations (rustac 0.9.18): no ``sortby`` (HTTP 500), ``filter``/``query`` silently
-    ignored (empty results), neither listed in its conformance classes; paging uses ``skip``;
+    ignored (empty results), neither listed in its conformance classes; paging uses ``skip``.
+    The gateway adds ``sortby`` and ``filter`` on ids (:mod:`xstars.demo.stac_sort`, the paging
+    a client needs when ``next`` links go missing) and advertises them; ``query`` stays
+    unsupported, so clients filter clouds client-side as against any such API;
     no ``numberMatched``; a date-only ``datetime`` interval (``2021-01-01/2021-12-31``) is
     refused with 400 (pystac-client always sends full RFC 3339 timestamps, so it is unaffected).
 ``/files/<path>``
@@ -76,7 +79,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
-from xstars.demo import layout, wms
+from xstars.demo import layout, stac_sort, wms
 from xstars.errors import ConfigError, DataError, ServiceError
 
 # Named explicitly: under ``python -m`` __name__ would be "__main__".
@@ -184,6 +187,9 @@ class Faults:
       previous page (as when items are inserted while a client pages), ``numberReturned``
       counting it.
 
+    ``no_sort_filter`` turns off the gateway's ``sortby``/``filter`` on ids
+    (:mod:`xstars.demo.stac_sort`): the API then conforms to neither, like rustac alone.
+
     Setting faults (``POST /_admin/faults``) resets the counters, so a test knows which request
     fails. ``/_admin`` routes are never faulted.
     """
@@ -194,6 +200,7 @@ class Faults:
     drop_every: int = 0
     truncate_every: int = 0
     omit_next: bool = False
+    no_sort_filter: bool = False
     duplicate_items: bool = False
     routes: list[str] = field(default_factory=lambda: list(FAULT_ROUTES))
 
@@ -219,7 +226,7 @@ class Faults:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"fault {name} must be an integer >= 0, got {value!r}")
-        for name in ("omit_next", "duplicate_items"):
+        for name in ("omit_next", "duplicate_items", "no_sort_filter"):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise ConfigError(f"fault {name} must be true or false, got {value!r}")
@@ -705,7 +712,10 @@ class GatewayHandler(BaseHTTPRequestHandler):
         answer = self._backend(self.command, path_and_query, body or None, content_type)
         if answer is not None:
             status, content_type, payload = answer
-            self._send(status, state.rewrite_backend_urls(payload), content_type)
+            payload = state.rewrite_backend_urls(payload)
+            if status == 200 and subpath.rstrip("/") in ("", "/conformance") and not state.faults.no_sort_filter:
+                payload = json.dumps(stac_sort.add_conformance(json.loads(payload))).encode()
+            self._send(status, payload, content_type)
 
     def _backend(
         self, method: str, path_and_query: str, body: bytes | None, content_type: str | None
@@ -733,15 +743,21 @@ class GatewayHandler(BaseHTTPRequestHandler):
         except (ValueError, TypeError) as exc:
             self._send_json(400, {"code": "BadRequest", "description": f"invalid search: {exc}"})
             return
-        answer = self._backend("POST", "/search", json.dumps(params).encode(), "application/json")
-        if answer is None:
-            return
-        status, content_type, payload = answer
-        payload = self.state.rewrite_backend_urls(payload)
-        if status != 200:
-            self._send(status, payload, content_type)
-            return
-        doc = json.loads(payload)
+        if stac_sort.wants_emulation(params) and not self.state.faults.no_sort_filter:
+            doc = self._sorted_search(params)
+            if doc is None:
+                return
+            content_type = "application/geo+json"
+        else:
+            answer = self._backend("POST", "/search", json.dumps(params).encode(), "application/json")
+            if answer is None:
+                return
+            status, content_type, payload = answer
+            payload = self.state.rewrite_backend_urls(payload)
+            if status != 200:
+                self._send(status, payload, content_type)
+                return
+            doc = json.loads(payload)
         if is_get:
             for link in doc.get("links", []):
                 if link.get("rel") in ("next", "prev") and isinstance(link.get("body"), dict):
@@ -752,6 +768,41 @@ class GatewayHandler(BaseHTTPRequestHandler):
                     link.pop("merge", None)
         self._apply_search_faults(doc, params)
         self._send(200, json.dumps(doc).encode(), content_type)
+
+    def _sorted_search(self, params: dict) -> dict | None:
+        """A search with ``sortby``/``filter`` on ids, answered from all of rustac's matches."""
+        features: list[dict] = []
+        page_size = 1000
+        while True:  # every match, in rustac's pages
+            body = {**stac_sort.backend_params(params), "limit": page_size, "skip": len(features)}
+            answer = self._backend("POST", "/search", json.dumps(body).encode(), "application/json")
+            if answer is None:
+                return None
+            status, content_type, payload = answer
+            payload = self.state.rewrite_backend_urls(payload)
+            if status != 200:
+                self._send(status, payload, content_type)
+                return None
+            batch = json.loads(payload).get("features", [])
+            features += batch
+            if len(batch) < page_size:
+                break
+        try:
+            page, more = stac_sort.page(features, params)
+        except stac_sort.UnsupportedSearch as exc:
+            self._send_json(400, {"code": "BadRequest", "description": str(exc)})
+            return None
+        links = [{"rel": "root", "href": f"{self.state.stac_url}/", "type": "application/json"}]
+        if self.state.faults.duplicate_items:
+            previous = stac_sort.previous_feature(features, params, page)
+            if previous is not None:
+                page = [previous, *page]
+                self.state.count_fault("duplicate_items")
+        if more:
+            links.append({"rel": "next", "href": f"{self.state.stac_url}/search", "method": "POST",
+                          "type": "application/geo+json", "body": stac_sort.next_body(params, page[-1]["id"]),
+                          "merge": False})
+        return {"type": "FeatureCollection", "features": page, "links": links, "numberReturned": len(page)}
 
     def _apply_search_faults(self, doc: dict, params: dict) -> None:
         """omit_next / duplicate_items on a /search answer (links already rewritten), in place."""

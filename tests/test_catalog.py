@@ -1,0 +1,355 @@
+"""The catalog stage against the demo world's real STAC API, files and WMS (nothing mocked)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import FIXTURES, SMALL_DEMO, free_port
+from xstars import catalog
+from xstars import items as stac_items
+from xstars.config import load_config
+from xstars.demo import server
+from xstars.errors import ConfigError, ServiceError
+from xstars.sites import Site, sample_sites, write_sites
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def small_world_config(root: Path, info: server.ServerInfo, **overrides) -> dict:
+    """The demo config shrunk to the tests' small world (1.28 km cities), on its server."""
+    base = {
+        "world": "demo",
+        "demo": {**SMALL_DEMO, "root": str(root), "port": info.port, "stac_backend_port": info.backend_port},
+        "sites": {
+            "cities": ["toulouse", "bordeaux"],
+            "footprint_m": 240,
+            "city_radius_m": 360,
+            "sites_per_city": 4,
+            "split": {"method": "cities", "val_cities": [], "test_cities": ["bordeaux"]},
+        },
+        "catalog": {"search_shards": 1, "search_cell_m": 4800},
+        "stac": {"backoff_s": 0.01, "max_retries": 6},
+    }
+    for key, value in overrides.items():
+        base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
+    return load_config(REPO / "config.yaml", base)
+
+
+@pytest.fixture
+def served(demo_root: Path, demo_server: server.ServerInfo):
+    """The session's demo server with faults off and counters reset, before and after."""
+    server.set_faults(demo_server, {})
+    server.reset_stats(demo_server)
+    yield demo_server
+    server.set_faults(demo_server, {})
+
+
+def build_manifest(config: dict, path: Path) -> tuple[list[dict], list[dict]]:
+    sites = sample_sites(config)
+    rows, searches = [], []
+    for shard in range(config["catalog"]["search_shards"]):
+        shard_rows, shard_searches = catalog.search_shard(config, sites, shard)
+        rows += shard_rows
+        searches += shard_searches
+    manifest_rows = catalog.select(config, sites, rows)
+    catalog.write_manifest(manifest_rows, path, config["sites"]["crs"], catalog.provenance(config, searches))
+    return manifest_rows, searches
+
+
+# ------------------------------------------------------------------------------ the manifest
+
+
+@pytest.fixture(scope="module")
+def clean_manifest(demo_root: Path, demo_server: server.ServerInfo, tmp_path_factory) -> tuple[Path, list[dict]]:
+    server.set_faults(demo_server, {})
+    config = small_world_config(demo_root, demo_server)
+    path = tmp_path_factory.mktemp("manifest") / "manifest.parquet"
+    rows, _ = build_manifest(config, path)
+    return path, rows
+
+
+def test_manifest_has_one_row_per_site_and_sensor(clean_manifest, demo_root: Path) -> None:
+    import geopandas as gpd
+
+    path, rows = clean_manifest
+    frame = gpd.read_parquet(path)
+    assert frame.crs.to_epsg() == 2154
+    assert len(frame) == 8 * 4 and Counter(frame.sensor) == {"s2": 8, "l8": 8, "ign": 8, "labels": 8}
+    assert set(frame.columns) >= set(catalog.MANIFEST_COLUMNS)
+    ok = frame[frame.status == "ok"]
+    assert ok.site_id.nunique() >= 6, frame[frame.status != "ok"].reason.unique()
+    assert set(frame[frame.status != "ok"].reason) <= {r for r in frame.reason if ":" in r}
+    # The chosen items are real items of the world, stored unsigned, with their assets.
+    world_items = {json.loads(line)["id"] for line in (demo_root / "stac" / "items.ndjson").read_text().splitlines()}
+    for row in ok.itertuples():
+        item = json.loads(row.item_json)
+        assert item["id"] == row.item_id
+        assert set(row.assets) <= set(item["assets"])
+        if row.sensor != "ign":
+            assert row.item_id in world_items
+        else:
+            assert "REQUEST=GetMap" in item["assets"]["rgb"]["href"] and "CRS=EPSG%3A2154" in item["assets"]["rgb"]["href"]
+        assert row.invalid_fraction <= 0.2
+    # S2: the reprocessed 2021 acquisition is never chosen at its old baseline.
+    s2 = [json.loads(j) for j in ok[ok.sensor == "s2"].item_json]
+    assert all(stac_items.processing_baseline(i) != "02.12" for i in s2)
+    # L8 only, never L9.
+    assert all(json.loads(j)["properties"]["platform"] == "landsat-8" for j in ok[ok.sensor == "l8"].item_json)
+    # Provenance: every search is recorded in the file.
+    prov = catalog.manifest_provenance(path)
+    assert prov["searches"] and all(s["body"]["datetime"] or s["collection"] == "esa-worldcover" for s in prov["searches"])
+
+
+def test_the_clearest_scene_over_the_footprint_wins(clean_manifest) -> None:
+    _, rows = clean_manifest
+    for row in rows:
+        if row["status"] != "ok" or row["sensor"] != "s2":
+            continue
+        fallbacks = json.loads(row["fallbacks_json"])
+        # The anchor is ranked by its cloud/no-data fraction over the footprint first.
+        assert all(row["invalid_fraction"] <= f["invalid_fraction"] for f in fallbacks)
+        assert len(fallbacks) <= 2
+
+
+def test_manifest_is_identical_under_injected_faults(clean_manifest, demo_root: Path, served, tmp_path: Path) -> None:
+    path, _ = clean_manifest
+    # Small pages so that paging (and its failures) happens on every search.
+    config = small_world_config(demo_root, served, stac={"page_limit": 1, "backoff_s": 0.01, "max_retries": 8})
+    server.set_faults(served, {"status_429_every": 4, "retry_after_s": 0, "status_503_every": 7, "drop_every": 11,
+                               "duplicate_items": True, "routes": ["stac"]})
+    faulty = tmp_path / "faulty.parquet"
+    build_manifest(config, faulty)
+    stats = server.get_stats(served)
+    for kind in ("status_429", "status_503", "drop", "duplicate_items"):
+        assert stats["faults"][kind] > 0, (kind, stats["faults"])
+    assert_same_manifest(path, faulty)
+
+    # Missing `next` links: the client pages by sorted id (the gateway conforms to sort and
+    # filter, as the Planetary Computer does)...
+    server.set_faults(served, {"omit_next": True})
+    config = small_world_config(demo_root, served, stac={"page_limit": 1, "backoff_s": 0.01})
+    by_id = tmp_path / "by_id.parquet"
+    _, searches = build_manifest(config, by_id)
+    assert server.get_stats(served)["faults"]["omit_next"] > 0
+    assert any(c.startswith("after id") for s in searches for c in s["continuations"])
+    assert_same_manifest(path, by_id)
+    # ...and, on an API without sort and filter, by splitting the date window.
+    server.set_faults(served, {"omit_next": True, "no_sort_filter": True})
+    config = small_world_config(demo_root, served, stac={"page_limit": 2, "backoff_s": 0.01})
+    split = tmp_path / "split.parquet"
+    _, searches = build_manifest(config, split)
+    assert any(c.startswith("split at") for s in searches for c in s["continuations"])
+    assert_same_manifest(path, split)
+
+
+def assert_same_manifest(expected: Path, actual: Path) -> None:
+    import geopandas as gpd
+
+    a, b = gpd.read_parquet(expected), gpd.read_parquet(actual)
+    columns = [c for c in a.columns if c != "geometry"]
+    assert a[columns].equals(b[columns]), _debug_diff(expected, actual)
+    assert a.geometry.equals(b.geometry)
+
+
+def test_file_faults_on_mask_reads_are_retried(clean_manifest, demo_root: Path, served, tmp_path: Path) -> None:
+    path, _ = clean_manifest
+    config = small_world_config(demo_root, served)
+    server.set_faults(served, {"status_503_every": 5, "drop_every": 7, "truncate_every": 3, "routes": ["files"]})
+    # In a fresh process, as a workflow job: GDAL's in-process cache would otherwise answer.
+    sites_path = write_sites(sample_sites(config), tmp_path / "sites.parquet", "EPSG:2154")
+    candidates = tmp_path / "shard-0.jsonl"
+    result = subprocess.run(
+        [sys.executable, "-m", "xstars", "catalog", "search", "--config-json", json.dumps(config), "--sites",
+         str(sites_path), "--shard", "0", "--out", str(candidates)], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    faults = server.get_stats(served)["faults"]
+    assert faults["status_503"] > 0 and faults["drop"] > 0 and faults["truncate"] > 0, faults
+    rows = catalog.select(config, sample_sites(config), catalog.read_candidates([candidates]))
+    out = catalog.write_manifest(rows, tmp_path / "files.parquet", "EPSG:2154", {})
+    assert_same_manifest(path, out)
+
+
+def test_searches_grow_with_groups_not_sites(demo_root: Path, served) -> None:
+    counts = {}
+    for per_city in (1, 4):
+        config = small_world_config(demo_root, served, sites={"sites_per_city": per_city})
+        server.reset_stats(served)
+        sites = sample_sites(config)
+        _, searches = catalog.search_shard(config, sites, 0)
+        counts[per_city] = (len(searches), server.get_stats(served)["requests"]["stac_search"])
+    windows = len(catalog.season_windows(config["dates"]))
+    groups = 2  # one search cell per city
+    assert counts[1] == counts[4]
+    assert counts[4][0] == groups * (2 * windows + 1)
+
+
+# ------------------------------------------------------------------------------ frozen mode
+
+
+def test_frozen_mode_makes_no_request_and_copies_the_manifest(clean_manifest, served, tmp_path: Path) -> None:
+    path, _ = clean_manifest
+    out = tmp_path / "frozen" / "manifest.parquet"
+    result = subprocess.run(
+        [sys.executable, "-m", "xstars", "catalog", "freeze", "--config-json",
+         json.dumps({"catalog": {"manifest": str(path)}}), "--out", str(out), "--summary", str(tmp_path / "s.json")],
+        capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes() == path.read_bytes()
+    assert json.loads((tmp_path / "s.json").read_text())["sites"] == 8
+    stats = server.get_stats(served)["requests"]
+    assert stats["stac_search"] == 0 and stats["files"] == 0 and stats["wms_getmap"] == 0
+
+
+def test_frozen_mode_refuses_what_is_not_a_manifest(tmp_path: Path) -> None:
+    bogus = tmp_path / "sites.parquet"
+    config = load_config(REPO / "config.yaml", {"world": "demo"})
+    write_sites(sample_sites(config), bogus, "EPSG:2154")
+    for given, message in ((tmp_path / "missing.parquet", "does not exist"), (bogus, "not an xstars manifest")):
+        with pytest.raises(Exception, match=message):
+            catalog.read_manifest(given)
+
+
+# ------------------------------------------------------------------------------ bad input
+
+
+def test_unknown_collection_names_the_config_key(demo_root: Path, served) -> None:
+    config = small_world_config(demo_root, served, sensors={"s2": {**load_config()["sensors"]["s2"], "collection": "sentinel-2-l3"}})
+    with pytest.raises(ConfigError, match=r"sensors\.s2\.collection: collection 'sentinel-2-l3' does not exist at http://127"):
+        catalog.search_shard(config, sample_sites(config), 0)
+
+
+def test_empty_date_window_names_dates() -> None:
+    dates = {"start": "2022-11-01", "end": "2022-12-31", "seasons": [{"name": "summer", "months": [6, 7, 8]}]}
+    with pytest.raises(ConfigError, match=r"dates: no day of any season \(summer\) falls between start 2022-11-01 and end 2022-12-31: the date window is empty"):
+        catalog.season_windows(dates)
+
+
+def test_unreachable_endpoint_names_the_url(demo_root: Path, demo_server: server.ServerInfo) -> None:
+    port = free_port()
+    config = small_world_config(demo_root, demo_server, stac={"url": f"http://127.0.0.1:{port}/stac",
+                                                             "max_retries": 1, "backoff_s": 0.01})
+    with pytest.raises(ServiceError, match=rf"stac\.url http://127\.0\.0\.1:{port}/stac is unreachable"):
+        catalog.search_shard(config, sample_sites(config), 0)
+
+
+def test_cli_prints_one_clear_error_line(demo_root: Path, served, tmp_path: Path) -> None:
+    config = small_world_config(demo_root, served, sensors={"labels": {"collection": "esa-worldcover-v9"}})
+    sites = tmp_path / "sites.parquet"
+    write_sites(sample_sites(config), sites, "EPSG:2154")
+    result = subprocess.run(
+        [sys.executable, "-m", "xstars", "catalog", "search", "--config-json", json.dumps(config), "--sites",
+         str(sites), "--shard", "0", "--out", str(tmp_path / "c.jsonl")], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: sensors.labels.collection: collection 'esa-worldcover-v9' does not exist at {config['stac']['url']}")
+    assert not (tmp_path / "c.jsonl").exists()
+
+
+# ------------------------------------------------------- real Planetary Computer items, served
+
+
+@pytest.fixture(scope="module")
+def pc_server(tmp_path_factory):
+    """The recorded Planetary Computer items served by the demo STAC server, plus variants:
+    a projection-2.0 copy (``proj:code``) and a reprocessed duplicate at baseline 05.00."""
+    root = tmp_path_factory.mktemp("pc_world")
+    features = []
+    for name in ("sentinel-2-l2a", "landsat-c2-l2"):
+        features += json.loads((FIXTURES / f"{name}.items.json").read_text())["features"]
+    original = next(f for f in features if f["id"] == "S2A_MSIL2A_20190101T000001_R116_T59UMU_20201007T214652")
+    reprocessed = copy.deepcopy(original)
+    reprocessed["id"] = original["id"].replace("20201007T214652", "20230301T101010")
+    reprocessed["properties"]["s2:processing_baseline"] = "05.00"
+    reprocessed["properties"]["s2:generation_time"] = "2023-03-01T10:10:10.000000Z"
+    reprocessed["properties"]["proj:code"] = f"EPSG:{reprocessed['properties'].pop('proj:epsg')}"
+    features.append(reprocessed)
+    (root / "stac").mkdir()
+    (root / "stac" / "items.ndjson").write_text("".join(json.dumps(f) + "\n" for f in features))
+    info = server.start(root, port=free_port(), backend_port=free_port())
+    yield info, original, reprocessed
+    server.stop(root)
+
+
+def pc_searcher(info: server.ServerInfo) -> catalog.StacSearcher:
+    stac_cfg = load_config()["stac"] | {"url": info.stac_url, "backoff_s": 0.01, "page_limit": 5}
+    return catalog.StacSearcher(stac_cfg)
+
+
+def test_real_sentinel2_items_reprocessing_and_projection(pc_server) -> None:
+    info, original, reprocessed = pc_server
+    searcher = pc_searcher(info)
+    window = catalog.SearchWindow("2019-01", catalog.stac_items.parse_time("2018-12-31T00:00:00Z"),
+                                  catalog.stac_items.parse_time("2019-01-02T00:00:00Z"))
+    found = searcher.search("sentinel-2-l2a", [170.6, 53.16, 170.9, 53.24], window, group_id="g",
+                            platforms=["sentinel-2a"])  # the items spell it "Sentinel-2A"
+    assert {i["id"] for i in found} >= {original["id"], reprocessed["id"]}
+    kept = stac_items.dedupe_s2_reprocessed(found)
+    assert reprocessed["id"] in {i["id"] for i in kept} and original["id"] not in {i["id"] for i in kept}
+    # Both projection spellings give the same CRS; the offset follows the baseline, not the date.
+    assert stac_items.item_crs(original) == stac_items.item_crs(reprocessed) == "EPSG:32659"
+    assert "proj:epsg" in original["properties"] and "proj:code" in reprocessed["properties"]
+    assert stac_items.s2_offset_for_baseline(stac_items.processing_baseline(original)) == 0
+    assert stac_items.s2_offset_for_baseline(stac_items.processing_baseline(reprocessed)) == -1000
+
+
+def test_real_items_every_spelling(pc_server) -> None:
+    info, _, _ = pc_server
+    searcher = pc_searcher(info)
+    everything = catalog.SearchWindow("all", catalog.stac_items.parse_time("2018-01-01T00:00:00Z"),
+                                      catalog.stac_items.parse_time("2026-01-01T00:00:00Z"))
+    s2 = searcher.search("sentinel-2-l2a", [-180, -90, 180, 90], everything, group_id="world")
+    platforms = {i["properties"]["platform"] for i in s2}
+    assert {"Sentinel-2A", "sentinel-2b"} <= platforms
+    baselines = {stac_items.processing_baseline(i) for i in s2}
+    assert {"02.12", "05.09", "05.11"} <= baselines
+    for item in s2:  # every item tells its CRS and offset
+        assert stac_items.item_epsg(item) in range(32601, 32761)
+        expected = 0 if stac_items.processing_baseline(item) < "04.00" else -1000
+        assert stac_items.s2_offset_for_baseline(stac_items.processing_baseline(item)) == expected
+    # Paged with limit 5 and more items than that: all were collected.
+    total = len(json.loads((FIXTURES / "sentinel-2-l2a.items.json").read_text())["features"]) + 1
+    assert len(s2) == total
+    landsat = searcher.search("landsat-c2-l2", [-180, -90, 180, 90], everything, group_id="world",
+                              platforms=["landsat-8"])
+    assert landsat and {i["properties"]["platform"] for i in landsat} == {"landsat-8"}
+    # Server-side filtering is not advertised by this server, so the cloud filter ran client-side.
+    assert not searcher.conforms_query
+    clear = searcher.search("sentinel-2-l2a", [-180, -90, 180, 90], everything, group_id="world", max_cloud_cover=30)
+    assert clear and all(i["properties"]["eo:cloud_cover"] <= 30 for i in clear)
+
+
+def test_unsigned_strips_sas_tokens() -> None:
+    item = {"id": "x", "assets": {"B04": {"href": "https://a.blob.core.windows.net/c/B04.tif?st=1&se=2&sig=abc"}},
+            "links": [{"rel": "self"}]}
+    clean = stac_items.unsigned(item)
+    assert clean["assets"]["B04"]["href"] == "https://a.blob.core.windows.net/c/B04.tif"
+    assert "links" not in clean and "sig=" in item["assets"]["B04"]["href"]  # the original is untouched
+
+
+def test_site_grouping_is_stable() -> None:
+    sites = [Site(f"c_{c}_{r}", "c", c, r, 240.0, "train") for c in range(30) for r in range(3)]
+    groups = catalog.search_groups(sites, 2400)
+    assert [len(g.sites) for g in groups] == [30, 30, 30]
+    assert catalog.search_groups(list(reversed(sites)), 2400) == groups
+    assert sum(len(catalog.shard_of(groups, i, 2)) for i in range(2)) == 3
+
+
+def _debug_diff(expected: Path, actual: Path) -> str:
+    import geopandas as gpd
+
+    a, b = gpd.read_parquet(expected), gpd.read_parquet(actual)
+    out = []
+    for column in a.columns:
+        if column == "geometry":
+            continue
+        differs = a[column].astype(str) != b[column].astype(str)
+        for i in differs[differs].index[:3]:
+            out.append(f"{column} row {i} {a.site_id[i]} {a.sensor[i]}: {str(a[column][i])[:80]} != {str(b[column][i])[:80]}")
+    return "\n".join(out)
