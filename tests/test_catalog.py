@@ -107,6 +107,14 @@ def test_manifest_has_one_row_per_site_and_sensor(clean_manifest, demo_root: Pat
     assert prov["searches"] and all(s["body"]["datetime"] or s["collection"] == "esa-worldcover" for s in prov["searches"])
 
 
+def test_manifest_figure(clean_manifest, tmp_path: Path) -> None:
+    from PIL import Image
+
+    out = catalog.plot_manifest(clean_manifest[0], tmp_path / "catalog.png")
+    with Image.open(out) as image:
+        assert image.size[0] > 1000 and len(set(image.convert("RGB").getdata())) > 50
+
+
 def test_the_clearest_scene_over_the_footprint_wins(clean_manifest) -> None:
     _, rows = clean_manifest
     for row in rows:

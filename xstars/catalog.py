@@ -876,3 +876,55 @@ def summary(rows: Sequence[dict]) -> dict[str, Any]:
     return {"sites": len(sites), "kept": len(kept),
             "kept_by_split": {split: sum(s[2] == split for s in kept) for split in ("train", "val", "test")},
             "dropped_by_reason": dict(sorted(reasons.items()))}
+
+
+# ==================================================================================== figure
+
+
+def plot_manifest(path: Path, out: Path) -> Path:
+    """The catalog at a glance (Snakemake report): where the sites are, by split and status, and
+    when and how clear the chosen scenes are, per sensor."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.dates as mdates
+    import matplotlib.pyplot as plt
+
+    from xstars.sites import france_boundary
+
+    frame = read_manifest(path)
+    crs = frame.crs.to_string()
+    sites = frame.drop_duplicates("site_id")
+    fig, (ax_map, ax_time) = plt.subplots(1, 2, figsize=(12, 5.5), gridspec_kw={"width_ratios": [1, 1.3]})
+    boundary = france_boundary(crs)
+    ax_map.plot(*boundary.exterior.xy, color="0.4", lw=0.8)
+    colours = {"train": "tab:blue", "val": "tab:orange", "test": "tab:green"}
+    for split, colour in colours.items():
+        kept = sites[(sites.split == split) & (sites.status == "ok")]
+        ax_map.scatter(kept.geometry.centroid.x, kept.geometry.centroid.y, s=8, color=colour,
+                       label=f"{split} ({len(kept)})")
+    dropped = sites[sites.status != "ok"]
+    ax_map.scatter(dropped.geometry.centroid.x, dropped.geometry.centroid.y, s=14, marker="x", color="crimson",
+                   label=f"dropped ({len(dropped)})")
+    ax_map.set_aspect("equal")
+    ax_map.set_title(f"{len(sites)} sites ({crs})")
+    ax_map.legend(loc="lower left", fontsize=8)
+    ax_map.set_xticks([])
+    ax_map.set_yticks([])
+    chosen = frame[(frame.status == "ok") & frame.sensor.isin(["s2", "l8", "ign"])]
+    for row, sensor in enumerate(("s2", "l8", "ign")):
+        part = chosen[chosen.sensor == sensor]
+        times = [stac_items.parse_time(t) for t in part.datetime]
+        sc = ax_time.scatter(times, np.full(len(times), row) + np.linspace(-0.3, 0.3, len(times)),
+                             c=part.invalid_fraction, cmap="viridis_r", vmin=0, vmax=0.2, s=10)
+    locator = mdates.AutoDateLocator()
+    ax_time.xaxis.set_major_locator(locator)
+    ax_time.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
+    ax_time.set_yticks(range(3), ["Sentinel-2", "Landsat-8", "IGN (campaign year)"])
+    ax_time.set_title("chosen scenes: date, and cloud/no-data fraction over the footprint")
+    fig.colorbar(sc, ax=ax_time, label="invalid fraction of the footprint")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

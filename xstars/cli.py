@@ -130,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     freeze.add_argument("--out", type=Path, required=True, help="manifest.parquet")
     freeze.add_argument("--summary", type=Path, help="also write the kept/dropped counts as JSON")
     freeze.set_defaults(func=cmd_catalog_freeze)
+    plot = catalog_cmds.add_parser("plot", help="figure of the manifest for the report (PNG)")
+    plot.add_argument("--manifest", type=Path, required=True)
+    plot.add_argument("--out", type=Path, required=True)
+    plot.set_defaults(func=cmd_catalog_plot)
     return parser
 
 
@@ -323,6 +327,15 @@ def cmd_catalog_freeze(args: argparse.Namespace) -> int:
     if Path(source).resolve() != args.out.resolve():
         shutil.copyfile(source, args.out)
     _write_summary(summary(frame.drop(columns="geometry").to_dict("records")), args.summary)
+    return 0
+
+
+def cmd_catalog_plot(args: argparse.Namespace) -> int:
+    """Draw the manifest's sites and chosen scenes."""
+    from xstars.catalog import plot_manifest
+
+    plot_manifest(args.manifest, args.out)
+    log.info("catalog plot out=%s", args.out)
     return 0
 
 

@@ -72,3 +72,20 @@ else:
         shell:
             "xstars catalog manifest --config-json {params.cfg:q} --sites {input.sites}"
             " --out {output.manifest} --summary {output.summary} {input.candidates} > {log} 2>&1"
+
+
+rule catalog_figure:
+    input:
+        CATALOG / "manifest.parquet",
+    output:
+        report(
+            CATALOG / "catalog.png",
+            caption="../report/catalog.rst",
+            category="Catalog",
+        ),
+    log:
+        "logs/catalog/catalog_figure.log",
+    conda:
+        "../../envs/xstars.yaml"
+    shell:
+        "xstars catalog plot --manifest {input} --out {output} > {log} 2>&1"

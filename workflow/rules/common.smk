@@ -27,7 +27,7 @@ IS_DEMO = config["world"] == "demo"
 def get_final_output():
     """Targets of `rule all`; each stage adds its own here."""
     demo = [DEMO_ROOT / "world.json", RESULTS / "preview.png"] if IS_DEMO else []
-    return [*demo, RESULTS / "catalog" / "manifest.parquet"]
+    return [*demo, RESULTS / "catalog" / "manifest.parquet", RESULTS / "catalog" / "catalog.png"]
 
 
 def config_json(*sections):
