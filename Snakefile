@@ -29,6 +29,7 @@ include: "workflow/rules/common.smk"
 # Stages, in data-flow order.
 include: "workflow/rules/demo.smk"
 include: "workflow/rules/catalog.smk"
+include: "workflow/rules/build.smk"
 
 
 localrules:
@@ -44,7 +45,8 @@ rule all:
 
 rule build_dataset:
     input:
-        RESULTS / "catalog" / "manifest.parquet",
+        RESULTS / "catalog" / "catalog.png",
+        RESULTS / "dataset" / "summary.json",
 
 
 # The demo world's servers are started by the first rule that needs them (xstars catalog

@@ -115,6 +115,35 @@ def sign_href(href: str, signing: str, *, fresh: bool = False) -> str:
     return planetary_computer.sign(href)
 
 
+@dataclass(frozen=True)
+class SourceWindow:
+    """Pixels read from a raster in its own grid: the part of it that a site needs."""
+
+    data: np.ndarray  # (bands, rows, cols)
+    transform: Affine
+    crs: str
+
+    def warp(self, grid: Grid, resampling: Resampling = Resampling.nearest,
+             shift_m: tuple[float, float] = (0.0, 0.0)) -> tuple[np.ndarray, np.ndarray]:
+        """Resample onto ``grid``: (data (bands, h, w), covered (h, w) bool).
+
+        ``shift_m`` = (dx, dy) in metres (dy northwards) is a known displacement of the source
+        content: it is corrected by moving the source's georeferencing back by that much.
+        ``covered`` is False where the grid falls outside the source window.
+        """
+        out = np.zeros((self.data.shape[0], grid.height, grid.width), dtype=self.data.dtype)
+        if self.data.size == 0:
+            return out, np.zeros((grid.height, grid.width), dtype=bool)
+        dx, dy = shift_m
+        transform = Affine.translation(-dx, -dy) * self.transform
+        reproject(self.data, out, src_transform=transform, src_crs=self.crs, dst_transform=grid.transform,
+                  dst_crs=grid.crs, resampling=resampling)
+        covered = np.zeros((grid.height, grid.width), dtype=np.uint8)
+        reproject(np.ones(self.data.shape[1:], dtype=np.uint8), covered, src_transform=transform, src_crs=self.crs,
+                  dst_transform=grid.transform, dst_crs=grid.crs, resampling=Resampling.nearest, dst_nodata=0)
+        return out, covered.astype(bool)
+
+
 def read_on_grid(
     href: str,
     grid: Grid,
@@ -124,17 +153,28 @@ def read_on_grid(
     indexes: Sequence[int] | None = None,
     resampling: Resampling = Resampling.nearest,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Read an asset resampled onto ``grid``: (data (bands, h, w), covered (h, w) bool).
+    """Read an asset resampled onto ``grid``: (data (bands, h, w), covered (h, w) bool)."""
+    return read_source(href, grid, stac_cfg=stac_cfg, what=what, indexes=indexes).warp(grid, resampling)
 
-    Only the source window covering the grid (plus two source pixels for the resampling
-    kernel) is read, then warped in memory. ``covered`` is False where the grid falls outside
-    the raster, so that "outside the scene" is never mistaken for a valid zero.
 
-    The window is read with a plain ``read`` rather than through a WarpedVRT: GDAL's warper
-    turns a failed block read (a truncated HTTP answer) into no-data with only a warning,
-    while a direct read raises, and is retried. Retries up to ``stac_cfg['max_retries']``
-    times with exponential backoff; on 403 the href is re-signed with a fresh token.
-    ``what`` names the read in errors (item id and asset key).
+def read_source(
+    href: str,
+    grid: Grid,
+    *,
+    stac_cfg: Mapping[str, Any],
+    what: str,
+    indexes: Sequence[int] | None = None,
+    margin_px: int = 2,
+) -> SourceWindow:
+    """Read the window of an asset that covers ``grid`` (plus ``margin_px`` source pixels).
+
+    Only the blocks of the COG intersecting that window are fetched. The window is read with a
+    plain ``read`` rather than through a WarpedVRT: GDAL's warper turns a failed block read (a
+    truncated HTTP answer) into no-data with only a warning, while a direct read raises, and
+    is retried. Retries up to ``stac_cfg['max_retries']`` times with exponential backoff,
+    refetching (GDAL caches what it fetched, a truncated answer included); on 403 the href is
+    re-signed with a fresh token. ``what`` names the read in errors (item id and asset key).
+    A grid outside the raster gives an empty (0-pixel) window.
     """
     attempts = int(stac_cfg["max_retries"]) + 1
     fresh = False
@@ -142,7 +182,6 @@ def read_on_grid(
         url = sign_href(href, stac_cfg["signing"], fresh=fresh)
         options = gdal_options(stac_cfg)
         if attempt > 0:
-            # GDAL caches what it fetched, a truncated answer included: fetch afresh.
             options["CPL_VSIL_CURL_NON_CACHED"] = f"/vsicurl/{url}"
         try:
             with rasterio.Env(**options), rasterio.open(url) as src:
@@ -151,13 +190,13 @@ def read_on_grid(
                     # warning only: a header without georeferencing is a failed read.
                     raise RasterioIOError(f"no georeferencing in the header of {redact(href)} (partial read?)")
                 bands = list(indexes or range(1, src.count + 1))
-                window = _source_window(src, grid)
+                window = _source_window(src, grid, margin_px)
                 if window is None:  # the grid does not touch the raster
-                    empty = np.zeros((len(bands), grid.height, grid.width), dtype=src.dtypes[bands[0] - 1])
-                    return empty, np.zeros((grid.height, grid.width), dtype=bool)
-                data = src.read(bands, window=window)
-                src_transform, src_crs = src.window_transform(window), src.crs
-            break
+                    window = Window(0, 0, 0, 0)
+                    data = np.zeros((len(bands), 0, 0), dtype=src.dtypes[bands[0] - 1])
+                else:
+                    data = src.read(bands, window=window)
+                return SourceWindow(data, src.window_transform(window), src.crs.to_string())
         except RasterioIOError as err:
             message = redact(str(err))
             fresh = "403" in message
@@ -168,16 +207,10 @@ def read_on_grid(
             log.warning("read %s failed (%s), retry %d/%d in %.1fs", what, message, attempt + 1,
                         attempts - 1, delay)
             time.sleep(delay)
-    out = np.zeros((data.shape[0], grid.height, grid.width), dtype=data.dtype)
-    reproject(data, out, src_transform=src_transform, src_crs=src_crs, dst_transform=grid.transform,
-              dst_crs=grid.crs, resampling=resampling)
-    covered = np.zeros((grid.height, grid.width), dtype=np.uint8)
-    reproject(np.ones(data.shape[1:], dtype=np.uint8), covered, src_transform=src_transform, src_crs=src_crs,
-              dst_transform=grid.transform, dst_crs=grid.crs, resampling=Resampling.nearest, dst_nodata=0)
-    return out, covered.astype(bool)
+    raise AssertionError("unreachable")
 
 
-def _source_window(src, grid: Grid, margin_px: int = 2) -> Window | None:
+def _source_window(src, grid: Grid, margin_px: int) -> Window | None:
     """The window of ``src`` covering ``grid`` plus a margin, clipped to the raster (None: outside)."""
     left, bottom, right, top = transform_bounds(grid.crs, src.crs, *grid.bounds, densify_pts=21)
     window = from_bounds(left, bottom, right, top, transform=src.transform)
@@ -198,3 +231,154 @@ def invalid_from_mask(mask: np.ndarray, sensor_cfg: Mapping[str, Any]) -> np.nda
     for bit in sensor_cfg["mask_invalid_bits"]:
         bits |= 1 << int(bit)
     return (mask.astype(np.uint32) & bits) != 0
+
+
+# ============================================================================ one site's tiles
+
+
+#: Landsat C2 L2 surface reflectance constants (USGS), used when an asset has no raster:bands.
+LANDSAT_SR_SCALE, LANDSAT_SR_OFFSET = 2.75e-5, -0.2
+
+
+@dataclass
+class SensorTile:
+    """One sensor's pixels on a site's grid, in physical units, with what they came from.
+
+    ``sources`` keeps the windows read (with a margin), so that co-registration can resample
+    them again with a corrected georeferencing instead of reading twice.
+    """
+
+    sensor: str
+    item: dict[str, Any]
+    grid: Grid
+    sources: dict[str, SourceWindow]
+    data: np.ndarray  # (bands, h, w): reflectance (float32) or classes (uint8)
+    valid: np.ndarray  # (h, w) bool
+    shift_m: tuple[float, float] = (0.0, 0.0)
+
+    @property
+    def invalid_fraction(self) -> float:
+        return float(1.0 - self.valid.mean())
+
+
+def site_grid(bounds: Sequence[float], gsd_m: float, crs: str, margin_m: float = 0.0) -> Grid:
+    """The grid of a site's footprint (optionally grown by ``margin_m``) at ``gsd_m``."""
+    xmin, ymin, xmax, ymax = bounds
+    return Grid.from_bounds((xmin - margin_m, ymin - margin_m, xmax + margin_m, ymax + margin_m), gsd_m, crs)
+
+
+def read_sources(sensor: str, item: Mapping[str, Any], grid: Grid, config: Mapping[str, Any],
+                 margin_m: float) -> dict[str, SourceWindow]:
+    """Read every asset a sensor needs over ``grid`` grown by ``margin_m``, keyed by asset."""
+    stac_cfg = config["stac"]
+    if sensor == "ign":
+        return {key: read_wms(asset["href"], grid, margin_m, stac_cfg, what=f"{item['id']}/{key}")
+                for key, asset in item["assets"].items()}
+    cfg = config["sensors"][sensor]
+    keys = [cfg["asset"]] if sensor == "labels" else [*cfg["bands"], cfg["mask_asset"]]
+    out = {}
+    for key in keys:
+        asset = item["assets"].get(key)
+        if asset is None:
+            raise ServiceError(f"item {item['id']!r} has no asset {key!r} (sensors.{sensor})")
+        gsd = float(asset.get("gsd") or abs((asset.get("proj:transform") or [grid.transform.a])[0]))
+        margin_px = math.ceil(margin_m / max(gsd, 1e-9)) + 2 if gsd > 1e-3 else 4
+        out[key] = read_source(asset["href"], grid, stac_cfg=stac_cfg, what=f"{item['id']}/{key}",
+                               indexes=[1], margin_px=margin_px)
+    return out
+
+
+def read_wms(href: str, grid: Grid, margin_m: float, stac_cfg: Mapping[str, Any], what: str) -> SourceWindow:
+    """A GetMap request (the manifest's asset) redone over ``grid``'s bounds grown by ``margin_m``."""
+    import requests
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    from rasterio.errors import NotGeoreferencedWarning
+    from rasterio.io import MemoryFile
+
+    parts = urlsplit(href)
+    params = dict(parse_qsl(parts.query, keep_blank_values=True))
+    xmin, ymin, xmax, ymax = grid.bounds
+    gsd = grid.transform.a
+    bounds = (xmin - margin_m, ymin - margin_m, xmax + margin_m, ymax + margin_m)
+    width, height = round((bounds[2] - bounds[0]) / gsd), round((bounds[3] - bounds[1]) / gsd)
+    params.update(BBOX=",".join(f"{v:.2f}" for v in bounds), WIDTH=str(width), HEIGHT=str(height),
+                  CRS=grid.crs)
+    url = urlunsplit(parts._replace(query=urlencode(params)))
+    attempts = int(stac_cfg["max_retries"]) + 1
+    for attempt in range(attempts):
+        try:
+            response = requests.get(url, timeout=float(stac_cfg["timeout_s"]))
+            content_type = response.headers.get("Content-Type", "")
+            if response.status_code == 200 and "xml" not in content_type:
+                import warnings
+
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", NotGeoreferencedWarning)
+                    with MemoryFile(response.content) as memfile, memfile.open() as image:
+                        data = image.read()
+                transform = Affine(gsd, 0.0, bounds[0], 0.0, -gsd, bounds[3])
+                # PNG with TRANSPARENT=TRUE may add an alpha band: keep the colour bands.
+                return SourceWindow(data[:3] if data.shape[0] == 4 else data, transform, grid.crs)
+            problem = f"HTTP {response.status_code} {redact(response.text[:200]) if 'xml' in content_type else ''}"
+            retryable = response.status_code in (429, 500, 502, 503, 504)
+        except (requests.RequestException, RasterioIOError) as err:
+            problem, retryable = redact(str(err))[:300], True
+        if not retryable or attempt + 1 == attempts:
+            raise ServiceError(f"GetMap {what} at {redact(href.split('?')[0])} failed: {problem}")
+        time.sleep(float(stac_cfg["backoff_s"]) * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def render(sensor: str, item: Mapping[str, Any], sources: Mapping[str, SourceWindow], grid: Grid,
+           config: Mapping[str, Any], shift_m: tuple[float, float] = (0.0, 0.0),
+           resampling: Resampling = Resampling.bilinear) -> tuple[np.ndarray, np.ndarray]:
+    """A sensor's tile on ``grid`` in physical units, and its validity, from its source windows.
+
+    Sentinel-2: reflectance = (DN + offset) / 10000, the offset decided by the item's processing
+    baseline. Landsat: DN * scale + offset from the asset's ``raster:bands`` (USGS constants
+    otherwise). IGN: digital numbers / 255. Labels: class codes, nearest neighbour.
+    Invalid: outside the scene, DN 0 (no data), or flagged by the quality mask.
+    """
+    from xstars import items as stac_items
+
+    if sensor == "labels":
+        key = config["sensors"]["labels"]["asset"]
+        classes, covered = sources[key].warp(grid, Resampling.nearest, shift_m)
+        return classes.astype(np.uint8), covered & (classes[0] != 0)
+    if sensor == "ign":
+        rgb, covered = sources["rgb"].warp(grid, resampling, shift_m)
+        bands = {"R": rgb[0], "G": rgb[1], "B": rgb[2]}
+        if "irc" in sources:
+            irc, covered_irc = sources["irc"].warp(grid, resampling, shift_m)
+            bands["NIR"] = irc[0]
+            covered &= covered_irc
+        wanted = config["sensors"]["ign"]["bands"]
+        data = np.stack([bands[b] for b in wanted]).astype(np.float32) / 255.0
+        return data, covered & (rgb.max(axis=0) > 0)
+    cfg = config["sensors"][sensor]
+    mask, covered = sources[cfg["mask_asset"]].warp(grid, Resampling.nearest, shift_m)
+    valid = covered & ~invalid_from_mask(mask[0], cfg)
+    layers = []
+    for key in cfg["bands"]:
+        dn, band_covered = sources[key].warp(grid, resampling, shift_m)
+        dn = dn[0].astype(np.float32)
+        valid &= band_covered & (dn > 0)
+        if sensor == "s2":
+            offset = stac_items.s2_offset_for_baseline(stac_items.processing_baseline(item))
+            layers.append((dn + offset) / 10000.0)
+        else:
+            band = (item["assets"][key].get("raster:bands") or [{}])[0]
+            layers.append(dn * float(band.get("scale", LANDSAT_SR_SCALE)) + float(band.get("offset", LANDSAT_SR_OFFSET)))
+    return np.stack(layers).astype(np.float32), valid
+
+
+def acquire_tile(sensor: str, item: Mapping[str, Any], bounds: Sequence[float], config: Mapping[str, Any]) -> SensorTile:
+    """Read and convert one sensor's tile for a site footprint ``bounds`` (sites CRS)."""
+    gsd = float(config["sensors"][sensor]["gsd_m"])
+    crs = config["sites"]["crs"]
+    grid = site_grid(bounds, gsd, crs)
+    margin_m = float(config["build"]["margin_m"])
+    sources = read_sources(sensor, item, grid, config, margin_m)
+    data, valid = render(sensor, item, sources, grid, config)
+    return SensorTile(sensor, dict(item), grid, sources, data, valid)

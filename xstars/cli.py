@@ -10,6 +10,9 @@
     xstars catalog search --sites sites.parquet --shard I --out candidates-I.jsonl
     xstars catalog manifest --sites sites.parquet --out manifest.parquet candidates-*.jsonl
     xstars catalog freeze --out manifest.parquet      # frozen mode: check and copy catalog.manifest
+    xstars build init --manifest M --store dataset.zarr --out init.json
+    xstars build part --manifest M --store dataset.zarr --part K --out part-K.json
+    xstars build finalize --manifest M --store dataset.zarr --out summary.json part-*.json
 
 Every command that reads the configuration takes ``--config FILE [--world W] [--set K=V]`` or
 ``--config-json JSON`` (the resolved config, or the sections a rule needs, as the workflow
@@ -69,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="logging threshold (logs go to stderr; default: %(default)s)",
     )
-    groups = parser.add_subparsers(dest="group", required=True, metavar="{config,demo,catalog}")
+    groups = parser.add_subparsers(dest="group", required=True, metavar="{config,demo,catalog,build}")
 
     config_opts = _config_options()
     config_cmds = groups.add_parser("config", help="inspect the configuration").add_subparsers(
@@ -134,6 +137,23 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--manifest", type=Path, required=True)
     plot.add_argument("--out", type=Path, required=True)
     plot.set_defaults(func=cmd_catalog_plot)
+
+    build_cmds = groups.add_parser("build", help="the Zarr store from the manifest").add_subparsers(
+        dest="command", required=True
+    )
+    store_opts = argparse.ArgumentParser(add_help=False)
+    store_opts.add_argument("--manifest", type=Path, required=True, help="manifest.parquet")
+    store_opts.add_argument("--store", type=Path, required=True, help="the Zarr store (a folder)")
+    store_opts.add_argument("--out", type=Path, required=True, help="JSON record of the step")
+    init = build_cmds.add_parser("init", parents=[config_opts, store_opts], help="create the store's arrays")
+    init.set_defaults(func=cmd_build_init)
+    part = build_cmds.add_parser("part", parents=[config_opts, store_opts], help="acquire and write one part")
+    part.add_argument("--part", type=int, required=True)
+    part.set_defaults(func=cmd_build_part)
+    final = build_cmds.add_parser("finalize", parents=[config_opts, store_opts],
+                                  help="check completeness, normalisation statistics, consolidate")
+    final.add_argument("parts", type=Path, nargs="+", help="the parts' JSON records")
+    final.set_defaults(func=cmd_build_finalize)
     return parser
 
 
@@ -337,6 +357,49 @@ def cmd_catalog_plot(args: argparse.Namespace) -> int:
     plot_manifest(args.manifest, args.out)
     log.info("catalog plot out=%s", args.out)
     return 0
+
+
+def cmd_build_init(args: argparse.Namespace) -> int:
+    """Create the store for the manifest's kept sites; write the number of samples and parts."""
+    from xstars.catalog import read_manifest
+    from xstars.store import init_store, n_parts
+
+    config = config_from_args(args)
+    samples = init_store(args.store, read_manifest(args.manifest), config)
+    parts = n_parts(samples, config["build"]["samples_per_shard"])
+    _write_json(args.out, {"store": str(args.store), "samples": samples, "parts": parts})
+    log.info("build init store=%s samples=%d parts=%d", args.store, samples, parts)
+    return 0
+
+
+def cmd_build_part(args: argparse.Namespace) -> int:
+    """Acquire, co-register and write one part of the store."""
+    from xstars.catalog import read_manifest
+    from xstars.store import build_part, write_part_record
+
+    config = config_from_args(args)
+    serve_demo_if_needed(config)
+    record = build_part(args.store, read_manifest(args.manifest), config, args.part)
+    write_part_record(record, args.out)
+    return 0
+
+
+def cmd_build_finalize(args: argparse.Namespace) -> int:
+    """Check that every site is stored or dropped with its reason; statistics; consolidate."""
+    from xstars.catalog import read_manifest
+    from xstars.store import finalize
+
+    config = config_from_args(args)
+    records = [json.loads(path.read_text()) for path in args.parts]
+    summary = finalize(args.store, read_manifest(args.manifest), records, config)
+    _write_json(args.out, summary)
+    log.info("build finalize %s", json.dumps({k: v for k, v in summary.items() if k != "normalization"}))
+    return 0
+
+
+def _write_json(path: Path, doc: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
 
 
 def _write_summary(counts: dict[str, Any], path: Path | None) -> None:

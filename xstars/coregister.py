@@ -83,3 +83,79 @@ def estimate_shift(reference: np.ndarray, moving: np.ndarray, valid: np.ndarray 
     register = peak + fine_peak / upsample  # shift that registers moving onto reference
     return ShiftEstimate(dy=float(-register[0]), dx=float(-register[1]), confidence=confidence,
                          valid_fraction=valid_fraction)
+
+
+# ============================================================================ a site's sensors
+
+
+@dataclass(frozen=True)
+class ShiftRecord:
+    """The co-registration of one sensor of one site onto the reference sensor."""
+
+    sensor: str
+    reference: str
+    dx_m: float  # estimated displacement of the sensor's content, metres east
+    dy_m: float  # ... metres north
+    gsd_m: float  # resolution the estimate was made at (the coarser of the pair)
+    confidence: float
+    valid_fraction: float
+    applied: bool
+    flag: str  # why it was not applied ("" when applied)
+
+
+def coregister_site(tiles: dict, config: dict) -> dict[str, ShiftRecord]:
+    """Estimate each sensor's shift against ``build.coregister_reference`` and apply it.
+
+    For a pair, both tiles' chosen band (``build.coregister_bands``) is resampled (average) from
+    the windows already read onto the footprint grown by ``build.margin_m``, at the coarser of
+    the two resolutions, and compared by :func:`estimate_shift` on the pixels valid in both.
+    An estimate is applied (the moving sensor re-rendered with its georeferencing corrected)
+    only if its confidence reaches ``build.min_confidence`` and it is under
+    ``build.max_shift_px``; otherwise it is recorded with the reason and left out.
+    ``tiles`` maps sensor -> :class:`xstars.acquire.SensorTile`, updated in place.
+    """
+    from rasterio.enums import Resampling
+
+    from xstars.acquire import render, site_grid
+
+    build = config["build"]
+    reference = build["coregister_reference"]
+    ref_tile = tiles[reference]
+    footprint = ref_tile.grid.bounds
+    records = {}
+    for sensor, tile in tiles.items():
+        if sensor in (reference, "labels"):
+            continue
+        gsd = max(tile.grid.transform.a, ref_tile.grid.transform.a)
+        grid = site_grid(footprint, gsd, tile.grid.crs, margin_m=_margin_on(gsd, build["margin_m"]))
+        ref_img, ref_valid = _band_on(ref_tile, reference, grid, config, Resampling.average)
+        mov_img, mov_valid = _band_on(tile, sensor, grid, config, Resampling.average)
+        estimate = estimate_shift(ref_img, mov_img, ref_valid & mov_valid)
+        dx_m, dy_m = estimate.dx * gsd, -estimate.dy * gsd  # rows grow southwards
+        flag = ""
+        if estimate.confidence < build["min_confidence"]:
+            flag = f"low confidence {estimate.confidence:.2f} < {build['min_confidence']:g}"
+        elif max(abs(estimate.dx), abs(estimate.dy)) > build["max_shift_px"]:
+            flag = f"shift {max(abs(estimate.dx), abs(estimate.dy)):.2f} px > {build['max_shift_px']:g}"
+        if not flag:
+            tile.shift_m = (dx_m, dy_m)
+            tile.data, tile.valid = render(sensor, tile.item, tile.sources, tile.grid, config, tile.shift_m)
+        records[sensor] = ShiftRecord(sensor, reference, round(dx_m, 4), round(dy_m, 4), gsd,
+                                      round(estimate.confidence, 4), round(estimate.valid_fraction, 4), not flag, flag)
+    return records
+
+
+def _margin_on(gsd: float, margin_m: float) -> float:
+    """The margin rounded down to whole pixels of ``gsd``."""
+    return float(np.floor(margin_m / gsd) * gsd)
+
+
+def _band_on(tile, sensor: str, grid, config: dict, resampling) -> tuple[np.ndarray, np.ndarray]:
+    """One band of a tile resampled from its source windows onto ``grid``, with validity."""
+    from xstars.acquire import render
+
+    band = config["build"]["coregister_bands"][sensor]
+    sub = dict(config)
+    sub["sensors"] = {**config["sensors"], sensor: {**config["sensors"][sensor], "bands": [band]}}
+    data, valid = render(sensor, tile.item, tile.sources, grid, sub, tile.shift_m, resampling)
+    return data[0].astype(np.float64), valid

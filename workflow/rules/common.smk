@@ -22,12 +22,14 @@ DEMO_JSON = json.dumps(config["demo"], sort_keys=True)
 
 
 IS_DEMO = config["world"] == "demo"
+DATASET = RESULTS / "dataset"
+STORE = DATASET / "dataset.zarr"
 
 
 def get_final_output():
     """Targets of `rule all`; each stage adds its own here."""
     demo = [DEMO_ROOT / "world.json", RESULTS / "preview.png"] if IS_DEMO else []
-    return [*demo, RESULTS / "catalog" / "manifest.parquet", RESULTS / "catalog" / "catalog.png"]
+    return [*demo, RESULTS / "catalog" / "catalog.png", RESULTS / "dataset" / "summary.json"]
 
 
 def config_json(*sections):
@@ -71,3 +73,10 @@ def stop_demo_servers():
     from xstars.demo.server import stop
 
     stop(DEMO_ROOT)
+
+
+def build_parts(wildcards):
+    """Every build part's record, once the checkpoint store_init has said how many parts there are."""
+    with checkpoints.store_init.get().output[0].open() as f:
+        parts = json.load(f)["parts"]
+    return [DATASET / "parts" / f"part-{part}.json" for part in range(parts)]

@@ -1,0 +1,310 @@
+"""Store: the analysis-ready multi-sensor dataset as one sharded Zarr v3 store.
+
+Layout (``<results>/dataset/dataset.zarr``), one group per sensor (``s2``, ``l8``, ``ign``,
+``labels``), each with::
+
+    data        (sample, band, y, x)  int16 reflectance x 10^4 (s2, l8; CF scale_factor),
+                                      uint8 (ign: DN, scale 1/255; labels: WorldCover class)
+    valid       (sample, y, x)        uint8, 1 where the pixel is usable (not cloud, shadow, no data)
+    band        (band,)               band names
+    site_id, split, status, date, item_id (sample,) strings; transform (sample, 6) of the
+    footprint grid in ``crs``; cloud_fraction (invalid fraction of the footprint);
+    shift_x_m, shift_y_m, shift_confidence, shift_applied, shift_flag: the co-registration
+    spatial_ref                       CF grid mapping (crs_wkt): what rioxarray reads
+
+One inner chunk is one sample of one sensor; a shard holds ``build.samples_per_shard`` samples.
+Samples are the manifest's kept sites in site-id order, so sample ``i`` is the same site in
+every group. A build job (:func:`build_part`) writes exactly one shard of every array, never
+a part of another job's: jobs run in parallel on a shared filesystem, and a job killed
+mid-write is simply run again (its shard is rewritten whole). :func:`finalize` checks that
+every part is there, computes the normalisation statistics on the training split and
+consolidates the metadata. Two builds from the same manifest are identical in array content.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from xstars.errors import DataError, ServiceError
+
+log = logging.getLogger(__name__)
+
+SENSORS: tuple[str, ...] = ("s2", "l8", "ign", "labels")
+REFLECTANCE_SCALE = 1e-4
+PER_SAMPLE_STRINGS = ("site_id", "split", "status", "date", "item_id", "shift_flag")
+PER_SAMPLE_FLOATS = ("cloud_fraction", "shift_x_m", "shift_y_m", "shift_confidence")
+
+
+def sample_sites(manifest) -> list[str]:
+    """The site ids stored, in sample order: the manifest's kept sites, sorted."""
+    return sorted(manifest.loc[manifest.status == "ok", "site_id"].unique())
+
+
+def n_parts(n_samples: int, samples_per_shard: int) -> int:
+    return max(1, math.ceil(n_samples / samples_per_shard))
+
+
+def band_names(sensor: str, config: Mapping[str, Any]) -> list[str]:
+    return ["class"] if sensor == "labels" else list(config["sensors"][sensor]["bands"])
+
+
+def tile_size(sensor: str, config: Mapping[str, Any]) -> int:
+    """Pixels per side of a footprint at the sensor's gsd."""
+    size = config["sites"]["footprint_m"] / config["sensors"][sensor]["gsd_m"]
+    if abs(size - round(size)) > 1e-9:
+        raise DataError(f"sites.footprint_m is not a whole number of sensors.{sensor}.gsd_m pixels")
+    return round(size)
+
+
+def init_store(path: Path, manifest, config: Mapping[str, Any]) -> int:
+    """Create the store's groups and arrays (metadata only); returns the number of samples."""
+    import zarr
+    from pyproj import CRS
+
+    sites = sample_sites(manifest)
+    n = len(sites)
+    per_shard = int(config["build"]["samples_per_shard"])
+    root = zarr.open_group(str(path), mode="w", zarr_format=3)
+    root.attrs["xstars"] = {"samples": n, "samples_per_shard": per_shard, "parts": n_parts(n, per_shard),
+                            "crs": config["sites"]["crs"], "footprint_m": config["sites"]["footprint_m"]}
+    wkt = CRS.from_user_input(config["sites"]["crs"]).to_wkt()
+    for sensor in SENSORS:
+        group = root.create_group(sensor)
+        bands = band_names(sensor, config)
+        size = tile_size(sensor, config)
+        dtype = "int16" if sensor in ("s2", "l8") else "uint8"
+        attrs: dict[str, Any] = {"grid_mapping": "spatial_ref", "gsd_m": config["sensors"][sensor]["gsd_m"]}
+        if sensor in ("s2", "l8"):
+            attrs |= {"scale_factor": REFLECTANCE_SCALE, "add_offset": 0.0, "units": "1",
+                      "long_name": "surface reflectance"}
+        elif sensor == "ign":
+            attrs |= {"scale_factor": 1 / 255, "add_offset": 0.0, "units": "1", "long_name": "orthophoto DN / 255"}
+        else:
+            attrs |= {"long_name": "ESA WorldCover class", "flag_values": [10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 100]}
+        group.create_array("data", shape=(n, len(bands), size, size), dtype=dtype,
+                           chunks=(1, len(bands), size, size), shards=(per_shard, len(bands), size, size),
+                           fill_value=0, dimension_names=["sample", "band", "y", "x"], attributes=attrs)
+        group.create_array("valid", shape=(n, size, size), dtype="uint8", chunks=(1, size, size),
+                           shards=(per_shard, size, size), fill_value=0, dimension_names=["sample", "y", "x"],
+                           attributes={"long_name": "1 where the pixel is usable", "grid_mapping": "spatial_ref"})
+        band_array = group.create_array("band", shape=(len(bands),), dtype=str, dimension_names=["band"])
+        band_array[:] = np.array(bands, dtype=object)
+        for name in PER_SAMPLE_STRINGS:
+            group.create_array(name, shape=(n,), dtype=str, chunks=(per_shard,), dimension_names=["sample"])
+        for name in PER_SAMPLE_FLOATS:
+            group.create_array(name, shape=(n,), dtype="float32", chunks=(per_shard,), fill_value=np.nan,
+                               dimension_names=["sample"])
+        group.create_array("shift_applied", shape=(n,), dtype="uint8", chunks=(per_shard,), fill_value=0,
+                           dimension_names=["sample"])
+        group.create_array("transform", shape=(n, 6), dtype="float64", chunks=(per_shard, 6), fill_value=np.nan,
+                           dimension_names=["sample", "affine"],
+                           attributes={"long_name": "GDAL geotransform of the footprint grid, in spatial_ref"})
+        ref = group.create_array("spatial_ref", shape=(), dtype="int32", fill_value=0, dimension_names=[],
+                                 attributes={"crs_wkt": wkt, "spatial_ref": wkt})
+        ref[()] = 0
+    return n
+
+
+def build_part(path: Path, manifest, config: Mapping[str, Any], part: int) -> dict[str, Any]:
+    """Acquire, co-register and write the samples of one part (one shard of every array).
+
+    Returns the part's records (one per site: status, per-sensor item, shift, fractions).
+    A site whose chosen scene and fallbacks are all unusable for a sensor is stored as
+    ``dropped: <reason>`` with no valid pixel.
+    """
+    import zarr
+    from tqdm import tqdm
+
+    from xstars.acquire import acquire_tile
+    from xstars.coregister import coregister_site
+
+    sites = sample_sites(manifest)
+    per_shard = int(config["build"]["samples_per_shard"])
+    first, last = part * per_shard, min((part + 1) * per_shard, len(sites))
+    if not 0 <= part < n_parts(len(sites), per_shard):
+        raise DataError(f"part {part} is not in 0..{n_parts(len(sites), per_shard) - 1}")
+    root = zarr.open_group(str(path), mode="r+")
+    count = last - first
+    buffers = {sensor: _empty_buffers(sensor, count, config) for sensor in SENSORS}
+    records = []
+    started = time.perf_counter()
+    for offset, site_id in enumerate(tqdm(sites[first:last], desc=f"part {part}", unit="site", leave=False)):
+        rows = manifest[manifest.site_id == site_id].set_index("sensor")
+        bounds = rows.geometry.iloc[0].bounds
+        tiles, reason, tried = {}, "", {}
+        for sensor in SENSORS:
+            tile, why, tried[sensor] = _first_usable(sensor, rows.loc[sensor], bounds, config)
+            if tile is None:
+                reason = reason or why
+            else:
+                tiles[sensor] = tile
+        shifts = coregister_site(tiles, config) if not reason else {}
+        split = rows.split.iloc[0]
+        for sensor in SENSORS:
+            b = buffers[sensor]
+            b["site_id"][offset], b["split"][offset] = site_id, split
+            b["status"][offset] = f"dropped: {reason}" if reason else "ok"
+            tile = tiles.get(sensor)
+            if tile is None or reason:
+                continue
+            b["data"][offset] = _pack(sensor, tile.data)
+            b["valid"][offset] = tile.valid
+            b["date"][offset] = _item_date(tile.item)
+            b["item_id"][offset] = tile.item["id"]
+            b["transform"][offset] = tile.grid.transform.to_gdal()
+            b["cloud_fraction"][offset] = tile.invalid_fraction
+            record = shifts.get(sensor)
+            if record is not None:
+                b["shift_x_m"][offset], b["shift_y_m"][offset] = record.dx_m, record.dy_m
+                b["shift_confidence"][offset] = record.confidence
+                b["shift_applied"][offset] = record.applied
+                b["shift_flag"][offset] = record.flag
+        records.append({"site_id": site_id, "split": split, "status": "dropped" if reason else "ok", "reason": reason,
+                        "items": {s: t.item["id"] for s, t in tiles.items()}, "fallbacks_tried": tried,
+                        "shifts": {s: vars(r) for s, r in shifts.items()}})
+    for sensor in SENSORS:
+        group = root[sensor]
+        for name, values in buffers[sensor].items():
+            # A part owns its shard whole: a shard left half-written by a killed job is deleted
+            # first, or zarr would try to decode it to merge the new samples into it.
+            _shard_file(Path(path), sensor, name, part, values.ndim).unlink(missing_ok=True)
+            group[name][first:last] = values
+    seconds = time.perf_counter() - started
+    log.info("build part=%d sites=%d dropped=%d seconds=%.1f", part, count,
+             sum(r["status"] != "ok" for r in records), seconds)
+    return {"part": part, "first": first, "last": last, "records": records}
+
+
+def _shard_file(path: Path, sensor: str, name: str, part: int, ndim: int) -> Path:
+    """The file of part ``part``'s shard of an array (local store, default chunk key encoding)."""
+    return path.joinpath(sensor, name, "c", str(part), *(["0"] * (ndim - 1)))
+
+
+def _first_usable(sensor: str, row, bounds, config: Mapping[str, Any]):
+    """The chosen scene, or the first fallback, whose tile is readable and clear enough."""
+    from xstars.acquire import acquire_tile
+
+    candidates = [json.loads(row.item_json)] + [json.loads(f["item_json"]) for f in json.loads(row.fallbacks_json)]
+    limit = float(config["catalog"]["max_invalid_fraction"]) if sensor != "labels" else 1e-6
+    problems = []
+    for item in candidates:
+        try:
+            tile = acquire_tile(sensor, item, bounds, config)
+        except ServiceError as err:
+            problems.append(f"{item['id']}: {err}")
+            continue
+        if tile.invalid_fraction <= limit:
+            return tile, "", len(problems)
+        problems.append(f"{item['id']}: {tile.invalid_fraction:.2f} of the footprint invalid")
+    return None, f"{sensor}: no usable scene among {len(candidates)} ({'; '.join(problems)[:300]})", len(problems)
+
+
+def _empty_buffers(sensor: str, count: int, config: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    size = tile_size(sensor, config)
+    bands = len(band_names(sensor, config))
+    dtype = np.int16 if sensor in ("s2", "l8") else np.uint8
+    buffers: dict[str, np.ndarray] = {
+        "data": np.zeros((count, bands, size, size), dtype=dtype),
+        "valid": np.zeros((count, size, size), dtype=np.uint8),
+        "transform": np.full((count, 6), np.nan),
+        "shift_applied": np.zeros(count, dtype=np.uint8),
+    }
+    for name in PER_SAMPLE_STRINGS:
+        buffers[name] = np.array([""] * count, dtype=object)
+    for name in PER_SAMPLE_FLOATS:
+        buffers[name] = np.full(count, np.nan, dtype=np.float32)
+    return buffers
+
+
+def _pack(sensor: str, data: np.ndarray) -> np.ndarray:
+    if sensor in ("s2", "l8"):
+        return np.clip(np.round(data / REFLECTANCE_SCALE), -32767, 32767).astype(np.int16)
+    if sensor == "ign":
+        return np.clip(np.round(data * 255), 0, 255).astype(np.uint8)
+    return data.astype(np.uint8)
+
+
+def _item_date(item: Mapping[str, Any]) -> str:
+    from xstars.items import item_datetime
+
+    return item_datetime(item).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def write_part_record(record: Mapping[str, Any], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def finalize(path: Path, manifest, part_records: Sequence[Mapping[str, Any]], config: Mapping[str, Any]) -> dict:
+    """Check completeness, add normalisation statistics (train split), consolidate metadata.
+
+    Every site of the manifest must be either in the store (ok or dropped at build time, with
+    its reason) or listed as dropped by the catalog; DataError names what is missing.
+    """
+    import zarr
+
+    root = zarr.open_group(str(path), mode="r+")
+    n = int(root.attrs["xstars"]["samples"])
+    covered = sorted(i for r in part_records for i in range(r["first"], r["last"]))
+    if covered != list(range(n)):
+        missing = sorted(set(range(n)) - set(covered))
+        raise DataError(f"{path}: samples {missing[:10]} were written by no part (parts missing?)")
+    stored = {rec["site_id"]: rec for r in part_records for rec in r["records"]}
+    catalog_dropped = manifest.loc[manifest.status != "ok"].drop_duplicates("site_id")
+    missing = set(manifest.site_id) - set(stored) - set(catalog_dropped.site_id)
+    if missing:
+        raise DataError(f"{path}: sites {sorted(missing)[:10]} of the manifest are neither stored nor dropped")
+    stats = {}
+    for sensor in ("s2", "l8", "ign"):
+        group = root[sensor]
+        split = group["split"][:]
+        status = group["status"][:]
+        train = np.nonzero((split == "train") & (status == "ok"))[0]
+        stats[sensor] = _band_statistics(group, train)
+        group.attrs["normalization"] = stats[sensor]
+    dropped: dict[str, int] = {}
+    for rec in stored.values():
+        if rec["status"] != "ok":
+            key = rec["reason"].split(":")[0] + ": build"
+            dropped[key] = dropped.get(key, 0) + 1
+    for reason in catalog_dropped.reason:
+        key = reason.split(":")[0] + ": catalog"
+        dropped[key] = dropped.get(key, 0) + 1
+    summary = {"samples": n, "kept": sum(r["status"] == "ok" for r in stored.values()),
+               "dropped_by_reason": dict(sorted(dropped.items())), "normalization": stats}
+    root.attrs["xstars"] = {**root.attrs["xstars"], "summary": {k: v for k, v in summary.items() if k != "normalization"}}
+    zarr.consolidate_metadata(str(path))
+    return summary
+
+
+def _band_statistics(group, samples: Sequence[int]) -> dict[str, Any]:
+    """Per-band mean and standard deviation of the valid pixels of ``samples`` (physical units)."""
+    scale = float(group["data"].attrs.get("scale_factor", 1.0))
+    bands = group["band"].shape[0]
+    total = np.zeros(bands)
+    total_sq = np.zeros(bands)
+    count = 0
+    for i in samples:  # one sample at a time: memory independent of the number of sites
+        data = group["data"][i].astype(np.float64) * scale
+        valid = group["valid"][i].astype(bool)
+        values = data[:, valid]
+        total += values.sum(axis=1)
+        total_sq += (values**2).sum(axis=1)
+        count += values.shape[1]
+    if count == 0:
+        return {"split": "train", "pixels": 0, "mean": [None] * bands, "std": [None] * bands}
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
+    return {"split": "train", "pixels": int(count), "mean": [round(float(m), 6) for m in mean],
+            "std": [round(float(s), 6) for s in std]}
