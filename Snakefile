@@ -46,7 +46,7 @@ rule all:
 rule build_dataset:
     input:
         RESULTS / "catalog" / "catalog.png",
-        RESULTS / "dataset" / "summary.json",
+        RESULTS / "dataset" / "samples.png",
 
 
 # The demo world's servers are started by the first rule that needs them (xstars catalog

@@ -200,8 +200,8 @@ def read_source(
         except RasterioIOError as err:
             message = redact(str(err))
             fresh = "403" in message
-            if attempt + 1 == attempts:
-                raise ServiceError(f"reading {what} from {redact(href)} failed after {attempts} attempts: "
+            if attempt + 1 == attempts or "404" in message:  # a missing file stays missing
+                raise ServiceError(f"reading {what} from {redact(href)} failed after {attempt + 1} attempt(s): "
                                    f"{message}") from None
             delay = float(stac_cfg["backoff_s"]) * 2**attempt
             log.warning("read %s failed (%s), retry %d/%d in %.1fs", what, message, attempt + 1,

@@ -154,6 +154,18 @@ def build_parser() -> argparse.ArgumentParser:
                                   help="check completeness, normalisation statistics, consolidate")
     final.add_argument("parts", type=Path, nargs="+", help="the parts' JSON records")
     final.set_defaults(func=cmd_build_finalize)
+    figures = build_cmds.add_parser("figures", help="report figures of the store (PNG)")
+    figures.add_argument("--store", type=Path, required=True)
+    figures.add_argument("--summary", type=Path, required=True, help="summary.json of finalize")
+    figures.add_argument("--samples-out", type=Path, required=True)
+    figures.add_argument("--shifts-out", type=Path, required=True)
+    figures.set_defaults(func=cmd_build_figures)
+
+    check = demo_cmds.add_parser("check-coregistration", parents=[root_opt],
+                                 help="co-registration residuals against the demo world's known shifts")
+    check.add_argument("--out", type=Path, required=True, help="JSON figures")
+    check.add_argument("parts", type=Path, nargs="+", help="the build parts' JSON records")
+    check.set_defaults(func=cmd_demo_check_coregistration)
     return parser
 
 
@@ -394,6 +406,25 @@ def cmd_build_finalize(args: argparse.Namespace) -> int:
     summary = finalize(args.store, read_manifest(args.manifest), records, config)
     _write_json(args.out, summary)
     log.info("build finalize %s", json.dumps({k: v for k, v in summary.items() if k != "normalization"}))
+    return 0
+
+
+def cmd_build_figures(args: argparse.Namespace) -> int:
+    """Draw a few stored sites (three sensors and labels) and the co-registration histogram."""
+    from xstars.store import plot_samples, plot_shifts
+
+    plot_samples(args.store, args.samples_out)
+    plot_shifts(args.store, json.loads(args.summary.read_text()), args.shifts_out)
+    return 0
+
+
+def cmd_demo_check_coregistration(args: argparse.Namespace) -> int:
+    """Residual shifts after co-registration, against the demo world's truth/shifts.json."""
+    from xstars.demo.check import coregistration_residuals
+
+    figures = coregistration_residuals(args.root, [json.loads(p.read_text()) for p in args.parts])
+    _write_json(args.out, figures)
+    log.info("demo coregistration %s", json.dumps(figures, sort_keys=True))
     return 0
 
 

@@ -74,7 +74,8 @@ def init_store(path: Path, manifest, config: Mapping[str, Any]) -> int:
     per_shard = int(config["build"]["samples_per_shard"])
     root = zarr.open_group(str(path), mode="w", zarr_format=3)
     root.attrs["xstars"] = {"samples": n, "samples_per_shard": per_shard, "parts": n_parts(n, per_shard),
-                            "crs": config["sites"]["crs"], "footprint_m": config["sites"]["footprint_m"]}
+                            "crs": config["sites"]["crs"], "footprint_m": config["sites"]["footprint_m"],
+                            "coregister_reference": config["build"]["coregister_reference"]}
     wkt = CRS.from_user_input(config["sites"]["crs"]).to_wkt()
     for sensor in SENSORS:
         group = root.create_group(sensor)
@@ -308,3 +309,83 @@ def _band_statistics(group, samples: Sequence[int]) -> dict[str, Any]:
     std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
     return {"split": "train", "pixels": int(count), "mean": [round(float(m), 6) for m in mean],
             "std": [round(float(s), 6) for s in std]}
+
+
+# =================================================================================== figures
+
+
+def plot_samples(path: Path, out: Path, count: int = 4) -> Path:
+    """A few sites as each sensor stores them (true colour), beside their label map."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import zarr
+    from matplotlib.colors import ListedColormap
+
+    root = zarr.open_group(str(path), mode="r")
+    status = root["s2"]["status"][:]
+    ok = np.nonzero(status == "ok")[0]
+    picks = ok[np.linspace(0, len(ok) - 1, min(count, len(ok))).round().astype(int)] if len(ok) else []
+    rgb_bands = {"s2": ["B04", "B03", "B02"], "l8": ["red", "green", "blue"], "ign": ["R", "G", "B"]}
+    fig, axes = plt.subplots(len(picks), 4, figsize=(12, 3.1 * max(len(picks), 1)), squeeze=False)
+    worldcover = {10: "#006400", 20: "#ffbb22", 30: "#ffff4c", 40: "#f096ff", 50: "#fa0000", 60: "#b4b4b4",
+                  70: "#f0f0f0", 80: "#0064c8", 90: "#0096a0", 95: "#00cf75", 100: "#fae6a0"}
+    codes = sorted(worldcover)
+    lut = np.zeros(256, dtype=int)
+    lut[codes] = np.arange(len(codes))
+    for row, sample in enumerate(picks):
+        for col, sensor in enumerate(("ign", "s2", "l8")):
+            group = root[sensor]
+            names = list(group["band"][:])
+            data = group["data"][sample][[names.index(b) for b in rgb_bands[sensor]]].astype(np.float32)
+            valid = group["valid"][sample].astype(bool)
+            low, high = np.percentile(data[:, valid], (2, 98)) if valid.any() else (0, 1)
+            image = np.clip((data - low) / max(high - low, 1e-6), 0, 1).transpose(1, 2, 0)
+            image[~valid] = image[~valid] * 0.3 + np.array([0.6, 0.0, 0.0]) * 0.7  # invalid in red
+            axes[row, col].imshow(image, interpolation="nearest")
+            axes[row, col].set_title(f"{sensor} {group['date'][sample][:10]}", fontsize=8)
+        labels = root["labels"]["data"][sample][0]
+        axes[row, 3].imshow(lut[labels], cmap=ListedColormap([worldcover[c] for c in codes]), vmin=0,
+                            vmax=len(codes) - 1, interpolation="nearest")
+        axes[row, 3].set_title(f"labels {root['s2']['site_id'][sample]}", fontsize=8)
+        for ax in axes[row]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def plot_shifts(path: Path, summary: Mapping[str, Any], out: Path) -> Path:
+    """Histogram of the estimated co-registration shifts, and the kept/dropped counts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import zarr
+
+    root = zarr.open_group(str(path), mode="r")
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for ax, sensor in zip(axes[:2], ("s2", "l8"), strict=True):
+        group = root[sensor]
+        gsd = float(group["data"].attrs["gsd_m"])
+        applied = group["shift_applied"][:].astype(bool)
+        norm = np.hypot(group["shift_x_m"][:], group["shift_y_m"][:]) / gsd
+        bins = np.linspace(0, max(3.0, float(np.nanmax(norm, initial=0))), 25)
+        ax.hist([norm[applied], norm[~applied & np.isfinite(norm)]], bins=bins, stacked=True,
+                label=["applied", "flagged (not applied)"], color=["tab:blue", "tab:red"])
+        reference = root.attrs["xstars"].get("coregister_reference", "the reference")
+        ax.set_xlabel(f"estimated shift of {sensor} onto {reference} (pixels of {gsd:g} m)")
+        ax.set_ylabel("sites")
+        ax.legend(fontsize=8)
+    counts = {"kept": summary["kept"], **summary["dropped_by_reason"]}
+    axes[2].barh(list(counts), list(counts.values()), color=["tab:green"] + ["tab:red"] * (len(counts) - 1))
+    axes[2].set_title("sites kept, and dropped by reason")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

@@ -57,3 +57,40 @@ rule dataset:
     shell:
         "xstars build finalize --config-json {params.cfg:q} --manifest {input.manifest}"
         " --store {params.store} --out {output} {input.parts} > {log} 2>&1"
+
+
+rule dataset_figures:
+    input:
+        summary=DATASET / "summary.json",
+    output:
+        samples=report(DATASET / "samples.png", caption="../report/dataset_samples.rst", category="Dataset"),
+        shifts=report(DATASET / "shifts.png", caption="../report/dataset_shifts.rst", category="Dataset"),
+    params:
+        store=STORE,
+    log:
+        "logs/build/dataset_figures.log",
+    conda:
+        "../../envs/xstars.yaml"
+    shell:
+        "xstars build figures --store {params.store} --summary {input.summary}"
+        " --samples-out {output.samples} --shifts-out {output.shifts} > {log} 2>&1"
+
+
+rule coregistration_vs_truth:
+    input:
+        world=DEMO_ROOT / "world.json",
+        parts=build_parts,
+    output:
+        report(
+            DATASET / "coregistration_vs_truth.json",
+            caption="../report/coregistration_vs_truth.rst",
+            category="Dataset",
+        ),
+    params:
+        root=DEMO_ROOT,
+    log:
+        "logs/build/coregistration_vs_truth.log",
+    conda:
+        "../../envs/xstars.yaml"
+    shell:
+        "xstars demo check-coregistration --root {params.root} --out {output} {input.parts} > {log} 2>&1"

@@ -28,8 +28,8 @@ STORE = DATASET / "dataset.zarr"
 
 def get_final_output():
     """Targets of `rule all`; each stage adds its own here."""
-    demo = [DEMO_ROOT / "world.json", RESULTS / "preview.png"] if IS_DEMO else []
-    return [*demo, RESULTS / "catalog" / "catalog.png", RESULTS / "dataset" / "summary.json"]
+    demo = [DEMO_ROOT / "world.json", RESULTS / "preview.png", DATASET / "coregistration_vs_truth.json"]
+    return [*(demo if IS_DEMO else []), RESULTS / "catalog" / "catalog.png", DATASET / "samples.png"]
 
 
 def config_json(*sections):
