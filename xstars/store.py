@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -124,9 +125,6 @@ def build_part(path: Path, manifest, config: Mapping[str, Any], part: int) -> di
     import zarr
     from tqdm import tqdm
 
-    from xstars.acquire import acquire_tile
-    from xstars.coregister import coregister_site
-
     sites = sample_sites(manifest)
     per_shard = int(config["build"]["samples_per_shard"])
     first, last = part * per_shard, min((part + 1) * per_shard, len(sites))
@@ -137,40 +135,25 @@ def build_part(path: Path, manifest, config: Mapping[str, Any], part: int) -> di
     buffers = {sensor: _empty_buffers(sensor, count, config) for sensor in SENSORS}
     records = []
     started = time.perf_counter()
-    for offset, site_id in enumerate(tqdm(sites[first:last], desc=f"part {part}", unit="site", leave=False)):
-        rows = manifest[manifest.site_id == site_id].set_index("sensor")
-        bounds = rows.geometry.iloc[0].bounds
-        tiles, reason, tried = {}, "", {}
-        for sensor in SENSORS:
-            tile, why, tried[sensor] = _first_usable(sensor, rows.loc[sensor], bounds, config)
-            if tile is None:
-                reason = reason or why
-            else:
-                tiles[sensor] = tile
-        shifts = coregister_site(tiles, config) if not reason else {}
-        split = rows.split.iloc[0]
-        for sensor in SENSORS:
-            b = buffers[sensor]
-            b["site_id"][offset], b["split"][offset] = site_id, split
-            b["status"][offset] = f"dropped: {reason}" if reason else "ok"
-            tile = tiles.get(sensor)
-            if tile is None or reason:
-                continue
-            b["data"][offset] = _pack(sensor, tile.data)
-            b["valid"][offset] = tile.valid
-            b["date"][offset] = _item_date(tile.item)
-            b["item_id"][offset] = tile.item["id"]
-            b["transform"][offset] = tile.grid.transform.to_gdal()
-            b["cloud_fraction"][offset] = tile.invalid_fraction
-            record = shifts.get(sensor)
-            if record is not None:
-                b["shift_x_m"][offset], b["shift_y_m"][offset] = record.dx_m, record.dy_m
-                b["shift_confidence"][offset] = record.confidence
-                b["shift_applied"][offset] = record.applied
-                b["shift_flag"][offset] = record.flag
-        records.append({"site_id": site_id, "split": split, "status": "dropped" if reason else "ok", "reason": reason,
-                        "items": {s: t.item["id"] for s, t in tiles.items()}, "fallbacks_tried": tried,
-                        "shifts": {s: vars(r) for s, r in shifts.items()}})
+    # Reading is latency-bound (HTTP ranges, WMS renders): every (site, sensor) tile of the part
+    # is fetched by a pool of threads; sites are then co-registered and written in order, so
+    # the result does not depend on which read finished first. Memory is bounded by the part.
+    part_sites = sites[first:last]
+    rows_of = {site_id: manifest[manifest.site_id == site_id].set_index("sensor") for site_id in part_sites}
+    with ThreadPoolExecutor(max_workers=int(config["build"]["read_threads"])) as pool:
+        futures = {(site_id, sensor): pool.submit(_first_usable, sensor, rows_of[site_id].loc[sensor],
+                                                  rows_of[site_id].geometry.iloc[0].bounds, config)
+                   for site_id in part_sites for sensor in SENSORS}
+        for offset, site_id in enumerate(tqdm(part_sites, desc=f"part {part}", unit="site", leave=False)):
+            rows = rows_of[site_id]
+            tiles, reason, tried = {}, "", {}
+            for sensor in SENSORS:
+                tile, why, tried[sensor] = futures.pop((site_id, sensor)).result()
+                if tile is None:
+                    reason = reason or why
+                else:
+                    tiles[sensor] = tile
+            _store_site(buffers, records, offset, site_id, rows.split.iloc[0], tiles, reason, tried, config)
     for sensor in SENSORS:
         group = root[sensor]
         for name, values in buffers[sensor].items():
@@ -182,6 +165,36 @@ def build_part(path: Path, manifest, config: Mapping[str, Any], part: int) -> di
     log.info("build part=%d sites=%d dropped=%d seconds=%.1f", part, count,
              sum(r["status"] != "ok" for r in records), seconds)
     return {"part": part, "first": first, "last": last, "records": records}
+
+
+def _store_site(buffers: dict, records: list, offset: int, site_id: str, split: str, tiles: dict, reason: str,
+                tried: dict, config: Mapping[str, Any]) -> None:
+    """Co-register one site's tiles and put them, with their metadata, at ``offset`` of the buffers."""
+    from xstars.coregister import coregister_site
+
+    shifts = coregister_site(tiles, config) if not reason else {}
+    for sensor in SENSORS:
+        b = buffers[sensor]
+        b["site_id"][offset], b["split"][offset] = site_id, split
+        b["status"][offset] = f"dropped: {reason}" if reason else "ok"
+        tile = tiles.get(sensor)
+        if tile is None or reason:
+            continue
+        b["data"][offset] = _pack(sensor, tile.data)
+        b["valid"][offset] = tile.valid
+        b["date"][offset] = _item_date(tile.item)
+        b["item_id"][offset] = tile.item["id"]
+        b["transform"][offset] = tile.grid.transform.to_gdal()
+        b["cloud_fraction"][offset] = tile.invalid_fraction
+        record = shifts.get(sensor)
+        if record is not None:
+            b["shift_x_m"][offset], b["shift_y_m"][offset] = record.dx_m, record.dy_m
+            b["shift_confidence"][offset] = record.confidence
+            b["shift_applied"][offset] = record.applied
+            b["shift_flag"][offset] = record.flag
+    records.append({"site_id": site_id, "split": split, "status": "dropped" if reason else "ok", "reason": reason,
+                    "items": {s: t.item["id"] for s, t in tiles.items()}, "fallbacks_tried": tried,
+                    "shifts": {s: vars(r) for s, r in shifts.items()}})
 
 
 def _shard_file(path: Path, sensor: str, name: str, part: int, ndim: int) -> Path:

@@ -521,6 +521,9 @@ class GatewayHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive; every answer carries a Content-Length
     server_version = "xstars-demo"
     timeout = 120  # seconds an idle keep-alive connection may hold its thread
+    # Headers and body go out in two writes: with Nagle's algorithm on, the body of every
+    # keep-alive answer would wait for the client's delayed ACK (~40 ms per request).
+    disable_nagle_algorithm = True
     server: GatewayServer
 
     # Set per request: what _log_request reports, and whether a truncate fault was drawn.

@@ -1,0 +1,149 @@
+"""Benchmark of the build stage on the demo world: speed against a plain baseline, I/O floor, memory.
+
+Issue 4 asks, on the same manifest and in the same run:
+
+* tiles per second per core of the whole build stage (``xstars``: store init, every part with
+  co-registration, finalize; one process, so one core) against the way a user would write it
+  without this project (``baseline``: per site, ``odc.stac.load`` of each STAC sensor on the
+  footprint grid, a GetMap for IGN, then ``xarray.Dataset.to_zarr`` into one group per site);
+  target >= 2x the baseline;
+* the I/O floor (``io_floor``): only reading the source windows the build needs (every band,
+  mask and GetMap, with the build's ``read_threads``; no warp, no co-registration, no write);
+  target: build <= 1.5x the floor;
+* peak memory of one build worker (a part job) for two sizes of the build (all sites, and the
+  first third of them) with the same part size: it must not grow with the number of sites.
+
+Each measurement runs in a fresh child process (GDAL's cache does not carry over) and reports
+its own wall time, CPU time and peak RSS. Needs the demo world served and its manifest::
+
+    .venv/bin/xstars demo up --world demo
+    .venv/bin/python bench/bench_build.py --manifest results/demo/catalog/manifest.parquet
+
+A tile is one site seen by one sensor (4 per site: s2, l8, ign, labels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+CHILD = r"""
+import json, resource, sys, time
+from pathlib import Path
+mode, manifest_path, workdir, config_json, extra = sys.argv[1:6]
+config = json.loads(config_json)
+extra = json.loads(extra)
+from xstars.catalog import read_manifest
+from xstars import store
+manifest = read_manifest(Path(manifest_path))
+if extra.get("first_sites"):
+    keep = sorted(manifest.site_id.unique())[: extra["first_sites"]]
+    manifest = manifest[manifest.site_id.isin(keep)]
+ok = manifest[manifest.status == "ok"]
+if mode == "one_part":  # what the part job reads: its own sites only
+    first_part = store.sample_sites(manifest)[: config["build"]["samples_per_shard"]]
+    ok = ok[ok.site_id.isin(first_part)]
+started = time.perf_counter()
+if mode == "xstars":
+    path = Path(workdir) / "dataset.zarr"
+    n = store.init_store(path, manifest, config)
+    parts = [store.build_part(path, manifest, config, k) for k in range(store.n_parts(n, config["build"]["samples_per_shard"]))]
+    store.finalize(path, manifest, parts, config)
+elif mode == "one_part":
+    path = Path(workdir) / "dataset.zarr"
+    n = store.init_store(path, manifest, config)
+    store.build_part(path, manifest, config, 0)
+elif mode == "io_floor":
+    from concurrent.futures import ThreadPoolExecutor
+    from xstars.acquire import read_sources, site_grid
+    def fetch(row):
+        grid = site_grid(row.geometry.bounds, config["sensors"][row.sensor]["gsd_m"], config["sites"]["crs"])
+        return read_sources(row.sensor, json.loads(row.item_json), grid, config, config["build"]["margin_m"])
+    with ThreadPoolExecutor(max_workers=config["build"]["read_threads"]) as pool:  # as the build reads
+        list(pool.map(fetch, ok.itertuples()))
+elif mode == "baseline":
+    import numpy as np, pystac, requests, rasterio, xarray as xr
+    from odc.geo.geobox import GeoBox
+    from odc.stac import load
+    from rasterio.io import MemoryFile
+    out = Path(workdir) / "baseline.zarr"
+    for site_id, rows in ok.groupby("site_id"):
+        for row in rows.itertuples():
+            item = json.loads(row.item_json)
+            cfg = config["sensors"][row.sensor]
+            if row.sensor == "ign":
+                layers = []
+                for key in ("rgb", "irc"):
+                    with MemoryFile(requests.get(item["assets"][key]["href"], timeout=60).content) as mem, mem.open() as img:
+                        layers.append(img.read())
+                data = np.concatenate([layers[0][:3], layers[1][:1]])
+                ds = xr.Dataset({"data": (("band", "y", "x"), data)})
+            else:
+                bands = [cfg["asset"]] if row.sensor == "labels" else [*cfg["bands"], cfg["mask_asset"]]
+                geobox = GeoBox.from_bbox(row.geometry.bounds, crs=config["sites"]["crs"], resolution=cfg["gsd_m"])
+                ds = load([pystac.Item.from_dict(item)], bands=bands, geobox=geobox, resampling="bilinear")
+                ds = ds.drop_vars("spatial_ref", errors="ignore")
+            ds.to_zarr(out, group=f"{row.sensor}/{site_id}", mode="w", zarr_format=3)
+wall = time.perf_counter() - started
+usage = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({"mode": mode, "wall_s": round(wall, 2), "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
+                  "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "sites": int(ok.site_id.nunique()),
+                  "tiles": int(len(ok))}))
+"""
+
+
+def run(mode: str, manifest: Path, config: dict, **extra) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        result = subprocess.run([sys.executable, "-c", CHILD, mode, str(manifest), tmp, json.dumps(config),
+                                 json.dumps(extra)], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"{mode} failed:\n{result.stderr[-3000:]}")
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    figures["tiles_per_s"] = round(figures["tiles"] / figures["wall_s"], 3)
+    figures["tiles_per_cpu_s"] = round(figures["tiles"] / figures["cpu_s"], 3)
+    print(json.dumps(figures | extra), flush=True)
+    return figures
+
+
+def main() -> int:
+    from xstars.config import load_config
+    from xstars.demo.server import ensure_up
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--manifest", type=Path, default=Path("results/demo/catalog/manifest.parquet"))
+    parser.add_argument("--world", default="demo")
+    args = parser.parse_args()
+    config = load_config(None, {"world": args.world})
+    demo = config["demo"]
+    ensure_up(Path(demo["root"]), demo["host"], demo["port"], demo["stac_backend_port"])
+    started = time.perf_counter()
+    xstars = run("xstars", args.manifest, config)
+    baseline = run("baseline", args.manifest, config)
+    floor = run("io_floor", args.manifest, config)
+    n_sites = xstars["sites"]
+    n_small = max(1, (n_sites + 1) // 3)
+    small = run("one_part", args.manifest, config, first_sites=n_small)
+    large = run("one_part", args.manifest, config)
+    summary = {
+        "date": date.today().isoformat(),
+        "machine": f"{platform.processor() or platform.machine()}, {platform.system()}",
+        "speedup_vs_baseline_wall": round(xstars["tiles_per_s"] / baseline["tiles_per_s"], 2),
+        "speedup_vs_baseline_per_cpu_s": round(xstars["tiles_per_cpu_s"] / baseline["tiles_per_cpu_s"], 2),
+        "build_over_io_floor": round(xstars["wall_s"] / floor["wall_s"], 2),
+        "part_peak_rss_mb": {f"build of {n_small} sites": small["peak_rss_mb"],
+                             f"build of {n_sites} sites": large["peak_rss_mb"]},
+        "bench_wall_s": round(time.perf_counter() - started, 1),
+    }
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
