@@ -138,3 +138,30 @@ def test_an_unreadable_scene_falls_back_to_the_next_one(built) -> None:
     assert record["site_id"] == site and record["status"] == "ok"
     assert record["fallbacks_tried"]["s2"] == 1
     assert record["items"]["s2"] == fallbacks[0]["item_id"]
+
+
+def test_a_403_is_answered_by_signing_again(built, demo_server: server.ServerInfo, monkeypatch) -> None:
+    """An expired token (HTTP 403 AuthenticationFailed) makes the read sign the href afresh."""
+    from xstars import acquire
+
+    signed = []
+    real_sign = acquire.sign_href
+    monkeypatch.setattr(acquire, "sign_href", lambda href, signing, fresh=False: signed.append(fresh) or
+                        real_sign(href, signing, fresh=fresh))
+    config = built["config"]
+    row = built["manifest"][(built["manifest"].status == "ok") & (built["manifest"].sensor == "l8")].iloc[0]
+    item = json.loads(row.item_json)
+    server.set_faults(demo_server, {"status_403_every": 1, "routes": ["files"]})
+    try:
+        grid = acquire.site_grid(row.geometry.bounds, 30, "EPSG:2154")
+        href = item["assets"]["red"]["href"].replace("red.tif", "red.tif?st=x&se=y&sig=SECRET")
+        with pytest.raises(acquire.ServiceError) as failure:
+            acquire.read_source(href, grid, stac_cfg=config["stac"] | {"max_retries": 2}, what="x/red")
+        assert "SECRET" not in str(failure.value) and "403" in str(failure.value)
+        assert signed == [False, True, True]  # every retry after a 403 asked for a fresh token
+        server.set_faults(demo_server, {"status_403_every": 2, "routes": ["files"]})
+        signed.clear()
+        source = acquire.read_source(item["assets"]["red"]["href"], grid, stac_cfg=config["stac"], what="x/red")
+        assert source.data.size > 0 and server.get_stats(demo_server)["faults"]["status_403"] > 0
+    finally:
+        server.set_faults(demo_server, {})

@@ -109,6 +109,7 @@ STAT_ROUTES: tuple[str, ...] = (
 #: Kinds of injected faults counted in the stats.
 FAULT_KINDS: tuple[str, ...] = (
     "status_429",
+    "status_403",
     "status_503",
     "drop",
     "truncate",
@@ -174,6 +175,7 @@ class Faults:
     this order and only if its family is in ``routes``:
 
     * 429 with ``Retry-After: retry_after_s`` when ``status_429_every`` divides n;
+    * 403 ``AuthenticationFailed`` (an expired SAS token) when ``status_403_every`` divides n;
     * 503 when ``status_503_every`` divides n;
     * no answer at all (the socket is closed) when ``drop_every`` divides n;
     * for ``/files`` GETs answered with a body: the headers with the full Content-Length but
@@ -196,6 +198,7 @@ class Faults:
 
     status_429_every: int = 0
     retry_after_s: int = 1
+    status_403_every: int = 0
     status_503_every: int = 0
     drop_every: int = 0
     truncate_every: int = 0
@@ -221,7 +224,7 @@ class Faults:
         return faults
 
     def validate(self) -> None:
-        counts = ("status_429_every", "status_503_every", "drop_every", "truncate_every")
+        counts = ("status_429_every", "status_403_every", "status_503_every", "drop_every", "truncate_every")
         for name in (*counts, "retry_after_s"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -429,6 +432,8 @@ class GatewayState:
             if family in f.routes:
                 if f.status_429_every and n % f.status_429_every == 0:
                     return "status_429"
+                if f.status_403_every and n % f.status_403_every == 0:
+                    return "status_403"
                 if f.status_503_every and n % f.status_503_every == 0:
                     return "status_503"
                 if f.drop_every and n % f.drop_every == 0:
@@ -655,6 +660,10 @@ class GatewayHandler(BaseHTTPRequestHandler):
             message = f"Too many requests. Try again in {retry} seconds"
             headers = {"Retry-After": str(retry)}
             self._send(429, message.encode(), "text/plain; charset=utf-8", headers)
+        elif kind == "status_403":  # what Azure blob storage answers once a SAS token expired
+            body = (b'<?xml version="1.0" encoding="utf-8"?><Error><Code>AuthenticationFailed</Code>'
+                    b"<Message>Signed expiry time has to be after signed start time</Message></Error>")
+            self._send(403, body, "application/xml")
         else:
             self._send(503, b"Service temporarily unavailable", "text/plain; charset=utf-8")
         return True
