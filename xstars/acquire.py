@@ -124,12 +124,13 @@ class SourceWindow:
     crs: str
 
     def warp(self, grid: Grid, resampling: Resampling = Resampling.nearest,
-             shift_m: tuple[float, float] = (0.0, 0.0)) -> tuple[np.ndarray, np.ndarray]:
+             shift_m: tuple[float, float] = (0.0, 0.0), coverage: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Resample onto ``grid``: (data (bands, h, w), covered (h, w) bool).
 
         ``shift_m`` = (dx, dy) in metres (dy northwards) is a known displacement of the source
         content: it is corrected by moving the source's georeferencing back by that much.
-        ``covered`` is False where the grid falls outside the source window.
+        ``covered`` is False where the grid falls outside the source window (all True without
+        ``coverage``, for bands whose no-data value already tells it: a second warp saved).
         """
         out = np.zeros((self.data.shape[0], grid.height, grid.width), dtype=self.data.dtype)
         if self.data.size == 0:
@@ -138,6 +139,8 @@ class SourceWindow:
         transform = Affine.translation(-dx, -dy) * self.transform
         reproject(self.data, out, src_transform=transform, src_crs=self.crs, dst_transform=grid.transform,
                   dst_crs=grid.crs, resampling=resampling)
+        if not coverage:
+            return out, np.ones((grid.height, grid.width), dtype=bool)
         covered = np.zeros((grid.height, grid.width), dtype=np.uint8)
         reproject(np.ones(self.data.shape[1:], dtype=np.uint8), covered, src_transform=transform, src_crs=self.crs,
                   dst_transform=grid.transform, dst_crs=grid.crs, resampling=Resampling.nearest, dst_nodata=0)
@@ -272,8 +275,20 @@ def read_sources(sensor: str, item: Mapping[str, Any], grid: Grid, config: Mappi
     """Read every asset a sensor needs over ``grid`` grown by ``margin_m``, keyed by asset."""
     stac_cfg = config["stac"]
     if sensor == "ign":
-        return {key: read_wms(asset["href"], grid, margin_m, stac_cfg, what=f"{item['id']}/{key}")
-                for key, asset in item["assets"].items()}
+        # At full resolution only the footprint (and 2 pixels for the resampling kernel); the
+        # margin co-registration needs is asked for at the finest resolution of the other
+        # sensors, which is all it is compared at: 4x fewer pixels for the WMS to render.
+        edge = 2 * grid.transform.a
+        out = {key: read_wms(asset["href"], grid, edge, stac_cfg, what=f"{item['id']}/{key}")
+               for key, asset in item["assets"].items()}
+        if margin_m > 0:
+            band = config["build"]["coregister_bands"]["ign"]
+            key = "irc" if band == "NIR" else "rgb"
+            context_gsd = min(float(config["sensors"][s]["gsd_m"]) for s in ("s2", "l8"))
+            context_grid = site_grid(grid.bounds, context_gsd, grid.crs)
+            out[f"{key}_context"] = read_wms(item["assets"][key]["href"], context_grid, margin_m, stac_cfg,
+                                             what=f"{item['id']}/{key}_context")
+        return out
     cfg = config["sensors"][sensor]
     keys = [cfg["asset"]] if sensor == "labels" else [*cfg["bands"], cfg["mask_asset"]]
     out = {}
@@ -361,9 +376,9 @@ def render(sensor: str, item: Mapping[str, Any], sources: Mapping[str, SourceWin
     valid = covered & ~invalid_from_mask(mask[0], cfg)
     layers = []
     for key in cfg["bands"]:
-        dn, band_covered = sources[key].warp(grid, resampling, shift_m)
+        dn, _ = sources[key].warp(grid, resampling, shift_m, coverage=False)  # outside -> DN 0
         dn = dn[0].astype(np.float32)
-        valid &= band_covered & (dn > 0)
+        valid &= dn > 0
         if sensor == "s2":
             offset = stac_items.s2_offset_for_baseline(stac_items.processing_baseline(item))
             layers.append((dn + offset) / 10000.0)

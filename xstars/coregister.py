@@ -157,5 +157,12 @@ def _band_on(tile, sensor: str, grid, config: dict, resampling) -> tuple[np.ndar
     band = config["build"]["coregister_bands"][sensor]
     sub = dict(config)
     sub["sensors"] = {**config["sensors"], sensor: {**config["sensors"][sensor], "bands": [band]}}
-    data, valid = render(sensor, tile.item, tile.sources, grid, sub, tile.shift_m, resampling)
+    sources = tile.sources
+    if sensor == "ign":  # the margin around an orthophoto is read at a coarse resolution only
+        key = "irc" if band == "NIR" else "rgb"
+        if f"{key}_context" in sources:
+            sources = {key: sources[f"{key}_context"]}
+            if key == "irc":  # render takes R, G, B from `rgb` and NIR from band 1 of `irc`
+                sources["rgb"] = sources["irc"]
+    data, valid = render(sensor, tile.item, sources, grid, sub, tile.shift_m, resampling)
     return data[0].astype(np.float64), valid
