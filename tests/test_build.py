@@ -50,7 +50,10 @@ def test_store_layout_is_readable_with_xarray_and_rioxarray(built) -> None:
         assert set(ds.split.values) <= {"train", "val", "test"}
         assert ds.data.attrs.get("grid_mapping") == "spatial_ref" or ds.data.encoding.get("grid_mapping") == "spatial_ref"
         one = ds.data.isel(sample=0)
-        assert one.rio.crs.to_epsg() == 2154
+        assert one.rio.crs.to_epsg() == 2154  # through the CF grid mapping
+        located = store.georeferenced(ds, 0)  # and each sample's own transform
+        assert located.rio.transform().to_gdal() == tuple(ds.transform.values[0])
+        assert located.rio.crs.to_epsg() == 2154
         ok = ds.status.values == "ok"
         assert ok.any() and (ds.valid.values[ok].mean() > 0.8)
     s2 = xr.open_zarr(built["path"], group="s2")

@@ -402,3 +402,22 @@ def plot_shifts(path: Path, summary: Mapping[str, Any], out: Path) -> Path:
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def georeferenced(group, sample: int):
+    """One sample of a group opened with ``xarray.open_zarr(path, group=...)``, georeferenced.
+
+    Samples lie at different places, so the store keeps one ``transform`` per sample rather than
+    shared x/y coordinates; this gives the sample's ``data`` with its own x/y pixel-centre
+    coordinates and CRS, ready for rioxarray (``.rio.transform()``, ``.rio.to_raster()``).
+    """
+    import rioxarray  # noqa: F401  (registers the .rio accessor)
+    from affine import Affine
+
+    one = group.isel(sample=sample)
+    transform = Affine.from_gdal(*[float(v) for v in one["transform"].values])
+    height, width = one.sizes["y"], one.sizes["x"]
+    xs = transform.c + transform.a * (np.arange(width) + 0.5)
+    ys = transform.f + transform.e * (np.arange(height) + 0.5)
+    data = one["data"].assign_coords(x=xs, y=ys)
+    return data.rio.write_crs(group["spatial_ref"].attrs["crs_wkt"]).rio.write_transform(transform)
