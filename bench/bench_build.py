@@ -62,10 +62,11 @@ elif mode == "one_part":
     store.build_part(path, manifest, config, 0)
 elif mode == "io_floor":
     from concurrent.futures import ThreadPoolExecutor
-    from xstars.acquire import read_sources, site_grid
+    from xstars.acquire import WmsClient, read_sources, site_grid
+    wms = WmsClient(config["ign"], config["stac"])
     def fetch(row):
         grid = site_grid(row.geometry.bounds, config["sensors"][row.sensor]["gsd_m"], config["sites"]["crs"])
-        return read_sources(row.sensor, json.loads(row.item_json), grid, config, config["build"]["margin_m"])
+        return read_sources(row.sensor, json.loads(row.item_json), grid, config, config["build"]["margin_m"], wms)
     with ThreadPoolExecutor(max_workers=config["build"]["read_threads"]) as pool:  # as the build reads
         list(pool.map(fetch, ok.itertuples()))
 elif mode == "baseline":

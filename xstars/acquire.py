@@ -14,22 +14,31 @@ from __future__ import annotations
 import logging
 import math
 import re
+import threading
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import numpy as np
 import rasterio
+import requests
+from urllib3 import Retry
 from affine import Affine
 from rasterio.enums import Resampling
-from rasterio.errors import RasterioIOError
+from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+from rasterio.io import MemoryFile
 from rasterio.warp import reproject, transform_bounds
 from rasterio.windows import Window, from_bounds
 
 from xstars.errors import ServiceError
 
 log = logging.getLogger(__name__)
+
+#: Retried HTTP statuses (throttling and gateway errors of the Planetary Computer and the WMS).
+RETRY_STATUSES = (429, 500, 502, 503, 504)
 
 _QUERY = re.compile(r"(https?://[^\s?'\"]+)\?[^\s'\"]*")
 
@@ -236,6 +245,104 @@ def invalid_from_mask(mask: np.ndarray, sensor_cfg: Mapping[str, Any]) -> np.nda
     return (mask.astype(np.uint32) & bits) != 0
 
 
+# =================================================================================== IGN WMS
+
+
+@dataclass(frozen=True)
+class WmsLayer:
+    name: str
+    bounds_l93: tuple[float, float, float, float] | None
+
+
+class WmsClient:
+    """A minimal WMS 1.3.0 client: GetCapabilities and GetMap with retries and a rate limit."""
+
+    def __init__(self, ign_cfg: Mapping[str, Any], stac_cfg: Mapping[str, Any]) -> None:
+        self.url = ign_cfg["wms_url"]
+        self.cfg = ign_cfg
+        self.timeout = float(stac_cfg["timeout_s"])
+        self.session = requests.Session()
+        retry = Retry(total=int(stac_cfg["max_retries"]), backoff_factor=float(stac_cfg["backoff_s"]),
+                      status_forcelist=RETRY_STATUSES, respect_retry_after_header=True, raise_on_status=False)
+        adapter = requests.adapters.HTTPAdapter(max_retries=retry)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+        self.min_interval_s = 1.0 / float(ign_cfg["max_requests_per_s"])
+        self._next_slot = 0.0
+        self._lock = threading.Lock()  # one client is shared by a build job's read threads
+
+    def get(self, params: Mapping[str, str], what: str, url: str | None = None):
+        """GET on the WMS (or on ``url``: a manifest's request keeps the endpoint it was made for)."""
+        url = url or self.url
+        with self._lock:  # requests start at most max_requests_per_s apart
+            now = time.monotonic()
+            slot = max(now, self._next_slot)
+            self._next_slot = slot + self.min_interval_s
+        if slot > now:
+            time.sleep(slot - now)
+        try:
+            response = self.session.get(url, params=params, timeout=self.timeout)
+        except requests.RequestException as err:
+            raise ServiceError(f"WMS {url} is unreachable ({what}): {redact(str(err))[:300]}") from None
+        content_type = response.headers.get("Content-Type", "")
+        # A WMS may answer an error with status 200 and an XML exception report.
+        if response.status_code != 200 or ("xml" in content_type and params.get("REQUEST") == "GetMap"):
+            raise ServiceError(f"{what} at {url}: HTTP {response.status_code} {_exception_text(response)}")
+        return response
+
+    def layers(self) -> dict[str, WmsLayer]:
+        """Layers of GetCapabilities with their EPSG:2154 bounding box when declared."""
+        import xml.etree.ElementTree as ET
+
+        response = self.get({"SERVICE": "WMS", "VERSION": "1.3.0", "REQUEST": "GetCapabilities"},
+                            "GetCapabilities")
+        try:
+            root = ET.fromstring(response.content)
+        except ET.ParseError as err:
+            raise ServiceError(f"GetCapabilities at {self.url} is not XML: {err}") from None
+        ns = {"w": "http://www.opengis.net/wms"}
+        out = {}
+        for layer in root.iter("{http://www.opengis.net/wms}Layer"):
+            name = layer.findtext("w:Name", namespaces=ns)
+            if not name:
+                continue
+            bounds = None
+            for bbox in layer.findall("w:BoundingBox", ns):
+                if bbox.get("CRS") == "EPSG:2154":
+                    bounds = tuple(float(bbox.get(k)) for k in ("minx", "miny", "maxx", "maxy"))
+            out[name] = WmsLayer(name, bounds)
+        return out
+
+    def getmap_params(self, layer: str, bounds: Sequence[float], width: int, height: int) -> dict[str, str]:
+        return {"SERVICE": "WMS", "VERSION": "1.3.0", "REQUEST": "GetMap", "LAYERS": layer, "STYLES": "",
+                "CRS": "EPSG:2154", "BBOX": ",".join(f"{v:.2f}" for v in bounds), "WIDTH": str(width),
+                "HEIGHT": str(height), "FORMAT": self.cfg["format"], "TRANSPARENT": "TRUE"}
+
+    def getmap_url(self, layer: str, bounds: Sequence[float], width: int, height: int) -> str:
+        return f"{self.url}?{urlencode(self.getmap_params(layer, bounds, width, height))}"
+
+    def image(self, params: Mapping[str, str], what: str, url: str | None = None) -> np.ndarray:
+        """A GetMap answer decoded: (bands, height, width) uint8."""
+        response = self.get(params, what, url)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)  # a PNG carries no georeferencing
+            with MemoryFile(response.content) as memfile, memfile.open() as image:
+                return image.read()
+
+    def nodata_fraction(self, layer: str, bounds: Sequence[float], size_px: int = 16) -> float:
+        """Fraction of a small GetMap thumbnail of ``bounds`` that is empty (all zero or transparent)."""
+        pixels = self.image(self.getmap_params(layer, bounds, size_px, size_px), f"GetMap {layer}")
+        empty = (pixels[:3] == 0).all(axis=0)
+        if pixels.shape[0] == 4:
+            empty |= pixels[3] == 0
+        return round(float(empty.mean()), 6)
+
+
+def _exception_text(response) -> str:
+    text = response.text[:400] if "xml" in response.headers.get("Content-Type", "") else ""
+    return redact(" ".join(text.split()))
+
+
 # ============================================================================ one site's tiles
 
 
@@ -271,22 +378,26 @@ def site_grid(bounds: Sequence[float], gsd_m: float, crs: str, margin_m: float =
 
 
 def read_sources(sensor: str, item: Mapping[str, Any], grid: Grid, config: Mapping[str, Any],
-                 margin_m: float) -> dict[str, SourceWindow]:
-    """Read every asset a sensor needs over ``grid`` grown by ``margin_m``, keyed by asset."""
+                 margin_m: float, wms: WmsClient | None = None) -> dict[str, SourceWindow]:
+    """Read every asset a sensor needs over ``grid`` grown by ``margin_m``, keyed by asset.
+
+    ``wms``: the client GetMaps go through (share one between threads, for its rate limit).
+    """
     stac_cfg = config["stac"]
     if sensor == "ign":
         # At full resolution only the footprint (and 2 pixels for the resampling kernel); the
         # margin co-registration needs is asked for at the finest resolution of the other
         # sensors, which is all it is compared at: 4x fewer pixels for the WMS to render.
         edge = 2 * grid.transform.a
-        out = {key: read_wms(asset["href"], grid, edge, stac_cfg, what=f"{item['id']}/{key}")
+        wms = wms or WmsClient(config["ign"], stac_cfg)
+        out = {key: read_wms(asset["href"], grid, edge, wms, what=f"{item['id']}/{key}")
                for key, asset in item["assets"].items()}
         if margin_m > 0:
             band = config["build"]["coregister_bands"]["ign"]
             key = "irc" if band == "NIR" else "rgb"
             context_gsd = min(float(config["sensors"][s]["gsd_m"]) for s in ("s2", "l8"))
             context_grid = site_grid(grid.bounds, context_gsd, grid.crs)
-            out[f"{key}_context"] = read_wms(item["assets"][key]["href"], context_grid, margin_m, stac_cfg,
+            out[f"{key}_context"] = read_wms(item["assets"][key]["href"], context_grid, margin_m, wms,
                                              what=f"{item['id']}/{key}_context")
         return out
     cfg = config["sensors"][sensor]
@@ -303,46 +414,19 @@ def read_sources(sensor: str, item: Mapping[str, Any], grid: Grid, config: Mappi
     return out
 
 
-def read_wms(href: str, grid: Grid, margin_m: float, stac_cfg: Mapping[str, Any], what: str) -> SourceWindow:
+def read_wms(href: str, grid: Grid, margin_m: float, client: WmsClient, what: str) -> SourceWindow:
     """A GetMap request (the manifest's asset) redone over ``grid``'s bounds grown by ``margin_m``."""
-    import requests
-    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
-
-    from rasterio.errors import NotGeoreferencedWarning
-    from rasterio.io import MemoryFile
-
     parts = urlsplit(href)
     params = dict(parse_qsl(parts.query, keep_blank_values=True))
     xmin, ymin, xmax, ymax = grid.bounds
     gsd = grid.transform.a
     bounds = (xmin - margin_m, ymin - margin_m, xmax + margin_m, ymax + margin_m)
     width, height = round((bounds[2] - bounds[0]) / gsd), round((bounds[3] - bounds[1]) / gsd)
-    params.update(BBOX=",".join(f"{v:.2f}" for v in bounds), WIDTH=str(width), HEIGHT=str(height),
-                  CRS=grid.crs)
-    url = urlunsplit(parts._replace(query=urlencode(params)))
-    attempts = int(stac_cfg["max_retries"]) + 1
-    for attempt in range(attempts):
-        try:
-            response = requests.get(url, timeout=float(stac_cfg["timeout_s"]))
-            content_type = response.headers.get("Content-Type", "")
-            if response.status_code == 200 and "xml" not in content_type:
-                import warnings
-
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", NotGeoreferencedWarning)
-                    with MemoryFile(response.content) as memfile, memfile.open() as image:
-                        data = image.read()
-                transform = Affine(gsd, 0.0, bounds[0], 0.0, -gsd, bounds[3])
-                # PNG with TRANSPARENT=TRUE may add an alpha band: keep the colour bands.
-                return SourceWindow(data[:3] if data.shape[0] == 4 else data, transform, grid.crs)
-            problem = f"HTTP {response.status_code} {redact(response.text[:200]) if 'xml' in content_type else ''}"
-            retryable = response.status_code in (429, 500, 502, 503, 504)
-        except (requests.RequestException, RasterioIOError) as err:
-            problem, retryable = redact(str(err))[:300], True
-        if not retryable or attempt + 1 == attempts:
-            raise ServiceError(f"GetMap {what} at {redact(href.split('?')[0])} failed: {problem}")
-        time.sleep(float(stac_cfg["backoff_s"]) * 2**attempt)
-    raise AssertionError("unreachable")
+    params.update(BBOX=",".join(f"{v:.2f}" for v in bounds), WIDTH=str(width), HEIGHT=str(height), CRS=grid.crs)
+    data = client.image(params, f"GetMap {what}", url=parts._replace(query="").geturl())
+    # PNG with TRANSPARENT=TRUE may add an alpha band: keep the colour bands.
+    return SourceWindow(data[:3] if data.shape[0] == 4 else data, Affine(gsd, 0.0, bounds[0], 0.0, -gsd, bounds[3]),
+                        grid.crs)
 
 
 def render(sensor: str, item: Mapping[str, Any], sources: Mapping[str, SourceWindow], grid: Grid,
@@ -388,12 +472,13 @@ def render(sensor: str, item: Mapping[str, Any], sources: Mapping[str, SourceWin
     return np.stack(layers).astype(np.float32), valid
 
 
-def acquire_tile(sensor: str, item: Mapping[str, Any], bounds: Sequence[float], config: Mapping[str, Any]) -> SensorTile:
+def acquire_tile(sensor: str, item: Mapping[str, Any], bounds: Sequence[float], config: Mapping[str, Any],
+                 wms: WmsClient | None = None) -> SensorTile:
     """Read and convert one sensor's tile for a site footprint ``bounds`` (sites CRS)."""
     gsd = float(config["sensors"][sensor]["gsd_m"])
     crs = config["sites"]["crs"]
     grid = site_grid(bounds, gsd, crs)
     margin_m = float(config["build"]["margin_m"])
-    sources = read_sources(sensor, item, grid, config, margin_m)
+    sources = read_sources(sensor, item, grid, config, margin_m, wms)
     data, valid = render(sensor, item, sources, grid, config)
     return SensorTile(sensor, dict(item), grid, sources, data, valid)

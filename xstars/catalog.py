@@ -33,14 +33,12 @@ import json
 import logging
 import math
 import time
-import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
 
 import numpy as np
 import requests
@@ -48,7 +46,7 @@ from shapely.geometry import box, mapping, shape
 from urllib3 import Retry
 
 from xstars import items as stac_items
-from xstars.acquire import Grid, invalid_from_mask, read_on_grid, redact
+from xstars.acquire import RETRY_STATUSES, Grid, WmsClient, WmsLayer, invalid_from_mask, read_on_grid, redact
 from xstars.errors import ConfigError, DataError, ServiceError
 from xstars.sites import Site, reproject_geometry
 
@@ -60,8 +58,6 @@ SENSORS: tuple[str, ...] = ("s2", "l8", "ign", "labels")
 MASKED_SENSORS: tuple[str, ...] = ("s2", "l8")
 IGN_COLLECTION = "ign-bdortho"
 
-#: Retried HTTP statuses (the Planetary Computer's throttling and gateway errors).
-RETRY_STATUSES = (429, 500, 502, 503, 504)
 
 
 # ======================================================================== windows and groups
@@ -429,95 +425,6 @@ def footprint_coverage(item: Mapping[str, Any], site: Site, sites_crs: str) -> f
 
 
 # ==================================================================================== IGN WMS
-
-
-@dataclass(frozen=True)
-class WmsLayer:
-    name: str
-    bounds_l93: tuple[float, float, float, float] | None
-
-
-class WmsClient:
-    """A minimal WMS 1.3.0 client: GetCapabilities and GetMap with retries and a rate limit."""
-
-    def __init__(self, ign_cfg: Mapping[str, Any], stac_cfg: Mapping[str, Any]) -> None:
-        self.url = ign_cfg["wms_url"]
-        self.cfg = ign_cfg
-        self.timeout = float(stac_cfg["timeout_s"])
-        self.session = requests.Session()
-        retry = Retry(total=int(stac_cfg["max_retries"]), backoff_factor=float(stac_cfg["backoff_s"]),
-                      status_forcelist=RETRY_STATUSES, respect_retry_after_header=True, raise_on_status=False)
-        adapter = requests.adapters.HTTPAdapter(max_retries=retry)
-        self.session.mount("http://", adapter)
-        self.session.mount("https://", adapter)
-        self.min_interval_s = 1.0 / float(ign_cfg["max_requests_per_s"])
-        self._last_request = 0.0
-
-    def get(self, params: Mapping[str, str], what: str) -> requests.Response:
-        wait = self._last_request + self.min_interval_s - time.monotonic()
-        if wait > 0:
-            time.sleep(wait)
-        self._last_request = time.monotonic()
-        try:
-            response = self.session.get(self.url, params=params, timeout=self.timeout)
-        except requests.RequestException as err:
-            raise ServiceError(f"ign.wms_url {self.url} is unreachable ({what}): {redact(str(err))[:300]}") from None
-        content_type = response.headers.get("Content-Type", "")
-        # A WMS may answer an error with status 200 and an XML exception report.
-        if response.status_code != 200 or ("xml" in content_type and params.get("REQUEST") == "GetMap"):
-            raise ServiceError(f"{what} at {self.url}: HTTP {response.status_code} {_exception_text(response)}")
-        return response
-
-    def layers(self) -> dict[str, WmsLayer]:
-        """Layers of GetCapabilities with their EPSG:2154 bounding box when declared."""
-        import xml.etree.ElementTree as ET
-
-        response = self.get({"SERVICE": "WMS", "VERSION": "1.3.0", "REQUEST": "GetCapabilities"},
-                            "GetCapabilities")
-        try:
-            root = ET.fromstring(response.content)
-        except ET.ParseError as err:
-            raise ServiceError(f"GetCapabilities at {self.url} is not XML: {err}") from None
-        ns = {"w": "http://www.opengis.net/wms"}
-        out = {}
-        for layer in root.iter("{http://www.opengis.net/wms}Layer"):
-            name = layer.findtext("w:Name", namespaces=ns)
-            if not name:
-                continue
-            bounds = None
-            for bbox in layer.findall("w:BoundingBox", ns):
-                if bbox.get("CRS") == "EPSG:2154":
-                    bounds = tuple(float(bbox.get(k)) for k in ("minx", "miny", "maxx", "maxy"))
-            out[name] = WmsLayer(name, bounds)
-        return out
-
-    def getmap_params(self, layer: str, bounds: Sequence[float], width: int, height: int) -> dict[str, str]:
-        return {"SERVICE": "WMS", "VERSION": "1.3.0", "REQUEST": "GetMap", "LAYERS": layer, "STYLES": "",
-                "CRS": "EPSG:2154", "BBOX": ",".join(f"{v:.2f}" for v in bounds), "WIDTH": str(width),
-                "HEIGHT": str(height), "FORMAT": self.cfg["format"], "TRANSPARENT": "TRUE"}
-
-    def getmap_url(self, layer: str, bounds: Sequence[float], width: int, height: int) -> str:
-        return f"{self.url}?{urlencode(self.getmap_params(layer, bounds, width, height))}"
-
-    def nodata_fraction(self, layer: str, bounds: Sequence[float], size_px: int = 16) -> float:
-        """Fraction of a small GetMap thumbnail of ``bounds`` that is empty (all zero or transparent)."""
-        from rasterio.errors import NotGeoreferencedWarning
-        from rasterio.io import MemoryFile
-
-        response = self.get(self.getmap_params(layer, bounds, size_px, size_px), f"GetMap {layer}")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)  # a PNG carries no georeferencing
-            with MemoryFile(response.content) as memfile, memfile.open() as image:
-                pixels = image.read()
-        empty = (pixels[:3] == 0).all(axis=0)
-        if pixels.shape[0] == 4:
-            empty |= pixels[3] == 0
-        return round(float(empty.mean()), 6)
-
-
-def _exception_text(response: requests.Response) -> str:
-    text = response.text[:400] if "xml" in response.headers.get("Content-Type", "") else ""
-    return redact(" ".join(text.split()))
 
 
 def ign_layer_names(ign_cfg: Mapping[str, Any], year: int) -> dict[str, str]:

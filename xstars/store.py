@@ -125,6 +125,8 @@ def build_part(path: Path, manifest, config: Mapping[str, Any], part: int) -> di
     import zarr
     from tqdm import tqdm
 
+    from xstars.acquire import WmsClient
+
     sites = sample_sites(manifest)
     per_shard = int(config["build"]["samples_per_shard"])
     first, last = part * per_shard, min((part + 1) * per_shard, len(sites))
@@ -140,9 +142,10 @@ def build_part(path: Path, manifest, config: Mapping[str, Any], part: int) -> di
     # the result does not depend on which read finished first. Memory is bounded by the part.
     part_sites = sites[first:last]
     rows_of = {site_id: manifest[manifest.site_id == site_id].set_index("sensor") for site_id in part_sites}
+    wms = WmsClient(config["ign"], config["stac"])  # shared: its rate limit holds for the whole job
     with ThreadPoolExecutor(max_workers=int(config["build"]["read_threads"])) as pool:
         futures = {(site_id, sensor): pool.submit(_first_usable, sensor, rows_of[site_id].loc[sensor],
-                                                  rows_of[site_id].geometry.iloc[0].bounds, config)
+                                                  rows_of[site_id].geometry.iloc[0].bounds, config, wms)
                    for site_id in part_sites for sensor in SENSORS}
         for offset, site_id in enumerate(tqdm(part_sites, desc=f"part {part}", unit="site", leave=False)):
             rows = rows_of[site_id]
@@ -202,7 +205,7 @@ def _shard_file(path: Path, sensor: str, name: str, part: int, ndim: int) -> Pat
     return path.joinpath(sensor, name, "c", str(part), *(["0"] * (ndim - 1)))
 
 
-def _first_usable(sensor: str, row, bounds, config: Mapping[str, Any]):
+def _first_usable(sensor: str, row, bounds, config: Mapping[str, Any], wms=None):
     """The chosen scene, or the first fallback, whose tile is readable and clear enough."""
     from xstars.acquire import acquire_tile
 
@@ -211,7 +214,7 @@ def _first_usable(sensor: str, row, bounds, config: Mapping[str, Any]):
     problems = []
     for item in candidates:
         try:
-            tile = acquire_tile(sensor, item, bounds, config)
+            tile = acquire_tile(sensor, item, bounds, config, wms)
         except ServiceError as err:
             problems.append(f"{item['id']}: {err}")
             continue
@@ -341,7 +344,11 @@ def plot_samples(path: Path, out: Path, count: int = 4) -> Path:
     ok = np.nonzero(status == "ok")[0]
     picks = ok[np.linspace(0, len(ok) - 1, min(count, len(ok))).round().astype(int)] if len(ok) else []
     rgb_bands = {"s2": ["B04", "B03", "B02"], "l8": ["red", "green", "blue"], "ign": ["R", "G", "B"]}
-    fig, axes = plt.subplots(len(picks), 4, figsize=(12, 3.1 * max(len(picks), 1)), squeeze=False)
+    fig, axes = plt.subplots(max(len(picks), 1), 4, figsize=(12, 3.1 * max(len(picks), 1)), squeeze=False)
+    if not len(picks):
+        axes[0, 0].text(0, 0.5, "no site kept: see summary.json for the reasons", fontsize=12)
+        for ax in axes[0]:
+            ax.set_axis_off()
     worldcover = {10: "#006400", 20: "#ffbb22", 30: "#ffff4c", 40: "#f096ff", 50: "#fa0000", 60: "#b4b4b4",
                   70: "#f0f0f0", 80: "#0064c8", 90: "#0096a0", 95: "#00cf75", 100: "#fae6a0"}
     codes = sorted(worldcover)
