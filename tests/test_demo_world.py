@@ -202,11 +202,14 @@ def test_rasterio_reads_a_window_of_a_demo_cog_over_http(demo_root: Path, demo_s
     item = next(i for i in _items(demo_root) if i["collection"] == "sentinel-2-l2a")
     local = _local(demo_root, item["assets"]["B08"]["href"])
     url = item["assets"]["B08"]["href"].replace(layout.FILES_URL_PLACEHOLDER, demo_server.files_url)
-    with rasterio.Env(GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR"):
-        with rasterio.open(f"/vsicurl/{url}") as remote, rasterio.open(local) as ref:
-            window = rasterio.windows.Window(20, 30, 40, 24)
-            np.testing.assert_array_equal(remote.read(1, window=window), ref.read(1, window=window))
-            assert remote.crs == ref.crs and remote.transform == ref.transform
+    with (
+        rasterio.Env(GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR"),
+        rasterio.open(f"/vsicurl/{url}") as remote,
+        rasterio.open(local) as ref,
+    ):
+        window = rasterio.windows.Window(20, 30, 40, 24)
+        np.testing.assert_array_equal(remote.read(1, window=window), ref.read(1, window=window))
+        assert remote.crs == ref.crs and remote.transform == ref.transform
 
 
 def test_wms_getmap_returns_the_requested_lambert93_box(demo_root: Path, demo_server) -> None:
@@ -214,7 +217,7 @@ def test_wms_getmap_returns_the_requested_lambert93_box(demo_root: Path, demo_se
     layer = next(lay for lay in layers if lay["name"].startswith("ORTHOIMAGERY.ORTHOPHOTOS2"))
     source = demo_root / layer["sources"][0]["path"]
     with rasterio.open(source) as src:
-        left, bottom, right, top = src.bounds
+        left, bottom, _right, _top = src.bounds
         box = (left + 200.0, bottom + 300.0, left + 328.0, bottom + 364.0)  # 128 x 64 m
         expected = src.read([1, 2, 3], window=from_bounds(*box, transform=src.transform))
     params = {"SERVICE": "WMS", "VERSION": "1.3.0", "REQUEST": "GetMap", "LAYERS": layer["name"], "STYLES": "",
@@ -251,7 +254,7 @@ def test_generation_is_deterministic(tmp_path: Path) -> None:
 def test_items_footprints_cover_their_city(demo_root: Path) -> None:
     world = json.loads(layout.world_json(demo_root).read_text())
     for city in world["cities"]:
-        west, south, east, north = transform_bounds("EPSG:2154", "EPSG:4326", *city["bounds_l93"])
+        west, _south, east, _north = transform_bounds("EPSG:2154", "EPSG:4326", *city["bounds_l93"])
         mine = [i for i in _items(demo_root) if i["bbox"][0] <= city["lon"] <= i["bbox"][2]
                 and i["bbox"][1] <= city["lat"] <= i["bbox"][3]]
         assert {i["collection"] for i in mine} == {"sentinel-2-l2a", "landsat-c2-l2", "esa-worldcover"}

@@ -25,13 +25,13 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 import numpy as np
 import rasterio
 import requests
-from urllib3 import Retry
 from affine import Affine
 from rasterio.enums import Resampling
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from rasterio.io import MemoryFile
 from rasterio.warp import reproject, transform_bounds
 from rasterio.windows import Window, from_bounds
+from urllib3 import Retry
 
 from xstars.errors import ServiceError
 

@@ -46,7 +46,15 @@ from shapely.geometry import box, mapping, shape
 from urllib3 import Retry
 
 from xstars import items as stac_items
-from xstars.acquire import RETRY_STATUSES, Grid, WmsClient, WmsLayer, invalid_from_mask, read_on_grid, redact
+from xstars.acquire import (
+    RETRY_STATUSES,
+    Grid,
+    WmsClient,
+    WmsLayer,
+    invalid_from_mask,
+    read_on_grid,
+    redact,
+)
 from xstars.errors import ConfigError, DataError, ServiceError
 from xstars.sites import Site, reproject_geometry
 

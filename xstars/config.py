@@ -294,8 +294,8 @@ def _consistency_errors(config: dict) -> Iterator[_Error]:
         if abs(ratio - round(ratio)) > 1e-9:
             yield (
                 ("sites", "split", "block_m"),
-                f"{split['block_m']:g} must be a multiple of sites.footprint_m ({sites['footprint_m']:g}) "
-                "so that blocks never cut a footprint",
+                (f"{split['block_m']:g} must be a multiple of sites.footprint_m ({sites['footprint_m']:g}) "
+                "so that blocks never cut a footprint"),
             )
     for key in ("val_cities", "test_cities"):
         for i, city in enumerate(split[key]):

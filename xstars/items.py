@@ -58,7 +58,7 @@ def item_datetime(item: Mapping[str, Any]) -> datetime:
 
 def parse_time(text: str) -> datetime:
     """RFC 3339 timestamp -> aware UTC datetime (``Z`` and fractional seconds accepted)."""
-    value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    value = datetime.fromisoformat(text)
     return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
 
 

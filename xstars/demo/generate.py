@@ -116,7 +116,7 @@ class City:
     @property
     def wrs(self) -> tuple[int, int]:
         """Approximate Landsat WRS-2 path/row over France."""
-        return int(round(198 - (self.lon - 1.5) / 1.35)), int(round(30 - (self.lat - 43.6) / 1.4))
+        return round(198 - (self.lon - 1.5) / 1.35), round(30 - (self.lat - 43.6) / 1.4)
 
     def ign_years(self) -> tuple[int, int]:
         first = IGN_YEARS[self.index % 3]
@@ -274,7 +274,7 @@ def _worldcover(root: Path, city: City, truth: GroundTruth, labels: np.ndarray) 
     west, south = np.floor(west / step) * step, np.floor(south / step) * step
     east, north = np.ceil(east / step) * step, np.ceil(north / step) * step
     grid = SensorGrid("EPSG:4326", step, float(west), float(north),
-                      (int(round((north - south) / step)), int(round((east - west) / step))))
+                      (round((north - south) / step), round((east - west) / step)))
     out = np.zeros(grid.shape, dtype=np.uint8)
     reproject(labels, out, src_transform=truth.grid.transform, src_crs=LAMBERT93, dst_transform=grid.transform,
               dst_crs=grid.crs, resampling=Resampling.mode, src_nodata=0, dst_nodata=0)
@@ -415,7 +415,7 @@ def _read_on_footprint(path: Path, bands: list[int], bounds_l93: tuple[float, fl
                        gsd_m: float, resampling: Resampling = Resampling.nearest) -> np.ndarray:
     """Read bands of a raster onto a Lambert-93 footprint at ``gsd_m`` (declared georeferencing)."""
     xmin, ymin, xmax, ymax = bounds_l93
-    shape = (int(round((ymax - ymin) / gsd_m)), int(round((xmax - xmin) / gsd_m)))
+    shape = (round((ymax - ymin) / gsd_m), round((xmax - xmin) / gsd_m))
     dst_transform = Affine(gsd_m, 0, xmin, 0, -gsd_m, ymax)
     out = np.zeros((len(bands),) + shape, dtype=np.float32)
     with rasterio.open(path) as src:

@@ -40,7 +40,7 @@ class CityGrid:
 
     @property
     def size(self) -> int:
-        return int(round(self.extent_m / self.gsd_m))
+        return round(self.extent_m / self.gsd_m)
 
     @property
     def bounds(self) -> tuple[float, float, float, float]:

@@ -53,8 +53,8 @@ class SensorGrid:
 
     def with_gsd(self, gsd_m: float) -> SensorGrid:
         """Same footprint at another resolution (the footprint is a multiple of both GSDs)."""
-        rows = int(round(self.shape[0] * self.gsd_m / gsd_m))
-        cols = int(round(self.shape[1] * self.gsd_m / gsd_m))
+        rows = round(self.shape[0] * self.gsd_m / gsd_m)
+        cols = round(self.shape[1] * self.gsd_m / gsd_m)
         return SensorGrid(self.crs, gsd_m, self.xmin, self.ymax, (rows, cols))
 
 
@@ -64,7 +64,7 @@ def scene_grid(truth_bounds_l93: tuple[float, float, float, float], crs: str, gs
     xmin, ymin, xmax, ymax = transform_bounds(LAMBERT93, crs, *truth_bounds_l93, densify_pts=21)
     xmin, ymin = np.floor(xmin / snap_m) * snap_m, np.floor(ymin / snap_m) * snap_m
     xmax, ymax = np.ceil(xmax / snap_m) * snap_m, np.ceil(ymax / snap_m) * snap_m
-    shape = (int(round((ymax - ymin) / gsd_m)), int(round((xmax - xmin) / gsd_m)))
+    shape = (round((ymax - ymin) / gsd_m), round((xmax - xmin) / gsd_m))
     return SensorGrid(crs, gsd_m, float(xmin), float(ymax), shape)
 
 
@@ -76,7 +76,7 @@ class FractionCube:
     """
 
     def __init__(self, truth: GroundTruth, gsd_m: float = FRACTION_GSD_M):
-        factor = int(round(gsd_m / truth.grid.gsd_m))
+        factor = round(gsd_m / truth.grid.gsd_m)
         n = truth.grid.size // factor
         n_mat = len(MATERIALS)
         cols = (np.arange(n * factor, dtype=np.int64) // factor)[None, :]
@@ -141,7 +141,7 @@ def make_clouds(rng: np.random.Generator, shape: tuple[int, int], gsd_m: float, 
     if cover_fraction <= 0:
         z = np.zeros(shape, dtype=np.float32)
         return CloudField(z, z.copy())
-    cell_px = max(int(round(300 / gsd_m)), 1)
+    cell_px = max(round(300 / gsd_m), 1)
     coarse = rng.standard_normal((shape[0] // cell_px + 3, shape[1] // cell_px + 3))
     field = ndimage.zoom(ndimage.gaussian_filter(coarse, 1.0), cell_px, order=1)[: shape[0], : shape[1]]
     field = field + 0.35 * ndimage.gaussian_filter(rng.standard_normal(field.shape), 1.5)
@@ -236,8 +236,8 @@ def write_cog(path, array: np.ndarray, crs: str, transform: Affine, nodata: floa
     """Write a Cloud-Optimised GeoTIFF (deflate + predictor, internal tiles, overviews)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     data = array if array.ndim == 3 else array[None]
-    profile = dict(driver="GTiff", width=data.shape[2], height=data.shape[1], count=data.shape[0],
-                   dtype=data.dtype, crs=crs, transform=transform, nodata=nodata)
+    profile = {"driver": "GTiff", "width": data.shape[2], "height": data.shape[1], "count": data.shape[0],
+                   "dtype": data.dtype, "crs": crs, "transform": transform, "nodata": nodata}
     with rasterio.MemoryFile() as mem:
         with mem.open(**profile) as tmp:
             tmp.write(data)
