@@ -4,7 +4,7 @@ Assets are Cloud-Optimized GeoTIFFs behind HTTP (Planetary Computer blob storage
 world's file server): GDAL's ``/vsicurl/`` fetches just the blocks that intersect the window a site needs, which is
 then resampled in memory onto the site's grid.
 
-Signed URLs (SAS tokens) exist only inside :func:`read_on_grid`: an href is signed immediately
+Signed URLs (SAS tokens) exist only inside :func:`read_source`: an href is signed immediately
 before it is opened, re-signed with a fresh token when the server answers 403, and every error
 message is passed through :func:`redact` so that no token reaches a log, an exception or a file.
 """
@@ -33,6 +33,7 @@ from rasterio.warp import reproject, transform_bounds
 from rasterio.windows import Window, from_bounds
 from urllib3 import Retry
 
+from xstars import items as stac_items
 from xstars.errors import ServiceError
 
 log = logging.getLogger(__name__)
@@ -86,15 +87,6 @@ class Grid:
     def bounds(self) -> tuple[float, float, float, float]:
         t = self.transform
         return (t.c, t.f + t.e * self.height, t.c + t.a * self.width, t.f)
-
-    def window_of(self, bounds: Sequence[float]) -> tuple[slice, slice]:
-        """(rows, cols) slices of the pixels of ``bounds`` (aligned on this grid)."""
-        t = self.transform
-        col0 = round((bounds[0] - t.c) / t.a)
-        col1 = round((bounds[2] - t.c) / t.a)
-        row0 = round((bounds[3] - t.f) / t.e)
-        row1 = round((bounds[1] - t.f) / t.e)
-        return slice(row0, row1), slice(col0, col1)
 
 
 def gdal_options(stac_cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -407,8 +399,8 @@ def read_sources(sensor: str, item: Mapping[str, Any], grid: Grid, config: Mappi
         asset = item["assets"].get(key)
         if asset is None:
             raise ServiceError(f"item {item['id']!r} has no asset {key!r} (sensors.{sensor})")
-        gsd = float(asset.get("gsd") or abs((asset.get("proj:transform") or [grid.transform.a])[0]))
-        margin_px = math.ceil(margin_m / max(gsd, 1e-9)) + 2 if gsd > 1e-3 else 4
+        gsd = stac_items.asset_gsd_m(item, asset) or float(cfg["gsd_m"])
+        margin_px = math.ceil(margin_m / gsd) + 2
         out[key] = read_source(asset["href"], grid, stac_cfg=stac_cfg, what=f"{item['id']}/{key}",
                                indexes=[1], margin_px=margin_px)
     return out
@@ -439,8 +431,6 @@ def render(sensor: str, item: Mapping[str, Any], sources: Mapping[str, SourceWin
     otherwise). IGN: digital numbers / 255. Labels: class codes, nearest neighbour.
     Invalid: outside the scene, DN 0 (no data), or flagged by the quality mask.
     """
-    from xstars import items as stac_items
-
     if sensor == "labels":
         key = config["sensors"]["labels"]["asset"]
         classes, covered = sources[key].warp(grid, Resampling.nearest, shift_m)

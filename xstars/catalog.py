@@ -377,7 +377,7 @@ def footprint_fractions(item: Mapping[str, Any], sensor: str, sensor_cfg: Mappin
     asset = item["assets"].get(asset_key)
     if asset is None:
         raise DataError(f"item {item['id']!r} has no asset {asset_key!r} (sensors.{sensor}.mask_asset)")
-    gsd = float(asset.get("gsd") or _grid_gsd(asset) or sensor_cfg["gsd_m"])
+    gsd = stac_items.asset_gsd_m(item, asset) or float(sensor_cfg["gsd_m"])
     boxes = np.array([s.bounds for s in sites])
     union = (boxes[:, 0].min(), boxes[:, 1].min(), boxes[:, 2].max(), boxes[:, 3].max())
     # Snap outwards to the mask's resolution so every footprint is whole pixels of the grid.
@@ -401,11 +401,6 @@ def footprint_fractions(item: Mapping[str, Any], sensor: str, sensor_cfg: Mappin
             "invalid_fraction": round(float(site_invalid.sum()) / total, 6),
         }
     return out
-
-
-def _grid_gsd(asset: Mapping[str, Any]) -> float | None:
-    transform = asset.get("proj:transform")
-    return abs(float(transform[0])) if transform else None
 
 
 def _fill_pixels(mask: np.ndarray, sensor_cfg: Mapping[str, Any]) -> np.ndarray:

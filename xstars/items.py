@@ -9,6 +9,7 @@ and how reprocessed duplicates of one acquisition are resolved.
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -42,6 +43,24 @@ def item_epsg(item: Mapping[str, Any]) -> int:
 def item_crs(item: Mapping[str, Any]) -> str:
     """The item's CRS as ``"EPSG:<code>"``."""
     return f"EPSG:{item_epsg(item)}"
+
+
+def asset_gsd_m(item: Mapping[str, Any], asset: Mapping[str, Any]) -> float | None:
+    """Pixel size of an asset in metres: its ``gsd``, else its ``proj:transform`` when the item's
+    CRS is projected (a geographic transform is in degrees); None when neither tells."""
+    if asset.get("gsd"):
+        return float(asset["gsd"])
+    transform = asset.get("proj:transform")
+    if transform and _is_projected(item_epsg(item)):
+        return abs(float(transform[0]))
+    return None
+
+
+@functools.cache
+def _is_projected(epsg: int) -> bool:
+    from pyproj import CRS
+
+    return CRS.from_epsg(epsg).is_projected
 
 
 def item_datetime(item: Mapping[str, Any]) -> datetime:
