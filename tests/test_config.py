@@ -63,7 +63,7 @@ def test_defaults_fill_missing_sections_and_nested_keys() -> None:
 
 
 def test_partial_sensor_keeps_its_own_defaults() -> None:
-    l8 = {"collection": "c", "bands": ["red"], "mask_asset": "qa", "gsd_m": 30}
+    l8 = {"collection": "c", "bands": ["red"], "mask_asset": "qa", "gsd_m": 28}
     config = validate({"sensors": {"l8": {**l8, "mask_invalid_bits": [3]}}})
     assert config["sensors"]["l8"]["max_scene_cloud_cover"] == 50
     # How to read the mask is not guessed from its name: one rule or the other must be given.
@@ -85,8 +85,10 @@ def test_demo_world_swaps_in_loopback_endpoints_and_demo_sites() -> None:
     # What the overlay does not name is the real build's.
     assert demo["stac"]["max_retries"] == real["stac"]["max_retries"]
     assert demo["ign"]["layer_template"] == real["ign"]["layer_template"]
-    for section in ("sensors", "dates", "demo", "seed"):
+    for section in ("dates", "demo", "seed"):
         assert demo[section] == real[section], section
+    # Only the Landsat grid differs: 480 m is 16 pixels of 30 m, 2240 m is 80 of 28 m.
+    assert {**demo["sensors"], "l8": real["sensors"]["l8"]} == real["sensors"]
     # ...but the outputs of the two worlds never mix.
     assert demo["results_dir"] != real["results_dir"]
 
@@ -250,3 +252,11 @@ def test_city_table_covers_the_configured_and_demo_cities() -> None:
     # The demo cities sit where the real ones are, so demo sites fall inside them.
     for city in load_config(CONFIG)["demo"]["cities"]:
         assert cities[city["name"]] == (city["lon"], city["lat"])
+
+
+def test_footprint_must_be_whole_pixels_of_every_sensor() -> None:
+    # 2240 m is 74.7 Landsat pixels at 30 m: the store could not hold the tile on a whole grid.
+    with pytest.raises(ConfigError, match=r"'sensors\.l8\.gsd_m': sites\.footprint_m \(2240\) is 74\.667 pixels"):
+        validate({"sensors": {"l8": {"collection": "c", "bands": ["red"], "mask_asset": "qa",
+                                     "mask_invalid_bits": [3], "gsd_m": 30}}})
+    assert load_config(CONFIG, {"world": "demo"})["sensors"]["l8"]["gsd_m"] == 30  # 480 m = 16 px

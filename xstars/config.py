@@ -308,6 +308,16 @@ def _consistency_errors(config: dict) -> Iterator[_Error]:
         split["test_cities"]
     ):
         yield ("sites", "split", "method"), "every city is in val_cities or test_cities: none left to train on"
+    for name, sensor in config["sensors"].items():
+        # Every sensor is stored on the footprint's grid at its own gsd (warped to sites.crs):
+        # the footprint must be a whole number of its pixels.
+        pixels = sites["footprint_m"] / sensor["gsd_m"]
+        if abs(pixels - round(pixels)) > 1e-6:
+            yield (
+                ("sensors", name, "gsd_m"),
+                (f"sites.footprint_m ({sites['footprint_m']:g}) is {pixels:.3f} pixels of {sensor['gsd_m']:g} m: "
+                 "pick a gsd_m that divides the footprint"),
+            )
     for name in ("s2", "l8"):
         sensor = config["sensors"][name]
         given = [k for k in ("mask_invalid_classes", "mask_invalid_bits") if k in sensor]
