@@ -6,7 +6,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xstars.losses import MSADHead, msad_loss, msad_pair_original
+from xstars.losses import (
+    MSADHead,
+    align_token_grids,
+    msad_loss,
+    msad_pair_dense,
+    msad_pair_original,
+    msad_total,
+)
 
 
 def reference_pair(emb_a: torch.Tensor, emb_b: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
@@ -50,3 +57,45 @@ def test_msad_sums_over_sensor_pairs() -> None:
     expected = sum(reference_pair(head(tokens[a], 0), head(tokens[b], 1))
                    for a, b in (("s2", "l8"), ("s2", "ign"), ("l8", "ign")))
     assert torch.allclose(msad_loss(tokens, head), expected, atol=1e-5)
+
+
+def test_dense_variant_prefers_matching_positions_and_ignores_invalid_tokens() -> None:
+    torch.manual_seed(0)
+    emb_a = torch.randn(4, 9, 16)
+    matched = msad_pair_dense(emb_a, emb_a + 0.05 * torch.randn(4, 9, 16), tokens_per_tile=0)
+    shuffled = msad_pair_dense(emb_a, emb_a[:, torch.randperm(9)], tokens_per_tile=0)
+    assert matched < shuffled
+    # A cloudy token is neither a positive nor a negative: changing it changes nothing.
+    valid = torch.ones(4, 9, dtype=torch.bool)
+    valid[1, 4] = False
+    emb_b = torch.randn(4, 9, 16)
+    altered = emb_b.clone()
+    altered[1, 4] = 100.0
+    base = msad_pair_dense(emb_a, emb_b, valid, tokens_per_tile=0)
+    assert torch.allclose(base, msad_pair_dense(emb_a, altered, valid, tokens_per_tile=0))
+    assert torch.isfinite(base)
+    # With a subset of positions per tile, only valid ones are drawn while there are enough.
+    emb_b.requires_grad_(True)
+    msad_pair_dense(emb_a, emb_b, valid, tokens_per_tile=8).backward()
+    assert emb_b.grad[1, 4].abs().sum() == 0 and emb_b.grad.abs().sum() > 0
+
+
+def test_token_grids_of_different_sizes_are_pooled_to_the_coarsest() -> None:
+    fine = torch.arange(2 * 17 * 1, dtype=torch.float32).reshape(2, 17, 1)  # CLS + 4x4
+    coarse = torch.zeros(2, 5, 1)  # CLS + 2x2
+    aligned, flags = align_token_grids({"ign": fine, "l8": coarse},
+                                       {"ign": torch.ones(2, 8, 8), "l8": torch.zeros(2, 4, 4)})
+    assert aligned["ign"].shape == (2, 5, 1)
+    grid = fine[0, 1:, 0].reshape(4, 4)
+    assert aligned["ign"][0, 1, 0] == grid[:2, :2].mean() and aligned["ign"][0, 4, 0] == grid[2:, 2:].mean()
+    assert aligned["ign"][0, 0, 0] == fine[0, 0, 0]  # CLS kept
+    assert flags["ign"][:, 1:].all() and not flags["l8"][:, 1:].any()
+
+
+def test_msad_total_runs_both_variants_on_mixed_grids() -> None:
+    torch.manual_seed(0)
+    tokens = {"s2": torch.randn(3, 17, 16, requires_grad=True), "l8": torch.randn(3, 5, 16, requires_grad=True)}
+    for variant, head in (("original", MSADHead(16, 32)), ("dense", MSADHead(16, 8))):
+        loss = msad_total(tokens, {}, head, variant=variant, tau=0.2, tokens_per_tile=2)
+        loss.backward()
+        assert torch.isfinite(loss) and tokens["s2"].grad.abs().sum() > 0

@@ -151,6 +151,59 @@ def validate(
     return config
 
 
+def run_settings(config: Mapping[str, Any], run: str) -> dict:
+    """The pretraining settings of ``run``: ``pretrain.runs[run]`` deep-merged over the shared
+    ``pretrain`` values, validated (defaults filled) and checked for consistency.
+
+    Raises ConfigError naming ``pretrain.runs.<run>.<key>`` for a bad value.
+    """
+    pretrain = config["pretrain"]
+    if run not in pretrain["runs"]:
+        raise ConfigError(f"config key 'pretrain.runs': no run named {run!r} (runs: {', '.join(pretrain['runs'])})")
+    settings, errors = _run_settings(pretrain, run)
+    _raise_on(errors)
+    return settings
+
+
+def _run_settings(pretrain: Mapping[str, Any], run: str) -> tuple[dict, list[_Error]]:
+    shared = {k: v for k, v in pretrain.items() if k not in ("runs", "resources")}
+    settings = deep_merge(shared, pretrain["runs"][run])
+    schema = copy.deepcopy(load_schema()["properties"]["pretrain"])
+    for key in ("runs", "resources"):
+        schema["properties"].pop(key)
+    prefix = ("pretrain", "runs", run)
+    errors = [(prefix + parts, msg) for error in _DefaultFillingValidator(schema).iter_errors(settings)
+              for parts, msg in _describe(error)]
+    if not errors:
+        errors = [(prefix + parts, msg) for parts, msg in _run_errors(settings, run, pretrain["runs"])]
+    return settings, errors
+
+
+def _run_errors(settings: Mapping[str, Any], run: str, runs: Mapping[str, Any]) -> Iterator[_Error]:
+    sensors = settings["sensors"]
+    for i, sensor in enumerate(settings["dino_sensors"]):
+        if sensor not in sensors:
+            yield ("dino_sensors", i), f"{sensor!r} is not one of pretrain sensors {sensors}"
+    if settings["mode"] == "scratch" and settings["msad"]["alpha"] > 0 and len(sensors) < 2:
+        yield ("msad", "alpha"), f"MSAD aligns sensors: it needs two, sensors is {sensors} (set alpha: 0)"
+    if settings["mode"] == "continual":
+        continual = settings["continual"]
+        if continual["source_sensor"] not in sensors:
+            yield ("continual", "source_sensor"), f"{continual['source_sensor']!r} must be one of sensors {sensors}"
+        if continual["source_sensor"] in settings["dino_sensors"]:
+            yield ("dino_sensors",), f"the source sensor {continual['source_sensor']!r} is frozen: not a DINO sensor"
+        if bool(continual["checkpoint"]) == bool(continual["from_run"]):
+            yield ("continual",), "give exactly one of checkpoint or from_run"
+        if continual["from_run"] and (continual["from_run"] not in runs or continual["from_run"] == run):
+            yield ("continual", "from_run"), f"{continual['from_run']!r} is not another run of pretrain.runs"
+    low, high = settings["views"]["global_scale"]
+    if low > high:
+        yield ("views", "global_scale"), f"{low} > {high}"
+    low, high = settings["views"]["local_scale"]
+    if low > high:
+        yield ("views", "local_scale"), f"{low} > {high}"
+
+
 def deep_merge(base: Mapping[str, Any], overlay: Mapping[str, Any]) -> dict:
     """A new dict: ``overlay`` over ``base``; mappings merge recursively, other values replace."""
     merged = copy.deepcopy(dict(base))
@@ -345,6 +398,8 @@ def _consistency_errors(config: dict) -> Iterator[_Error]:
     names = [season["name"] for season in dates["seasons"]]
     if len(set(names)) != len(names):
         yield ("dates", "seasons"), f"season names must be unique, got {names}"
+    for run in config["pretrain"]["runs"]:
+        yield from _run_settings(config["pretrain"], run)[1]
     demo = config["demo"]
     if demo["port"] == demo["stac_backend_port"]:
         yield ("demo", "stac_backend_port"), f"must differ from demo.port ({demo['port']})"

@@ -1,4 +1,4 @@
-"""Losses of X-STARS: the Multi-Sensor Alignment Dense (MSAD) loss (DINO's loss comes with the model).
+"""Losses of X-STARS: DINO's self-distillation loss and the Multi-Sensor Alignment Dense (MSAD) loss.
 
 MSAD pulls together the patch features of two sensors that see the same ground, token by
 token, and pushes apart the features of the other tiles of the batch at the same token
@@ -12,14 +12,24 @@ module implements it (``original``) with its defects fixed:
 * all token positions and sensor pairs are computed at once (batched matrix products), not in
   a Python loop of 197 small losses.
 
+A ``dense`` variant (:func:`msad_pair_dense`) is the contrastive form the method calls for:
+L2-normalised embeddings, a temperature, and as negatives every other position of every tile
+of the batch (optionally of every GPU), on a random subset of positions per tile.
+
+Sensors seen at different input sizes have token grids of different sizes over the same ground
+box; :func:`align_token_grids` averages the finer grids down to the coarsest before either
+variant compares them position by position.
+
 Shapes: token features are ``[B, T, D]`` (batch, tokens incl. CLS, width); embeddings after the
 head are ``[B, T, P]``.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -89,3 +99,149 @@ def msad_loss(tokens: Mapping[str, torch.Tensor], head: MSADHead, tau: float = 1
     for first, second in itertools.combinations(sensors, 2):
         total = total + msad_pair_original(head(tokens[first], 0), head(tokens[second], 1), tau, label_smoothing)
     return total
+
+
+def msad_pair_dense(emb_a: torch.Tensor, emb_b: torch.Tensor, valid: torch.Tensor | None = None,
+                    tau: float = 0.1, tokens_per_tile: int = 49, gather: bool = False) -> torch.Tensor:
+    """Dense contrastive MSAD of one sensor pair (InfoNCE, both directions).
+
+    Token ``t`` of tile ``i`` by sensor A must find token ``t`` of tile ``i`` by sensor B among
+    every selected token of every tile (of every GPU when ``gather``). ``tokens_per_tile``
+    positions are drawn at random per tile among the valid ones (``valid``: ``[B, T]`` bool;
+    cloudy or no-data tokens are never positives); 0 keeps all. Embeddings are L2-normalised.
+    """
+    b, t, _ = emb_a.shape
+    if valid is None:
+        valid = torch.ones(b, t, dtype=torch.bool, device=emb_a.device)
+    keep = t if tokens_per_tile <= 0 else min(tokens_per_tile, t)
+    # Random positions, valid first: a random score, pushed below every valid one when invalid.
+    score = torch.rand(b, t, device=emb_a.device) + valid.float() * 2
+    index = score.topk(keep, dim=1).indices  # [B, K]
+    chosen_valid = valid.gather(1, index).reshape(-1)
+    za = F.normalize(emb_a.gather(1, index[..., None].expand(-1, -1, emb_a.shape[-1])).reshape(b * keep, -1), dim=-1)
+    zb = F.normalize(emb_b.gather(1, index[..., None].expand(-1, -1, emb_b.shape[-1])).reshape(b * keep, -1), dim=-1)
+    offset = 0
+    za_all, zb_all, valid_all = za, zb, chosen_valid
+    if gather and torch.distributed.is_available() and torch.distributed.is_initialized():
+        import torch.distributed.nn.functional as dist_fn
+
+        rank = torch.distributed.get_rank()
+        za_all = torch.cat(dist_fn.all_gather(za))  # differentiable: gradients reach every rank
+        zb_all = torch.cat(dist_fn.all_gather(zb))
+        flags = [torch.zeros_like(chosen_valid) for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather(flags, chosen_valid)
+        valid_all = torch.cat(flags)
+        offset = rank * za.shape[0]
+    labels = torch.arange(za.shape[0], device=za.device) + offset
+    # An invalid token is no candidate (and, by its zero weight below, no anchor); its own
+    # column stays so that its row is finite.
+    exclude = (~valid_all)[None, :].expand(za.shape[0], -1).clone()
+    exclude[torch.arange(za.shape[0], device=za.device), labels] = False
+    logits_ab = (za.float() @ zb_all.float().T / tau).masked_fill(exclude, float("-inf"))
+    logits_ba = (zb.float() @ za_all.float().T / tau).masked_fill(exclude, float("-inf"))
+    per_token = (F.cross_entropy(logits_ab, labels, reduction="none")
+                 + F.cross_entropy(logits_ba, labels, reduction="none")) / 2
+    weight = chosen_valid.to(per_token.dtype)
+    return (per_token * weight).sum() / weight.sum().clamp(min=1.0)
+
+
+def align_token_grids(tokens: Mapping[str, torch.Tensor], valid: Mapping[str, torch.Tensor] | None = None,
+                      ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Bring every sensor's tokens to the coarsest token grid among them.
+
+    ``tokens``: sensor -> ``[B, 1 + h*w, D]`` (CLS first, square grids over the same ground
+    box). Finer grids are average-pooled (adaptive pooling, exact when the sizes divide).
+    ``valid``: sensor -> ``[B, H, W]`` fraction of usable pixels of the sensor's view; returned
+    as ``[B, 1 + h*w]`` booleans (a token is valid when at least half its ground is usable).
+    """
+    sides = {s: math.isqrt(x.shape[1] - 1) for s, x in tokens.items()}
+    for sensor, side in sides.items():
+        if side * side != tokens[sensor].shape[1] - 1:
+            raise ValueError(f"{sensor}: {tokens[sensor].shape[1] - 1} patch tokens are not a square grid")
+    side = min(sides.values())
+    aligned, flags = {}, {}
+    for sensor, x in tokens.items():
+        b, _, d = x.shape
+        grid = x[:, 1:]
+        if sides[sensor] != side:
+            grid = x[:, 1:].transpose(1, 2).reshape(b, d, sides[sensor], sides[sensor])
+            grid = F.adaptive_avg_pool2d(grid, side).flatten(2).transpose(1, 2)
+        aligned[sensor] = torch.cat([x[:, :1], grid], dim=1)
+        if valid is not None and sensor in valid:
+            fraction = F.adaptive_avg_pool2d(valid[sensor][:, None].float(), side).flatten(1)
+            flags[sensor] = torch.cat([fraction.new_ones(b, 1), fraction], dim=1) >= 0.5
+    return aligned, flags
+
+
+def msad_total(tokens: Mapping[str, torch.Tensor], valid: Mapping[str, torch.Tensor], head: MSADHead, *,
+               variant: str, tau: float, label_smoothing: float = 0.3, tokens_per_tile: int = 49,
+               gather: bool = False) -> torch.Tensor:
+    """MSAD summed over sensor pairs, after aligning token grids (the loss the model calls)."""
+    aligned, flags = align_token_grids(tokens, valid)
+    if variant == "original":
+        return msad_loss(aligned, head, tau, label_smoothing)
+    if variant != "dense":
+        raise ValueError(f"unknown MSAD variant {variant!r} (original or dense)")
+    total = next(iter(aligned.values())).new_zeros(())
+    for first, second in itertools.combinations(list(aligned), 2):
+        both = None
+        if first in flags and second in flags:
+            both = (flags[first] & flags[second])[:, 1:]  # patch tokens only: CLS is not a place
+        total = total + msad_pair_dense(head(aligned[first][:, 1:], 0), head(aligned[second][:, 1:], 1), both,
+                                        tau, tokens_per_tile, gather)
+    return total
+
+
+def make_msad_loss(msad: Mapping) -> Callable | None:
+    """The MSAD loss function configured by ``pretrain.msad`` (None when ``alpha`` is 0)."""
+    if msad["alpha"] == 0:
+        return None
+    variant = msad["variant"]
+    settings = msad[variant]
+    if variant == "original":
+        return functools.partial(msad_total, variant="original", tau=settings["tau"],
+                                 label_smoothing=settings["label_smoothing"])
+    return functools.partial(msad_total, variant="dense", tau=settings["tau"],
+                             tokens_per_tile=settings["tokens_per_tile"], gather=settings["gather"])
+
+
+class DINOLoss(nn.Module):
+    """DINO's loss: cross-entropy between the centred, sharpened teacher outputs of the global
+    crops and the student outputs of every other crop; the centre is an EMA of the teacher's
+    batch mean (averaged over GPUs)."""
+
+    def __init__(self, out_dim: int, n_crops: int, teacher_temp: float, warmup_teacher_temp: float,
+                 warmup_teacher_temp_epochs: int, epochs: int, student_temp: float = 0.1,
+                 center_momentum: float = 0.9) -> None:
+        super().__init__()
+        self.n_crops = n_crops
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.register_buffer("center", torch.zeros(1, out_dim))
+        warm = min(warmup_teacher_temp_epochs, epochs)
+        self.teacher_temps = [warmup_teacher_temp + (teacher_temp - warmup_teacher_temp) * i / max(warm, 1)
+                              for i in range(warm)] + [teacher_temp] * (epochs - warm)
+
+    def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int) -> torch.Tensor:
+        student = (student_output.float() / self.student_temp).chunk(self.n_crops)
+        temp = self.teacher_temps[min(epoch, len(self.teacher_temps) - 1)]
+        teacher = F.softmax((teacher_output.float() - self.center) / temp, dim=-1).detach().chunk(2)
+        total, terms = student_output.new_zeros((), dtype=torch.float32), 0
+        for iq, q in enumerate(teacher):
+            for v, s in enumerate(student):
+                if v == iq:
+                    continue  # a crop does not predict itself
+                total = total + torch.sum(-q * F.log_softmax(s, dim=-1), dim=-1).mean()
+                terms += 1
+        self.update_center(teacher_output)
+        return total / terms
+
+    @torch.no_grad()
+    def update_center(self, teacher_output: torch.Tensor) -> None:
+        batch_center = teacher_output.float().sum(dim=0, keepdim=True)
+        count = torch.tensor([teacher_output.shape[0]], dtype=torch.float32, device=teacher_output.device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(batch_center)
+            torch.distributed.all_reduce(count)
+        batch_center = batch_center / count
+        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)

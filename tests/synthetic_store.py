@@ -1,0 +1,67 @@
+"""A small store in the layout of xstars.store, written directly (no servers): training tests.
+
+Every sample is one smooth random ground field (sinusoids in metres), seen by each sensor on
+its own grid: the sensors agree on the ground, so georeferenced crops can be checked and the
+cross-sensor losses have something to learn.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+SENSORS = {"s2": (10.0, ["B02", "B03", "B04", "B08"]), "l8": (30.0, ["blue", "green", "red"]),
+           "ign": (2.0, ["R", "G", "B", "NIR"])}
+
+
+def ground_field(x: np.ndarray, y: np.ndarray, sample: int, band: int) -> np.ndarray:
+    rng = np.random.default_rng([sample, 7])
+    waves = rng.uniform(1 / 400, 1 / 90, size=(3, 2)) * rng.choice([-1, 1], size=(3, 2))
+    phases = rng.uniform(0, 2 * np.pi, size=3)
+    value = sum(np.sin(2 * np.pi * (x * w[0] + y * w[1]) + p) for w, p in zip(waves, phases, strict=True))
+    return 0.3 + 0.08 * value * (1 + 0.2 * band) + 0.02 * band
+
+
+def write_store(path: Path, samples: int = 12, footprint_m: float = 480.0, samples_per_shard: int = 4,
+                splits: tuple[str, ...] | None = None, invalid: dict[int, float] | None = None) -> Path:
+    """``invalid``: sample -> fraction of rows marked unusable (top of the tile) in every sensor."""
+    import zarr
+
+    root = zarr.open_group(str(path), mode="w", zarr_format=3)
+    root.attrs["xstars"] = {"samples": samples, "samples_per_shard": samples_per_shard, "crs": "EPSG:2154",
+                            "footprint_m": footprint_m}
+    splits = splits or tuple("train" if i < samples * 2 // 3 else "test" for i in range(samples))
+    origins = [(400000.0 + 1000 * i, 6400000.0 + 500 * (i % 3)) for i in range(samples)]
+    for sensor, (gsd, bands) in SENSORS.items():
+        px = int(footprint_m / gsd)
+        group = root.create_group(sensor)
+        scale = 1e-4 if sensor != "ign" else 1 / 255
+        data = group.create_array("data", shape=(samples, len(bands), px, px), dtype="int16" if sensor != "ign" else "uint8",
+                                  chunks=(1, len(bands), px, px), shards=(samples_per_shard, len(bands), px, px),
+                                  attributes={"scale_factor": scale, "gsd_m": gsd})
+        valid = group.create_array("valid", shape=(samples, px, px), dtype="uint8", chunks=(1, px, px),
+                                   shards=(samples_per_shard, px, px))
+        transforms = np.zeros((samples, 6))
+        values = np.zeros((samples, len(bands), px, px))
+        masks = np.ones((samples, px, px), dtype="uint8")
+        for i, (x0, y0) in enumerate(origins):
+            centres = (np.arange(px) + 0.5) * gsd
+            x, y = np.meshgrid(x0 + centres, y0 - centres)
+            values[i] = np.stack([ground_field(x, y, i, b) for b in range(len(bands))])
+            transforms[i] = (x0, gsd, 0.0, y0, 0.0, -gsd)
+            if invalid and i in invalid:
+                masks[i, : int(px * invalid[i])] = 0
+        data[:] = np.round(values / scale).astype(data.dtype)
+        valid[:] = masks
+        group.create_array("band", shape=(len(bands),), dtype=str)[:] = np.array(bands, dtype=object)
+        group.create_array("split", shape=(samples,), dtype=str)[:] = np.array(splits, dtype=object)
+        group.create_array("status", shape=(samples,), dtype=str)[:] = np.array(["ok"] * samples, dtype=object)
+        group.create_array("site_id", shape=(samples,), dtype=str)[:] = np.array(
+            [f"site-{i:03d}" for i in range(samples)], dtype=object)
+        group.create_array("transform", shape=(samples, 6), dtype="float64")[:] = transforms
+        train = [i for i, s in enumerate(splits) if s == "train"]
+        physical = values[train].transpose(1, 0, 2, 3).reshape(len(bands), -1)
+        group.attrs["normalization"] = {"split": "train", "mean": physical.mean(axis=1).round(6).tolist(),
+                                        "std": physical.std(axis=1).round(6).tolist()}
+    return path
