@@ -30,11 +30,19 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/demo.smk"
 include: "workflow/rules/catalog.smk"
 include: "workflow/rules/build.smk"
+include: "workflow/rules/pretrain.smk"
 
 
 localrules:
     all,
     build_dataset,
+    pretrain,
+
+
+rule pretrain:
+    input:
+        expand(PRETRAIN / "{run}" / "backbone.safetensors", run=PRETRAIN_RUNS),
+        PRETRAIN / "losses.png",
 
 
 rule all:

@@ -13,6 +13,8 @@
     xstars build init --manifest M --store dataset.zarr --out init.json
     xstars build part --manifest M --store dataset.zarr --part K --out part-K.json
     xstars build finalize --manifest M --store dataset.zarr --out summary.json part-*.json
+    xstars pretrain run --store dataset.zarr --run NAME --out-dir DIR [--nproc N] [--max-steps K]
+    xstars pretrain figure --out losses.png RUN/metrics.jsonl...
 
 Every command that reads the configuration takes ``--config FILE [--world W] [--set K=V]`` or
 ``--config-json JSON`` (the resolved config, or the sections a rule needs, as the workflow
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -40,13 +43,20 @@ from xstars.errors import ConfigError, XstarsError
 
 log = logging.getLogger("xstars.cli")
 
+#: Environment variable carrying the command to the processes torchrun starts (torchrun's own
+#: parser would take options such as --run or --nproc as abbreviations of its own).
+TORCHRUN_ARGV = "XSTARS_TORCHRUN_ARGV"
+
 #: Exit status for an error the user can fix (bad config, service down...), as argparse uses.
 EXIT_USAGE = 2
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``xstars`` console script; returns the exit status."""
+    if argv is None and len(sys.argv) == 1 and TORCHRUN_ARGV in os.environ:
+        argv = json.loads(os.environ[TORCHRUN_ARGV])  # a process started by `pretrain run --nproc N`
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what torchrun re-runs in each process
     logging.basicConfig(
         level=args.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -72,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="logging threshold (logs go to stderr; default: %(default)s)",
     )
-    groups = parser.add_subparsers(dest="group", required=True, metavar="{config,demo,catalog,build}")
+    groups = parser.add_subparsers(dest="group", required=True, metavar="{config,demo,catalog,build,pretrain}")
 
     config_opts = _config_options()
     config_cmds = groups.add_parser("config", help="inspect the configuration").add_subparsers(
@@ -160,6 +170,23 @@ def build_parser() -> argparse.ArgumentParser:
     figures.add_argument("--samples-out", type=Path, required=True)
     figures.add_argument("--shifts-out", type=Path, required=True)
     figures.set_defaults(func=cmd_build_figures)
+
+    pretrain_cmds = groups.add_parser("pretrain", help="X-STARS pretraining on the store").add_subparsers(
+        dest="command", required=True
+    )
+    run = pretrain_cmds.add_parser("run", parents=[config_opts], help="train one run of pretrain.runs")
+    run.add_argument("--store", type=Path, required=True, help="the Zarr store (a folder)")
+    run.add_argument("--run", required=True, help="name of the run in pretrain.runs")
+    run.add_argument("--out-dir", type=Path, required=True, help="checkpoint, metrics and exported backbone go here")
+    run.add_argument("--nproc", type=int, default=1,
+                     help="processes (one per GPU; gloo on CPU): >1 starts torchrun (default: %(default)s)")
+    run.add_argument("--init", type=Path, help="source weights of a continual run (default: continual.checkpoint)")
+    run.add_argument("--max-steps", type=int, help="stop after this many steps (a checkpoint is written)")
+    run.set_defaults(func=cmd_pretrain_run)
+    losses = pretrain_cmds.add_parser("figure", help="loss curves of runs (PNG)")
+    losses.add_argument("--out", type=Path, required=True)
+    losses.add_argument("metrics", type=Path, nargs="+", help="metrics.jsonl of each run (in its run folder)")
+    losses.set_defaults(func=cmd_pretrain_figure)
 
     check = demo_cmds.add_parser("check-coregistration", parents=[root_opt],
                                  help="co-registration residuals against the demo world's known shifts")
@@ -415,6 +442,39 @@ def cmd_build_figures(args: argparse.Namespace) -> int:
 
     plot_samples(args.store, args.samples_out)
     plot_shifts(args.store, json.loads(args.summary.read_text()), args.shifts_out)
+    return 0
+
+
+def cmd_pretrain_run(args: argparse.Namespace) -> int:
+    """Train one run; with ``--nproc N`` > 1, start N processes through torchrun (DDP)."""
+    import subprocess
+
+    from xstars.config import run_settings
+
+    config = config_from_args(args)
+    settings = run_settings(config, args.run)
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        # torchrun runs this same command in every process; WORLD_SIZE tells them apart.
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+                   "-m", "xstars"]
+        log.info("pretrain %s: starting %d processes with torchrun", args.run, args.nproc)
+        env = {**os.environ, TORCHRUN_ARGV: json.dumps(args.argv)}
+        return subprocess.run(command, env=env, check=False).returncode
+    from xstars.train import BACKBONE, pretrain
+
+    init = args.init
+    if init is None and settings["mode"] == "continual" and settings["continual"]["from_run"]:
+        init = args.out_dir.parent / settings["continual"]["from_run"] / BACKBONE  # a sibling run's export
+    summary = pretrain(args.store, settings, args.out_dir, seed=config["seed"], init_checkpoint=init,
+                       max_steps=args.max_steps, progress=sys.stderr.isatty())
+    log.info("pretrain %s %s", args.run, json.dumps(summary, sort_keys=True))
+    return 0
+
+
+def cmd_pretrain_figure(args: argparse.Namespace) -> int:
+    from xstars.train import plot_losses
+
+    plot_losses({path.parent.name: path for path in args.metrics}, args.out)
     return 0
 
 

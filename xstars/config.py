@@ -32,7 +32,7 @@ from xstars.errors import ConfigError
 DEFAULT_CONFIG = Path("config.yaml")
 
 _SCHEMA_RESOURCE = ("schemas", "config.schema.yaml")
-_CITIES_RESOURCE = ("data", "cities.csv")
+_CITIES_RESOURCE = ("resources", "cities.csv")
 
 
 @functools.cache
@@ -335,7 +335,7 @@ def _consistency_errors(config: dict) -> Iterator[_Error]:
             known_names = ", ".join(sorted(known))
             yield (
                 ("sites", "cities", i),
-                f"{city!r} is not in xstars/data/cities.csv (known: {known_names})",
+                f"{city!r} is not in xstars/resources/cities.csv (known: {known_names})",
             )
     sites = config["sites"]
     split = sites["split"]

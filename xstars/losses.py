@@ -113,13 +113,11 @@ def msad_pair_dense(emb_a: torch.Tensor, emb_b: torch.Tensor, valid: torch.Tenso
     b, t, _ = emb_a.shape
     if valid is None:
         valid = torch.ones(b, t, dtype=torch.bool, device=emb_a.device)
-    keep = t if tokens_per_tile <= 0 else min(tokens_per_tile, t)
-    # Random positions, valid first: a random score, pushed below every valid one when invalid.
-    score = torch.rand(b, t, device=emb_a.device) + valid.float() * 2
-    index = score.topk(keep, dim=1).indices  # [B, K]
+    index = draw_positions(valid, tokens_per_tile)  # [B, K]
+    keep = index.shape[1]
     chosen_valid = valid.gather(1, index).reshape(-1)
-    za = F.normalize(emb_a.gather(1, index[..., None].expand(-1, -1, emb_a.shape[-1])).reshape(b * keep, -1), dim=-1)
-    zb = F.normalize(emb_b.gather(1, index[..., None].expand(-1, -1, emb_b.shape[-1])).reshape(b * keep, -1), dim=-1)
+    za = F.normalize(take_positions(emb_a, index).reshape(b * keep, -1), dim=-1)
+    zb = F.normalize(take_positions(emb_b, index).reshape(b * keep, -1), dim=-1)
     offset = 0
     za_all, zb_all, valid_all = za, zb, chosen_valid
     if gather and torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -143,6 +141,21 @@ def msad_pair_dense(emb_a: torch.Tensor, emb_b: torch.Tensor, valid: torch.Tenso
                  + F.cross_entropy(logits_ba, labels, reduction="none")) / 2
     weight = chosen_valid.to(per_token.dtype)
     return (per_token * weight).sum() / weight.sum().clamp(min=1.0)
+
+
+def draw_positions(valid: torch.Tensor, tokens_per_tile: int) -> torch.Tensor:
+    """``tokens_per_tile`` random positions per tile (``[B, K]``), valid ones first; 0 = all."""
+    b, t = valid.shape
+    if tokens_per_tile <= 0 or tokens_per_tile >= t:
+        return torch.arange(t, device=valid.device).expand(b, t)
+    # A random score, pushed above every invalid position's when valid.
+    score = torch.rand(b, t, device=valid.device) + valid.float() * 2
+    return score.topk(tokens_per_tile, dim=1).indices
+
+
+def take_positions(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[i, index[i]]`` for ``x`` of shape ``[B, T, D]``."""
+    return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
 
 
 def align_token_grids(tokens: Mapping[str, torch.Tensor], valid: Mapping[str, torch.Tensor] | None = None,
@@ -184,11 +197,14 @@ def msad_total(tokens: Mapping[str, torch.Tensor], valid: Mapping[str, torch.Ten
         raise ValueError(f"unknown MSAD variant {variant!r} (original or dense)")
     total = next(iter(aligned.values())).new_zeros(())
     for first, second in itertools.combinations(list(aligned), 2):
-        both = None
+        a, b = aligned[first][:, 1:], aligned[second][:, 1:]  # patch tokens only: CLS is not a place
+        both = torch.ones(a.shape[:2], dtype=torch.bool, device=a.device)
         if first in flags and second in flags:
-            both = (flags[first] & flags[second])[:, 1:]  # patch tokens only: CLS is not a place
-        total = total + msad_pair_dense(head(aligned[first][:, 1:], 0), head(aligned[second][:, 1:], 1), both,
-                                        tau, tokens_per_tile, gather)
+            both = (flags[first] & flags[second])[:, 1:]
+        # Draw the positions first and project only those: the heads are most of the cost.
+        index = draw_positions(both, tokens_per_tile)
+        total = total + msad_pair_dense(head(take_positions(a, index), 0), head(take_positions(b, index), 1),
+                                        both.gather(1, index), tau, 0, gather)
     return total
 
 

@@ -10,7 +10,7 @@ How sites are drawn (deterministic for a given ``seed``):
 1. Candidate cells: around each city of ``sites.cities`` the cells whose centre lies within
    ``city_radius_m`` of the city centre; with ``uniform_count > 0``, every cell of the country.
    A cell is a candidate only if its whole footprint lies inside the mainland France boundary
-   shipped in ``xstars/data/france_mainland.geojson`` (Natural Earth 1:110m, public domain).
+   shipped in ``xstars/resources/france_mainland.geojson`` (Natural Earth 1:110m, public domain).
 2. Split, before drawing, so that it does not depend on which cells are drawn:
    ``blocks`` cuts the plane into square blocks of ``block_m`` and sends whole blocks to
    train/val/test; ``cities`` sends whole cities (``val_cities``, ``test_cities``; the rest and
@@ -76,7 +76,7 @@ def site_id(region: str, col: int, row: int) -> str:
 @functools.cache
 def france_boundary(crs: str = "EPSG:2154") -> Polygon:
     """The shipped mainland France boundary, projected to ``crs``."""
-    text = resources.files("xstars.data").joinpath("france_mainland.geojson").read_text()
+    text = resources.files("xstars.resources").joinpath("france_mainland.geojson").read_text()
     geometry = shape(json.loads(text)["features"][0]["geometry"])
     # Densify first: the boundary's edges are long and a projection bends them.
     return reproject_geometry(shapely.segmentize(geometry, 0.05), "EPSG:4326", crs)
@@ -185,7 +185,7 @@ def sample_sites(config: Mapping[str, Any]) -> list[Site]:
         if not boundary.contains(shapely.Point(centres[city])):
             raise ConfigError(
                 f"sites.cities[{index}]: {city!r} lies outside the mainland France boundary "
-                "(xstars/data/france_mainland.geojson)"
+                "(xstars/resources/france_mainland.geojson)"
             )
         near = _filter_inside(cells_near(centres[city], cfg["city_radius_m"], footprint_m), boundary, footprint_m)
         for cell in near:

@@ -29,7 +29,8 @@ STORE = DATASET / "dataset.zarr"
 def get_final_output():
     """Targets of `rule all`; each stage adds its own here."""
     demo = [DEMO_ROOT / "world.json", RESULTS / "preview.png", DATASET / "coregistration_vs_truth.json"]
-    return [*(demo if IS_DEMO else []), RESULTS / "catalog" / "catalog.png", DATASET / "samples.png"]
+    pretrain = [PRETRAIN / run / "backbone.safetensors" for run in PRETRAIN_RUNS] + [PRETRAIN / "losses.png"]
+    return [*(demo if IS_DEMO else []), RESULTS / "catalog" / "catalog.png", DATASET / "samples.png", *pretrain]
 
 
 def config_json(*sections):
@@ -80,3 +81,43 @@ def build_parts(wildcards):
     with checkpoints.store_init.get().output[0].open() as f:
         parts = json.load(f)["parts"]
     return [DATASET / "parts" / f"part-{part}.json" for part in range(parts)]
+
+
+# ------------------------------------------------------------------------------ pretrain
+
+PRETRAIN = RESULTS / "pretrain"
+PRETRAIN_RUNS = list(config["pretrain"]["runs"])
+_resources = config["pretrain"]["resources"]
+PRETRAIN_GPUS = _resources["gpus_per_node"]
+PRETRAIN_CPUS = _resources["cpus_per_gpu"] * max(PRETRAIN_GPUS, 1)
+PRETRAIN_MEM_MB = _resources["mem_mb_per_gpu"] * max(PRETRAIN_GPUS, 1)
+
+
+wildcard_constraints:
+    run="|".join(PRETRAIN_RUNS) or "(?!)",
+
+
+def pretrain_settings(run):
+    from xstars.config import run_settings
+
+    return run_settings(config, run)
+
+
+def pretrain_source_input(wildcards):
+    """A continual run starts from another run's exported backbone: that run comes first."""
+    continual = pretrain_settings(wildcards.run)["continual"]
+    if pretrain_settings(wildcards.run)["mode"] == "continual" and continual["from_run"]:
+        return [PRETRAIN / continual["from_run"] / "backbone.safetensors"]
+    return []
+
+
+def pretrain_run_json(wildcards):
+    """The config a run needs, as JSON: the shared pretrain values and this run's overlay (and
+    its source run's), so that editing another run does not retrain this one."""
+    pretrain = {k: v for k, v in config["pretrain"].items() if k not in ("runs", "resources")}
+    runs = {wildcards.run: config["pretrain"]["runs"][wildcards.run]}
+    source = pretrain_settings(wildcards.run)["continual"]["from_run"]
+    if source:
+        runs[source] = config["pretrain"]["runs"][source]
+    return json.dumps({"seed": config["seed"], "pretrain": pretrain | {"runs": runs}},
+                      sort_keys=True)
