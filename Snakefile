@@ -31,18 +31,27 @@ include: "workflow/rules/demo.smk"
 include: "workflow/rules/catalog.smk"
 include: "workflow/rules/build.smk"
 include: "workflow/rules/pretrain.smk"
+include: "workflow/rules/evaluate.smk"
 
 
 localrules:
     all,
     build_dataset,
     pretrain,
+    evaluate,
 
 
 rule pretrain:
     input:
         expand(PRETRAIN / "{run}" / "backbone.safetensors", run=PRETRAIN_RUNS),
         PRETRAIN / "losses.png",
+
+
+rule evaluate:
+    input:
+        EVALUATE / "results.md",
+        EVALUATE / "label_efficiency.png",
+        EVALUATE / "retrieval_examples.png",
 
 
 rule all:

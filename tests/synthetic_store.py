@@ -64,4 +64,27 @@ def write_store(path: Path, samples: int = 12, footprint_m: float = 480.0, sampl
         physical = values[train].transpose(1, 0, 2, 3).reshape(len(bands), -1)
         group.attrs["normalization"] = {"split": "train", "mean": physical.mean(axis=1).round(6).tolist(),
                                         "std": physical.std(axis=1).round(6).tolist()}
+    write_labels(root, origins, footprint_m, samples, samples_per_shard, splits)
     return path
+
+
+#: WorldCover classes given to ranges of the ground field (so every sensor sees the classes).
+LABEL_CLASSES = ((0.22, 80), (0.30, 10), (0.38, 30), (9.0, 50))
+
+
+def write_labels(root, origins, footprint_m: float, samples: int, samples_per_shard: int, splits) -> None:
+    px = int(footprint_m / 10)
+    group = root.create_group("labels")
+    maps = np.zeros((samples, 1, px, px), dtype="uint8")
+    for i, (x0, y0) in enumerate(origins):
+        centres = (np.arange(px) + 0.5) * 10
+        field = ground_field(*np.meshgrid(x0 + centres, y0 - centres), i, 0)
+        for upper, code in reversed(LABEL_CLASSES):
+            maps[i, 0][field < upper] = code
+    group.create_array("data", shape=maps.shape, dtype="uint8", chunks=(1, 1, px, px),
+                       shards=(samples_per_shard, 1, px, px))[:] = maps
+    group.create_array("valid", shape=(samples, px, px), dtype="uint8", chunks=(1, px, px),
+                       shards=(samples_per_shard, px, px))[:] = 1
+    group.create_array("band", shape=(1,), dtype=str)[:] = np.array(["class"], dtype=object)
+    group.create_array("split", shape=(samples,), dtype=str)[:] = np.array(splits, dtype=object)
+    group.create_array("status", shape=(samples,), dtype=str)[:] = np.array(["ok"] * samples, dtype=object)

@@ -174,4 +174,4 @@ def test_export_and_continual_pretraining_from_it(store: Path, tmp_path: Path) -
 def test_cosine_schedule_warms_up_then_decays() -> None:
     values = train.cosine_schedule(1.0, 0.0, epochs=4, steps_per_epoch=5, warmup_epochs=1)
     assert len(values) == 20 and values[0] == 0.0 and values[5] == 1.0
-    assert all(a >= b for a, b in itertools.pairwise(values)) and values[-1] < 0.02
+    assert all(a >= b for a, b in itertools.pairwise(values[5:])) and values[-1] < 0.02

@@ -15,6 +15,8 @@
     xstars build finalize --manifest M --store dataset.zarr --out summary.json part-*.json
     xstars pretrain run --store dataset.zarr --run NAME --out-dir DIR [--nproc N] [--max-steps K]
     xstars pretrain figure --out losses.png RUN/metrics.jsonl...
+    xstars evaluate model --store dataset.zarr --model NAME --runs-dir results/pretrain --out NAME.json
+    xstars evaluate report --store dataset.zarr --out-dir results/evaluate MODEL.json...
 
 Every command that reads the configuration takes ``--config FILE [--world W] [--set K=V]`` or
 ``--config-json JSON`` (the resolved config, or the sections a rule needs, as the workflow
@@ -82,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="logging threshold (logs go to stderr; default: %(default)s)",
     )
-    groups = parser.add_subparsers(dest="group", required=True, metavar="{config,demo,catalog,build,pretrain}")
+    groups = parser.add_subparsers(dest="group", required=True, metavar="{config,demo,catalog,build,pretrain,evaluate}")
 
     config_opts = _config_options()
     config_cmds = groups.add_parser("config", help="inspect the configuration").add_subparsers(
@@ -187,6 +189,22 @@ def build_parser() -> argparse.ArgumentParser:
     losses.add_argument("--out", type=Path, required=True)
     losses.add_argument("metrics", type=Path, nargs="+", help="metrics.jsonl of each run (in its run folder)")
     losses.set_defaults(func=cmd_pretrain_figure)
+
+    evaluate_cmds = groups.add_parser("evaluate", help="downstream tasks on frozen features").add_subparsers(
+        dest="command", required=True
+    )
+    model = evaluate_cmds.add_parser("model", parents=[config_opts], help="every task for one model (JSON)")
+    model.add_argument("--store", type=Path, required=True, help="the Zarr store (a folder)")
+    model.add_argument("--model", required=True, help="a run of pretrain.runs, or `random`")
+    model.add_argument("--runs-dir", type=Path, required=True, help="folder of the runs (<run>/backbone.safetensors)")
+    model.add_argument("--out", type=Path, required=True)
+    model.set_defaults(func=cmd_evaluate_model)
+    report = evaluate_cmds.add_parser("report", help="tables and figures from the models' results")
+    report.add_argument("--store", type=Path, required=True)
+    report.add_argument("--out-dir", type=Path, required=True)
+    report.add_argument("--seeds", default="", help="probe seeds, listed in the table's notes (comma-separated)")
+    report.add_argument("results", type=Path, nargs="+", help="the models' JSON results")
+    report.set_defaults(func=cmd_evaluate_report)
 
     check = demo_cmds.add_parser("check-coregistration", parents=[root_opt],
                                  help="co-registration residuals against the demo world's known shifts")
@@ -475,6 +493,40 @@ def cmd_pretrain_figure(args: argparse.Namespace) -> int:
     from xstars.train import plot_losses
 
     plot_losses({path.parent.name: path for path in args.metrics}, args.out)
+    return 0
+
+
+def cmd_evaluate_model(args: argparse.Namespace) -> int:
+    """Embed the store with one model and run every probe; write its records."""
+    import torch
+
+    from xstars.evaluate import evaluate_model, random_model, save
+    from xstars.train import BACKBONE, load_exported
+
+    config = config_from_args(args)
+    settings = config["evaluate"]
+    if args.model == "random":
+        backbone, description = random_model(args.store, config["pretrain"], settings["sensors"], config["seed"])
+    else:
+        backbone, description = load_exported(args.runs_dir / args.model / BACKBONE)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    result = evaluate_model(backbone, description, args.store, settings, args.model, device)
+    save(result, args.out)
+    log.info("evaluate %s: %d records", args.model, len(result["records"]))
+    return 0
+
+
+def cmd_evaluate_report(args: argparse.Namespace) -> int:
+    """The results table (CSV + Markdown), label-efficiency curves and retrieval examples."""
+    from xstars.evaluate import plot_label_efficiency, plot_retrieval_examples, write_tables
+
+    results = [json.loads(path.read_text()) for path in args.results]
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    write_tables(results, args.out_dir / "results.csv", args.out_dir / "results.md", seeds)
+    plot_label_efficiency(results, args.out_dir / "label_efficiency.png")
+    plot_retrieval_examples(results, args.store, args.out_dir / "retrieval_examples.png")
+    print((args.out_dir / "results.md").read_text())
     return 0
 
 

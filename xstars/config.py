@@ -400,6 +400,12 @@ def _consistency_errors(config: dict) -> Iterator[_Error]:
         yield ("dates", "seasons"), f"season names must be unique, got {names}"
     for run in config["pretrain"]["runs"]:
         yield from _run_settings(config["pretrain"], run)[1]
+    evaluate = config["evaluate"]
+    for i, model in enumerate(evaluate["models"]):
+        if model not in config["pretrain"]["runs"]:
+            yield ("evaluate", "models", i), f"{model!r} is not a run of pretrain.runs"
+    if evaluate["include_random"] and "random" in config["pretrain"]["runs"]:
+        yield ("pretrain", "runs", "random"), "`random` names the randomly initialised baseline: rename the run"
     demo = config["demo"]
     if demo["port"] == demo["stac_backend_port"]:
         yield ("demo", "stac_backend_port"), f"must differ from demo.port ({demo['port']})"

@@ -20,6 +20,7 @@ sees exactly the batches the uninterrupted run saw (:func:`stream_plan`, :func:`
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
@@ -418,12 +419,30 @@ class PretrainBatches(IterableDataset):
             # The DINO sensor is the same on every rank (the same parameters are used everywhere).
             sensor = self.dino_sensors[int(np.random.default_rng([self.seed, epoch, g]).integers(len(self.dino_sensors)))]
             rng = batch_rng(self.seed, epoch, self.rank, g)
-            views = [sample_views(cache[i], sensor, self.paired_sensors[sensor], self.spec, rng) for i in batch_ids]
+            with _one_thread():
+                views = [sample_views(cache[i], sensor, self.paired_sensors[sensor], self.spec, rng)
+                         for i in batch_ids]
             for i in batch_ids:
                 remaining[i] -= 1
                 if remaining[i] == 0:
                     cache.pop(i, None)
             yield {"epoch": epoch, "step": g, "sensor": sensor, "index": torch.tensor(batch_ids), **collate(views)}
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Small tensor operations on one thread: with several, OpenMP's synchronisation costs more
+    than the work (100x slower blurs when the cores are busy). DataLoader workers already run
+    on one thread; this covers loading in the training process (num_workers 0)."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def steps_per_epoch(n_samples: int, batch_size: int, world_size: int, workers: int) -> int:

@@ -330,6 +330,21 @@ def _band_statistics(group, samples: Sequence[int]) -> dict[str, Any]:
 # =================================================================================== figures
 
 
+RGB_BANDS = {"s2": ["B04", "B03", "B02"], "l8": ["red", "green", "blue"], "ign": ["R", "G", "B"]}
+
+
+def rgb_image(group, sample: int) -> np.ndarray:
+    """A sensor's tile as true colour for figures ([H, W, 3] in 0-1, 2-98 % stretch, invalid in red)."""
+    names = list(group["band"][:])
+    sensor = group.basename
+    data = group["data"][sample][[names.index(b) for b in RGB_BANDS[sensor]]].astype(np.float32)
+    valid = group["valid"][sample].astype(bool)
+    low, high = np.percentile(data[:, valid], (2, 98)) if valid.any() else (0, 1)
+    image = np.clip((data - low) / max(high - low, 1e-6), 0, 1).transpose(1, 2, 0)
+    image[~valid] = image[~valid] * 0.3 + np.array([0.6, 0.0, 0.0]) * 0.7
+    return image
+
+
 def plot_samples(path: Path, out: Path, count: int = 4) -> Path:
     """A few sites as each sensor stores them (true colour), beside their label map."""
     import matplotlib
@@ -343,7 +358,6 @@ def plot_samples(path: Path, out: Path, count: int = 4) -> Path:
     status = root["s2"]["status"][:]
     ok = np.nonzero(status == "ok")[0]
     picks = ok[np.linspace(0, len(ok) - 1, min(count, len(ok))).round().astype(int)] if len(ok) else []
-    rgb_bands = {"s2": ["B04", "B03", "B02"], "l8": ["red", "green", "blue"], "ign": ["R", "G", "B"]}
     fig, axes = plt.subplots(max(len(picks), 1), 4, figsize=(12, 3.1 * max(len(picks), 1)), squeeze=False)
     if not len(picks):
         axes[0, 0].text(0, 0.5, "no site kept: see summary.json for the reasons", fontsize=12)
@@ -357,13 +371,7 @@ def plot_samples(path: Path, out: Path, count: int = 4) -> Path:
     for row, sample in enumerate(picks):
         for col, sensor in enumerate(("ign", "s2", "l8")):
             group = root[sensor]
-            names = list(group["band"][:])
-            data = group["data"][sample][[names.index(b) for b in rgb_bands[sensor]]].astype(np.float32)
-            valid = group["valid"][sample].astype(bool)
-            low, high = np.percentile(data[:, valid], (2, 98)) if valid.any() else (0, 1)
-            image = np.clip((data - low) / max(high - low, 1e-6), 0, 1).transpose(1, 2, 0)
-            image[~valid] = image[~valid] * 0.3 + np.array([0.6, 0.0, 0.0]) * 0.7  # invalid in red
-            axes[row, col].imshow(image, interpolation="nearest")
+            axes[row, col].imshow(rgb_image(group, sample), interpolation="nearest")
             axes[row, col].set_title(f"{sensor} {group['date'][sample][:10]}", fontsize=8)
         labels = root["labels"]["data"][sample][0]
         axes[row, 3].imshow(lut[labels], cmap=ListedColormap([worldcover[c] for c in codes]), vmin=0,

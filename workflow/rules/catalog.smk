@@ -31,7 +31,8 @@ else:
         output:
             CATALOG / "sites.parquet",
         params:
-            cfg=config_json("seed", "sites"),
+            # sensors too: a footprint must be a whole number of every sensor's pixels.
+            cfg=config_json("seed", "sites", "sensors"),
         log:
             "logs/catalog/sites.log",
         conda:

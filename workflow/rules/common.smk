@@ -30,7 +30,14 @@ def get_final_output():
     """Targets of `rule all`; each stage adds its own here."""
     demo = [DEMO_ROOT / "world.json", RESULTS / "preview.png", DATASET / "coregistration_vs_truth.json"]
     pretrain = [PRETRAIN / run / "backbone.safetensors" for run in PRETRAIN_RUNS] + [PRETRAIN / "losses.png"]
-    return [*(demo if IS_DEMO else []), RESULTS / "catalog" / "catalog.png", DATASET / "samples.png", *pretrain]
+    evaluate = [EVALUATE / "results.md", EVALUATE / "label_efficiency.png", EVALUATE / "retrieval_examples.png"]
+    return [
+        *(demo if IS_DEMO else []),
+        RESULTS / "catalog" / "catalog.png",
+        DATASET / "samples.png",
+        *pretrain,
+        *evaluate,
+    ]
 
 
 def config_json(*sections):
@@ -121,3 +128,20 @@ def pretrain_run_json(wildcards):
         runs[source] = config["pretrain"]["runs"][source]
     return json.dumps({"seed": config["seed"], "pretrain": pretrain | {"runs": runs}},
                       sort_keys=True)
+
+
+# ------------------------------------------------------------------------------ evaluate
+
+EVALUATE = RESULTS / "evaluate"
+EVALUATE_MODELS = (config["evaluate"]["models"] or PRETRAIN_RUNS) + (
+    ["random"] if config["evaluate"]["include_random"] else []
+)
+
+
+wildcard_constraints:
+    model="|".join(EVALUATE_MODELS) or "(?!)",
+
+
+def evaluate_backbone_input(wildcards):
+    """A pretrained model is evaluated once its run has exported it; `random` needs nothing."""
+    return [] if wildcards.model == "random" else [PRETRAIN / wildcards.model / "backbone.safetensors"]

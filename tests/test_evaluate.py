@@ -1,0 +1,95 @@
+"""Evaluation: the metrics on cases with known answers, and every task end to end on a store."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.synthetic_store import write_store
+from tests.test_pretrain import tiny_settings
+from xstars import evaluate, train
+from xstars.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    return write_store(tmp_path_factory.mktemp("store") / "dataset.zarr", samples=12, samples_per_shard=4)
+
+
+def settings(**overrides) -> dict:
+    config = load_config(ROOT / "config.yaml")
+    return config["evaluate"] | {"probe_seeds": [0, 1], "label_fractions": [0.5, 1.0], "segmentation_epochs": 5,
+                                 "input_px": 32} | overrides
+
+
+def test_metrics_on_known_answers() -> None:
+    features = torch.eye(4)
+    assert evaluate.retrieval(features, features)[0] == {"top1": 1.0, "top5": 1.0}
+    shifted = torch.roll(features, 1, dims=0)  # every tile finds its neighbour first
+    scores, ranking = evaluate.retrieval(features, shifted)
+    assert scores["top1"] == 0.0 and ranking[0, 0] == 1
+    labels = torch.tensor([0, 0, 1, 1])
+    assert evaluate.knn_accuracy(features + 0.01, labels, features, labels, classes=2, k=1) == 1.0
+    targets = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    assert evaluate.mean_average_precision(targets * 2 - 1, targets) == 1.0
+    assert evaluate.mean_average_precision(torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.5, 0.5]]), targets) < 1.0
+    head = torch.nn.Conv2d(2, 2, 1, bias=False)
+    head.weight.data = torch.eye(2)[:, :, None, None]
+    maps = torch.tensor([[[0, 1], [1, 0]]])
+    patches = torch.nn.functional.one_hot(maps, 2).float()  # [1, 2, 2, 2]: the class as a feature
+    assert evaluate.mean_iou(head, patches, maps, 2) == 1.0
+    maps_with_hole = maps.clone()
+    maps_with_hole[0, 0, 0] = evaluate.NO_LABEL
+    assert evaluate.mean_iou(head, patches, maps_with_hole, 2) == 1.0  # unknown pixels are ignored
+
+
+def test_label_subsets_are_seeded_and_never_empty() -> None:
+    assert len(evaluate.subset(50, 0.01, 0)) == 1
+    assert torch.equal(evaluate.subset(50, 0.1, 3), evaluate.subset(50, 0.1, 3))
+    assert not torch.equal(evaluate.subset(50, 0.1, 3), evaluate.subset(50, 0.1, 4))
+
+
+def test_every_task_for_a_random_and_a_trained_model(store: Path, tmp_path: Path) -> None:
+    random_backbone, description = evaluate.random_model(store, tiny_settings(), ["s2", "l8", "ign"], seed=0)
+    results = [evaluate.evaluate_model(random_backbone, description, store, settings(), "random")]
+    train.pretrain(store, tiny_settings(optim={"epochs": 1}), tmp_path / "run", seed=0, progress=False)
+    backbone, description = train.load_exported(tmp_path / "run" / "backbone.safetensors")
+    results.append(evaluate.evaluate_model(backbone, description, store, settings(), "xstars"))
+    records = results[1]["records"]
+    tasks = {(r["task"], r["metric"]) for r in records}
+    assert tasks == {("retrieval", "top1"), ("retrieval", "top5"), ("classification", "knn_accuracy"),
+                     ("classification", "linear_accuracy"), ("classification", "presence_map"),
+                     ("segmentation", "miou"), ("transfer", "linear_accuracy"), ("transfer", "presence_map"),
+                     ("transfer", "miou")}
+    pairs = {(r["train_sensor"], r["test_sensor"]) for r in records if r["task"] == "retrieval"}
+    assert len(pairs) == 6  # every ordered pair of the three sensors
+    transfer = {(r["train_sensor"], r["test_sensor"], r["fraction"]) for r in records if r["task"] == "transfer"}
+    assert len(transfer) == 6 and {f for *_, f in transfer} == {1.0}
+    seeds = {r["seed"] for r in records if r["task"] == "segmentation"}
+    assert seeds == {0, 1}
+    assert all(0.0 <= r["value"] <= 1.0 for r in records)
+    assert results[1]["classes"] == [10, 30, 50, 80] and results[1]["test_tiles"] == 4
+
+    table = evaluate.write_tables(results, tmp_path / "results.csv", tmp_path / "results.md", [0, 1])
+    assert [line["model"] for line in table] == ["random", "xstars"]
+    markdown = (tmp_path / "results.md").read_text()
+    assert "| random |" in markdown and "retrieval top-1" in markdown and "probe seeds [0, 1]" in markdown
+    with (tmp_path / "results.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert {row["model"] for row in rows} == {"random", "xstars"} and all(row["n"] for row in rows)
+    evaluate.plot_label_efficiency(results, tmp_path / "curves.png")
+    evaluate.plot_retrieval_examples(results, store, tmp_path / "examples.png")
+    assert (tmp_path / "curves.png").stat().st_size > 10_000 and (tmp_path / "examples.png").stat().st_size > 10_000
+    json.dumps(results)  # what the rule writes
+
+
+def test_a_model_without_the_sensor_is_refused(store: Path, tmp_path: Path) -> None:
+    backbone, description = evaluate.random_model(store, tiny_settings(), ["s2"], seed=0)
+    with pytest.raises(Exception, match=r"not trained on 'l8'"):
+        evaluate.evaluate_model(backbone, description, store, settings(), "s2-only")

@@ -1,0 +1,480 @@
+"""Evaluate: downstream tasks on frozen features, to test the sensor-agnostic claim.
+
+For one model (an exported backbone, or a random initialisation as the floor), every tile of
+the store is embedded by every sensor at the model's input size (the whole footprint, through
+its own normalisation). Then, with the labels of the store (``labels`` group: WorldCover
+classes):
+
+* cross-sensor retrieval (test split): a tile seen by sensor A must find itself among the
+  tiles seen by sensor B; top-1 / top-5 for every ordered pair;
+* tile classification: majority class (k-NN and linear probe) and multi-label presence
+  (linear probe, mean average precision), per sensor;
+* segmentation: a linear layer on the patch tokens, upsampled to the label grid (mIoU);
+* label efficiency: the probes trained on fractions of the training tiles;
+* cross-sensor transfer: a probe trained on sensor A's features, tested on sensor B's.
+
+Every probe runs for each of ``probe_seeds`` (its initialisation and, below 100 %, its subset
+of training tiles); the records keep the seed so that the report gives mean and spread.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from xstars.data import (
+    SensorInfo,
+    StoreReader,
+    footprint_box,
+    resample_box,
+    sensor_infos,
+    usable_samples,
+)
+from xstars.errors import DataError
+from xstars.model import ViT
+
+log = logging.getLogger(__name__)
+
+NO_LABEL = 255  # label pixels without a class (no data), ignored by every metric
+
+
+# ================================================================================ features
+
+
+@dataclass
+class Embedded:
+    """Frozen features of some tiles by one sensor."""
+
+    cls: torch.Tensor  # [n, D]
+    patches: torch.Tensor  # [n, h, w, D]
+
+    def tile_features(self, kind: str = "cls_mean") -> torch.Tensor:
+        """One vector per tile: CLS, mean of patch tokens, or both (each L2-normalised)."""
+        mean = self.patches.flatten(1, 2).mean(dim=1)
+        parts = {"cls": [self.cls], "mean": [mean], "cls_mean": [self.cls, mean]}[kind]
+        return torch.cat([F.normalize(p, dim=-1) for p in parts], dim=-1)
+
+
+def model_infos(store: Path | str, description: Mapping[str, Any], sensors: Sequence[str]) -> dict[str, SensorInfo]:
+    """How the model reads each sensor (its bands and normalisation), located in the store."""
+    infos = {}
+    for sensor in sensors:
+        if sensor not in description["sensors"]:
+            raise DataError(f"the model was not trained on {sensor!r} (it knows {sorted(description['sensors'])})")
+        wanted = description["sensors"][sensor]
+        store_info = sensor_infos(store, [sensor], {sensor: wanted["bands"]})[sensor]
+        infos[sensor] = SensorInfo(sensor, tuple(wanted["bands"]), store_info.band_index,
+                                   np.asarray(wanted["mean"], dtype=np.float32),
+                                   np.asarray(wanted["std"], dtype=np.float32), store_info.scale, store_info.tile_px)
+    return infos
+
+
+@torch.no_grad()
+def embed(backbone: ViT, store: Path | str, infos: Mapping[str, SensorInfo], samples: Sequence[int], px: int,
+          batch_size: int = 64, device: torch.device | None = None) -> dict[str, Embedded]:
+    """Features of ``samples`` by every sensor of ``infos`` (whole footprints at ``px`` pixels)."""
+    device = device or next(backbone.parameters()).device
+    reader = StoreReader(store, infos)
+    per_shard = reader.samples_per_shard
+    views: dict[str, list[torch.Tensor]] = {s: [] for s in infos}
+    by_shard: dict[int, list[int]] = {}
+    for i in samples:
+        by_shard.setdefault(int(i) // per_shard, []).append(int(i))
+    for chunk in by_shard.values():  # one read per shard
+        tiles = reader.read(min(chunk), max(chunk) + 1)
+        for i in chunk:
+            for sensor, (image, _, transform) in tiles[i].items():
+                views[sensor].append(resample_box(image, transform, footprint_box(transform, image.shape[-1]), px))
+    out = {}
+    grid = px // backbone.patch_size
+    for sensor, images in views.items():
+        cls, patches = [], []
+        for start in range(0, len(images), batch_size):
+            tokens = backbone(torch.stack(images[start:start + batch_size]).to(device), sensor).float().cpu()
+            cls.append(tokens[:, 0])
+            patches.append(tokens[:, 1:].reshape(-1, grid, grid, tokens.shape[-1]))
+        out[sensor] = Embedded(torch.cat(cls), torch.cat(patches))
+    return out
+
+
+# ================================================================================== labels
+
+
+@dataclass
+class Labels:
+    """Targets of some tiles, from the store's label maps."""
+
+    maps: torch.Tensor  # [n, H, W] class index, NO_LABEL where unknown
+    majority: torch.Tensor  # [n] class index of the most frequent class
+    presence: torch.Tensor  # [n, C] 1 where a class covers at least the threshold
+    classes: list[int]  # WorldCover codes, in index order
+
+
+def read_labels(store: Path | str, samples: Sequence[int], classes: Sequence[int],
+                presence_threshold: float = 0.05) -> Labels:
+    import zarr
+
+    group = zarr.open_group(str(store), mode="r")["labels"]
+    codes = np.stack([group["data"][int(i)][0] for i in samples])
+    valid = np.stack([group["valid"][int(i)] for i in samples]).astype(bool)
+    lookup = np.full(256, NO_LABEL, dtype=np.int64)
+    lookup[list(classes)] = np.arange(len(classes))
+    maps = lookup[codes]
+    maps[~valid] = NO_LABEL
+    counts = np.stack([np.bincount(m[m != NO_LABEL], minlength=len(classes)) for m in maps])
+    fractions = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    return Labels(torch.from_numpy(maps), torch.from_numpy(counts.argmax(axis=1)),
+                  torch.from_numpy((fractions >= presence_threshold).astype(np.float32)), list(classes))
+
+
+def store_classes(store: Path | str, samples: Sequence[int]) -> list[int]:
+    """The label codes that occur in ``samples`` (sorted): the classes of every task."""
+    import zarr
+
+    group = zarr.open_group(str(store), mode="r")["labels"]
+    present: set[int] = set()
+    for i in samples:
+        values = group["data"][int(i)][0][group["valid"][int(i)].astype(bool)]
+        present |= set(np.unique(values).tolist())
+    present.discard(0)
+    if not present:
+        raise DataError(f"{store}: no labelled pixel in the evaluation tiles")
+    return sorted(present)
+
+
+# ================================================================================== probes
+
+
+def subset(n: int, fraction: float, seed: int) -> torch.Tensor:
+    """``fraction`` of ``n`` training tiles (at least one), drawn by ``seed``."""
+    size = max(1, round(fraction * n))
+    return torch.from_numpy(np.sort(np.random.default_rng([seed, 17]).permutation(n)[:size]))
+
+
+def knn_accuracy(train: torch.Tensor, train_y: torch.Tensor, test: torch.Tensor, test_y: torch.Tensor,
+                 classes: int, k: int = 20, temperature: float = 0.07) -> float:
+    """DINO's weighted k-NN classifier on cosine similarity."""
+    sims = F.normalize(test, dim=-1) @ F.normalize(train, dim=-1).T
+    k = min(k, train.shape[0])
+    top, index = sims.topk(k, dim=1)
+    votes = torch.zeros(test.shape[0], classes).scatter_add_(1, train_y[index], (top / temperature).exp())
+    return float((votes.argmax(dim=1) == test_y).float().mean())
+
+
+def standardise(train: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
+    mean, std = train.mean(dim=0), train.std(dim=0, unbiased=False).clamp(min=1e-6)
+    return [(x - mean) / std for x in (train, *others)]
+
+
+def fit_linear(x: torch.Tensor, y: torch.Tensor, outputs: int, seed: int, multilabel: bool = False,
+               weight_decay: float = 1e-3, iterations: int = 100) -> torch.nn.Linear:
+    """A linear probe, full batch, L-BFGS (deterministic given the seed)."""
+    torch.manual_seed(seed)
+    probe = torch.nn.Linear(x.shape[1], outputs)
+    optimizer = torch.optim.LBFGS(probe.parameters(), lr=1.0, max_iter=iterations, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        logits = probe(x)
+        loss = (F.binary_cross_entropy_with_logits(logits, y) if multilabel else F.cross_entropy(logits, y))
+        loss = loss + weight_decay * probe.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return probe
+
+
+def mean_average_precision(scores: torch.Tensor, targets: torch.Tensor) -> float:
+    """Mean over classes with at least one positive of the average precision."""
+    aps = []
+    for c in range(targets.shape[1]):
+        positives = targets[:, c].sum()
+        if positives == 0:
+            continue
+        order = scores[:, c].argsort(descending=True)
+        hits = targets[order, c]
+        precision = hits.cumsum(0) / torch.arange(1, len(hits) + 1)
+        aps.append(float((precision * hits).sum() / positives))
+    return float(np.mean(aps)) if aps else float("nan")
+
+
+def fit_segmentation(patches: torch.Tensor, maps: torch.Tensor, classes: int, seed: int, epochs: int = 60,
+                     lr: float = 1e-2, batch_size: int = 64) -> torch.nn.Conv2d:
+    """A linear layer on patch tokens (1x1 convolution), logits upsampled to the label grid."""
+    torch.manual_seed(seed)
+    head = torch.nn.Conv2d(patches.shape[-1], classes, kernel_size=1)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        for index in torch.randperm(len(patches), generator=generator).split(batch_size):
+            logits = segment(head, patches[index], maps.shape[-2:])
+            loss = F.cross_entropy(logits, maps[index], ignore_index=NO_LABEL)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return head
+
+
+def segment(head: torch.nn.Conv2d, patches: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    logits = head(patches.permute(0, 3, 1, 2))
+    return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def mean_iou(head: torch.nn.Conv2d, patches: torch.Tensor, maps: torch.Tensor, classes: int) -> float:
+    """mIoU over the classes present in the reference maps."""
+    with torch.no_grad():
+        predicted = segment(head, patches, maps.shape[-2:]).argmax(dim=1)
+    keep = maps != NO_LABEL
+    confusion = torch.bincount(maps[keep] * classes + predicted[keep], minlength=classes * classes)
+    confusion = confusion.reshape(classes, classes).double()
+    present = confusion.sum(dim=1) > 0
+    iou = confusion.diag() / (confusion.sum(dim=0) + confusion.sum(dim=1) - confusion.diag()).clamp(min=1)
+    return float(iou[present].mean())
+
+
+def retrieval(query: torch.Tensor, gallery: torch.Tensor, top: Sequence[int] = (1, 5)) -> tuple[dict, torch.Tensor]:
+    """Tile i by one sensor must find tile i by the other: top-k accuracies, and the ranking."""
+    sims = F.normalize(query, dim=-1) @ F.normalize(gallery, dim=-1).T
+    ranking = sims.argsort(dim=1, descending=True)
+    truth = torch.arange(len(query))[:, None]
+    return {f"top{k}": float((ranking[:, :k] == truth).any(dim=1).float().mean()) for k in top}, ranking
+
+
+# ================================================================================ evaluate
+
+
+def evaluate_model(backbone: ViT, description: Mapping[str, Any], store: Path | str, settings: Mapping[str, Any],
+                   name: str, device: torch.device | None = None) -> dict[str, Any]:
+    """Every task of ``settings`` (the ``evaluate`` config) for one model; JSON-ready records."""
+    sensors = list(settings["sensors"])
+    train_ids = usable_samples(store, sensors, settings["train_splits"])
+    test_ids = usable_samples(store, sensors, settings["test_splits"])
+    if len(train_ids) == 0 or len(test_ids) < 2:
+        raise DataError(f"{store}: {len(train_ids)} training and {len(test_ids)} test tiles usable by {sensors}: "
+                        "not enough to evaluate")
+    infos = model_infos(store, description, sensors)
+    px = int(settings["input_px"] or description["architecture"]["img_size"])
+    backbone = backbone.to(device or torch.device("cpu")).eval()
+    train = embed(backbone, store, infos, train_ids, px, settings["batch_size"], device)
+    test = embed(backbone, store, infos, test_ids, px, settings["batch_size"], device)
+    classes = store_classes(store, np.concatenate([train_ids, test_ids]))
+    train_y = read_labels(store, train_ids, classes, settings["presence_threshold"])
+    test_y = read_labels(store, test_ids, classes, settings["presence_threshold"])
+    kind = settings["feature"]
+    records: list[dict[str, Any]] = []
+
+    def record(task: str, metric: str, value: float, sensor: str, test_sensor: str, fraction: float | None,
+               seed: int | None) -> None:
+        records.append({"model": name, "task": task, "metric": metric, "value": round(float(value), 6),
+                        "train_sensor": sensor, "test_sensor": test_sensor, "fraction": fraction, "seed": seed})
+
+    examples = {}
+    for a in sensors:
+        for b in sensors:
+            if a == b:
+                continue
+            scores, ranking = retrieval(test[a].tile_features(kind), test[b].tile_features(kind))
+            for metric, value in scores.items():
+                record("retrieval", metric, value, a, b, None, None)
+            examples[f"{a}->{b}"] = ranking[: settings["examples"], :3].tolist()
+
+    n_classes = len(classes)
+    for seed in settings["probe_seeds"]:
+        for fraction in settings["label_fractions"]:
+            index = subset(len(train_ids), fraction, seed)
+            for a in sensors:
+                x_train, *x_tests = standardise(train[a].tile_features(kind)[index],
+                                                *(test[b].tile_features(kind) for b in sensors))
+                record("classification", "knn_accuracy",
+                       knn_accuracy(train[a].tile_features(kind)[index], train_y.majority[index],
+                                    test[a].tile_features(kind), test_y.majority, n_classes, settings["knn_k"]),
+                       a, a, fraction, seed)
+                probe = fit_linear(x_train, train_y.majority[index], n_classes, seed)
+                presence = fit_linear(x_train, train_y.presence[index], n_classes, seed, multilabel=True)
+                seg = fit_segmentation(train[a].patches[index], train_y.maps[index], n_classes, seed,
+                                       settings["segmentation_epochs"])
+                for b, x_test in zip(sensors, x_tests, strict=True):
+                    if b != a and fraction != 1.0:
+                        continue  # transfer at full labels only
+                    with torch.no_grad():
+                        accuracy = float((probe(x_test).argmax(dim=1) == test_y.majority).float().mean())
+                        average_precision = mean_average_precision(presence(x_test), test_y.presence)
+                    task = "classification" if b == a else "transfer"
+                    record(task, "linear_accuracy", accuracy, a, b, fraction, seed)
+                    record(task, "presence_map", average_precision, a, b, fraction, seed)
+                    record("segmentation" if b == a else "transfer", "miou",
+                           mean_iou(seg, test[b].patches, test_y.maps, n_classes), a, b, fraction, seed)
+    return {"model": name, "classes": classes, "train_tiles": len(train_ids), "test_tiles": len(test_ids),
+            "test_ids": test_ids.tolist(), "input_px": px, "records": records, "retrieval_examples": examples}
+
+
+def random_model(store: Path | str, pretrain: Mapping[str, Any], sensors: Sequence[str], seed: int,
+                 ) -> tuple[ViT, dict[str, Any]]:
+    """The floor: the pretraining architecture, randomly initialised, fed like the others."""
+    from xstars.train import run_bands
+
+    infos = sensor_infos(store, sensors, run_bands({**pretrain, "sensors": list(sensors)}))
+    torch.manual_seed(seed)
+    model = pretrain["model"]
+    backbone = ViT({s: len(i.bands) for s, i in infos.items()}, arch=model["arch"], patch_size=model["patch_size"],
+                   img_size=pretrain["views"]["global_px"])
+    description = {"architecture": {"img_size": backbone.img_size},
+                   "sensors": {s: {"bands": list(i.bands), "mean": i.mean.tolist(), "std": i.std.tolist()}
+                               for s, i in infos.items()}}
+    return backbone.eval(), description
+
+
+# ================================================================================== report
+
+
+def summarise(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Mean, standard deviation and count over probe seeds, one row per everything else."""
+    groups: dict[tuple, list[float]] = {}
+    for result in results:
+        for r in result["records"]:
+            key = (r["model"], r["task"], r["metric"], r["train_sensor"], r["test_sensor"], r["fraction"])
+            groups.setdefault(key, []).append(r["value"])
+    rows = []
+    for (model, task, metric, a, b, fraction), values in groups.items():
+        values_array = np.asarray(values, dtype=float)
+        rows.append({"model": model, "task": task, "metric": metric, "train_sensor": a, "test_sensor": b,
+                     "fraction": fraction, "mean": round(float(np.nanmean(values_array)), 4),
+                     "std": round(float(np.nanstd(values_array)), 4), "n": len(values)})
+    return rows
+
+
+def headline(rows: Sequence[Mapping[str, Any]], models: Sequence[str]) -> list[dict[str, Any]]:
+    """One line per model: each metric averaged over sensors (pairs for retrieval and transfer),
+    at 100 % labels, with the spread over probe seeds."""
+    columns = {
+        "retrieval top-1": ("retrieval", "top1", None),
+        "retrieval top-5": ("retrieval", "top5", None),
+        "k-NN acc.": ("classification", "knn_accuracy", 1.0),
+        "linear acc.": ("classification", "linear_accuracy", 1.0),
+        "presence mAP": ("classification", "presence_map", 1.0),
+        "seg. mIoU": ("segmentation", "miou", 1.0),
+        "transfer acc.": ("transfer", "linear_accuracy", 1.0),
+        "transfer mIoU": ("transfer", "miou", 1.0),
+    }
+    table = []
+    for model in models:
+        line: dict[str, Any] = {"model": model}
+        for column, (task, metric, fraction) in columns.items():
+            chosen = [r for r in rows if r["model"] == model and r["task"] == task and r["metric"] == metric
+                      and r["fraction"] == fraction]
+            if chosen:
+                line[column] = (float(np.mean([r["mean"] for r in chosen])), float(np.mean([r["std"] for r in chosen])))
+        table.append(line)
+    return table
+
+
+def write_tables(results: Sequence[Mapping[str, Any]], csv_path: Path, markdown_path: Path,
+                 seeds: Sequence[int]) -> list[dict[str, Any]]:
+    import csv
+
+    rows = summarise(results)
+    with csv_path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    models = [r["model"] for r in results]
+    table = headline(rows, models)
+    columns = [c for c in table[0] if c != "model"]
+    lines = ["| model | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for line in table:
+        cells = [f"{line[c][0]:.3f} ± {line[c][1]:.3f}" if c in line else "" for c in columns]
+        lines.append(f"| {line['model']} | " + " | ".join(cells) + " |")
+    first = results[0]
+    notes = [
+        "",
+        (f"Means over sensors (ordered sensor pairs for retrieval and transfer) at 100 % of the training labels; "
+        f"± is the standard deviation over probe seeds {list(seeds)} (retrieval has no probe: ± 0). "
+        f"{first['train_tiles']} training tiles, {first['test_tiles']} test tiles, classes {first['classes']}. "
+        "Every value per sensor, pair, label fraction and seed is in the CSV."),
+    ]
+    markdown_path.write_text("\n".join(lines + notes) + "\n")
+    return table
+
+
+def plot_label_efficiency(results: Sequence[Mapping[str, Any]], out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = summarise(results)
+    metrics = [("classification", "linear_accuracy", "linear probe accuracy"),
+               ("classification", "knn_accuracy", "k-NN accuracy"), ("segmentation", "miou", "segmentation mIoU")]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(13, 3.6))
+    for ax, (task, metric, title) in zip(axes, metrics, strict=True):
+        for model in dict.fromkeys(r["model"] for r in rows):
+            chosen = [r for r in rows if r["model"] == model and r["task"] == task and r["metric"] == metric]
+            fractions = sorted({r["fraction"] for r in chosen})
+            means = [np.mean([r["mean"] for r in chosen if r["fraction"] == f]) for f in fractions]
+            spread = [np.mean([r["std"] for r in chosen if r["fraction"] == f]) for f in fractions]
+            ax.errorbar([100 * f for f in fractions], means, yerr=spread, marker="o", capsize=3, label=model)
+        ax.set_xscale("log")
+        ax.set_xlabel("% of training labels")
+        ax.set_title(title + " (mean over sensors)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_retrieval_examples(results: Sequence[Mapping[str, Any]], store: Path | str, out: Path,
+                            pair: str | None = None, queries: int = 3) -> Path:
+    """For a few test tiles seen by sensor A: the 3 tiles each model retrieves among sensor B's."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import zarr
+
+    from xstars.store import rgb_image
+
+    root = zarr.open_group(str(store), mode="r")
+    pair = pair or next(iter(results[0]["retrieval_examples"]))
+    a, b = pair.split("->")
+    test_ids = results[0]["test_ids"]
+    fig, axes = plt.subplots(queries, 1 + 3 * len(results), figsize=(1.6 * (1 + 3 * len(results)), 1.7 * queries),
+                             squeeze=False)
+    for q in range(min(queries, len(test_ids))):
+        axes[q, 0].imshow(rgb_image(root[a], test_ids[q]))
+        axes[q, 0].set_title(f"{a} query", fontsize=7)
+        for m, result in enumerate(results):
+            for k, found in enumerate(result["retrieval_examples"][pair][q]):
+                ax = axes[q, 1 + 3 * m + k]
+                ax.imshow(rgb_image(root[b], test_ids[found]))
+                colour = "green" if found == q else "red"
+                ax.set_title(f"{result['model']} #{k + 1}" if k == 0 else f"#{k + 1}", fontsize=7, color=colour)
+                for spine in ax.spines.values():
+                    spine.set_edgecolor(colour)
+                    spine.set_linewidth(2)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"cross-sensor retrieval {a} -> {b} on the test split (green: the same tile)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def save(result: Mapping[str, Any], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    return path
+
+
