@@ -4,7 +4,8 @@ The released code reads one PNG per sensor per tile from image folders (PIL), in
 The same tiles (3 sensors x 224 x 224 RGB, uint8, smooth fields + noise so that PNG and zstd
 compress as on real images) are written both ways; then, on 2 CPU cores:
 
-* ``png_folder``: PIL open + decode of the 3 PNGs of each tile, tiles in random order;
+* ``png_folder``: PIL open + decode of the 3 PNGs of each tile, tiles in random order, then
+  ToTensor + Normalize (float32), as the released loader does;
 * ``zarr_per_sample``: zarr-python reading one sample at a time in random order (the naive way);
 * ``xstars_reader``: :class:`xstars.data.StoreReader` reading whole shards in a random shard
   order (what every loader stream does), normalised float32 out;
@@ -103,7 +104,9 @@ def main() -> None:
         for i in order:
             for sensor in SENSORS:
                 with Image.open(args.workdir / "png" / sensor / "tiles" / f"{i:06d}.png") as image:
-                    np.asarray(image.convert("RGB"))
+                    pixels = np.asarray(image.convert("RGB"))
+                # ToTensor + Normalize, as the released loader does (the xstars reader normalises too).
+                torch.from_numpy((pixels.transpose(2, 0, 1).astype(np.float32) / 255 - 0.45) / 0.2)
 
     def zarr_per_sample() -> None:
         import zarr

@@ -134,14 +134,16 @@ class StoreReader:
         out: dict[int, dict[str, Any]] = {i: {} for i in range(lo, hi)}
         for sensor, info in self.infos.items():
             group = self.root[sensor]
-            data = group["data"][lo:hi]  # one request per shard: whole inner chunks, all bands
-            valid = group["valid"][lo:hi].astype(bool)
-            data = data[:, list(info.band_index)].astype(np.float32) * info.scale
-            data = (data - info.mean[None, :, None, None]) / info.std[None, :, None, None]
+            raw = group["data"][lo:hi]  # one request per shard: whole inner chunks, all bands
+            valid = group["valid"][lo:hi].astype(np.float32)
+            if list(info.band_index) != list(range(raw.shape[1])):
+                raw = raw[:, list(info.band_index)]
+            data = raw.astype(np.float32)  # the one copy; then in place: (x * scale - mean) / std
+            data *= (info.scale / info.std)[None, :, None, None]
+            data -= (info.mean / info.std)[None, :, None, None]
             data *= valid[:, None]
             for k, i in enumerate(range(lo, hi)):
-                out[i][sensor] = (torch.from_numpy(np.ascontiguousarray(data[k])),
-                                  torch.from_numpy(valid[k].astype(np.float32)), self._transforms[sensor][i])
+                out[i][sensor] = (torch.from_numpy(data[k]), torch.from_numpy(valid[k]), self._transforms[sensor][i])
         return out
 
 
