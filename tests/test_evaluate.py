@@ -93,3 +93,35 @@ def test_a_model_without_the_sensor_is_refused(store: Path, tmp_path: Path) -> N
     backbone, description = evaluate.random_model(store, tiny_settings(), ["s2"], seed=0)
     with pytest.raises(Exception, match=r"not trained on 'l8'"):
         evaluate.evaluate_model(backbone, description, store, settings(), "s2-only")
+
+
+def test_finetuning_and_an_external_benchmark_folder(store: Path, tmp_path: Path) -> None:
+    import numpy as np
+    import rasterio
+    from rasterio.transform import from_origin
+
+    # A EuroSAT-like folder: two classes of 4-band uint16 GeoTIFFs (reflectance x 10^4),
+    # bright and dark, written and read through rasterio.
+    for k, (name, level) in enumerate((("Forest", 600), ("Industrial", 2400))):
+        (tmp_path / "bench" / name).mkdir(parents=True)
+        for i in range(10):
+            pixels = np.random.default_rng([k, i]).normal(level, 150, size=(4, 16, 16)).clip(0).astype("uint16")
+            with rasterio.open(tmp_path / "bench" / name / f"{name}_{i}.tif", "w", driver="GTiff", width=16, height=16,
+                               count=4, dtype="uint16", crs="EPSG:32631", transform=from_origin(0, 160, 10, 10)) as dst:
+                dst.write(pixels)
+    backbone, description = evaluate.random_model(store, tiny_settings(), ["s2", "l8", "ign"], seed=0)
+    external = [{"name": "eurosat", "path": str(tmp_path / "bench"), "sensor": "s2", "bands": [1, 2, 3, 4],
+                 "scale_factor": 1e-4, "test_fraction": 0.2}]
+    result = evaluate.evaluate_model(backbone, description, store, settings(
+        label_fractions=[1.0], external=external, finetune={"enabled": True, "epochs": 1, "lr": 1e-4, "batch_size": 4}),
+        "random")
+    tuned = [r for r in result["records"] if r["task"] == "finetune"]
+    assert {r["train_sensor"] for r in tuned} == {"s2", "l8", "ign"} and all(0 <= r["value"] <= 1 for r in tuned)
+    bench = [r for r in result["records"] if r["task"] == "external:eurosat"]
+    assert {(r["metric"], r["seed"]) for r in bench} == {(m, s) for m in ("knn_accuracy", "linear_accuracy")
+                                                         for s in (0, 1)}
+    # Bright against dark tiles: even random features separate them.
+    assert min(r["value"] for r in bench) >= 0.75
+    with pytest.raises(Exception, match=r"eurosat: 3 bands given, the model's s2 patch embedding takes 4"):
+        evaluate.evaluate_external(backbone, description, {**external[0], "bands": [1, 2, 3]},
+                                   settings(), 32, "random")

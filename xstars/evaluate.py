@@ -77,11 +77,9 @@ def model_infos(store: Path | str, description: Mapping[str, Any], sensors: Sequ
     return infos
 
 
-@torch.no_grad()
-def embed(backbone: ViT, store: Path | str, infos: Mapping[str, SensorInfo], samples: Sequence[int], px: int,
-          batch_size: int = 64, device: torch.device | None = None) -> dict[str, Embedded]:
-    """Features of ``samples`` by every sensor of ``infos`` (whole footprints at ``px`` pixels)."""
-    device = device or next(backbone.parameters()).device
+def footprint_views(store: Path | str, infos: Mapping[str, SensorInfo], samples: Sequence[int],
+                    px: int) -> dict[str, torch.Tensor]:
+    """Whole footprints of ``samples`` as ``px``-pixel normalised views, per sensor ``[n, C, px, px]``."""
     reader = StoreReader(store, infos)
     per_shard = reader.samples_per_shard
     views: dict[str, list[torch.Tensor]] = {s: [] for s in infos}
@@ -93,16 +91,27 @@ def embed(backbone: ViT, store: Path | str, infos: Mapping[str, SensorInfo], sam
         for i in chunk:
             for sensor, (image, _, transform) in tiles[i].items():
                 views[sensor].append(resample_box(image, transform, footprint_box(transform, image.shape[-1]), px))
-    out = {}
-    grid = px // backbone.patch_size
-    for sensor, images in views.items():
-        cls, patches = [], []
-        for start in range(0, len(images), batch_size):
-            tokens = backbone(torch.stack(images[start:start + batch_size]).to(device), sensor).float().cpu()
-            cls.append(tokens[:, 0])
-            patches.append(tokens[:, 1:].reshape(-1, grid, grid, tokens.shape[-1]))
-        out[sensor] = Embedded(torch.cat(cls), torch.cat(patches))
-    return out
+    return {sensor: torch.stack(images) for sensor, images in views.items()}
+
+
+@torch.no_grad()
+def embed_views(backbone: ViT, images: torch.Tensor, sensor: str, batch_size: int = 64,
+                device: torch.device | None = None) -> Embedded:
+    device = device or next(backbone.parameters()).device
+    grid = images.shape[-1] // backbone.patch_size
+    cls, patches = [], []
+    for start in range(0, len(images), batch_size):
+        tokens = backbone(images[start:start + batch_size].to(device), sensor).float().cpu()
+        cls.append(tokens[:, 0])
+        patches.append(tokens[:, 1:].reshape(-1, grid, grid, tokens.shape[-1]))
+    return Embedded(torch.cat(cls), torch.cat(patches))
+
+
+def embed(backbone: ViT, store: Path | str, infos: Mapping[str, SensorInfo], samples: Sequence[int], px: int,
+          batch_size: int = 64, device: torch.device | None = None) -> dict[str, Embedded]:
+    """Features of ``samples`` by every sensor of ``infos`` (whole footprints at ``px`` pixels)."""
+    views = footprint_views(store, infos, samples, px)
+    return {sensor: embed_views(backbone, images, sensor, batch_size, device) for sensor, images in views.items()}
 
 
 # ================================================================================== labels
@@ -249,6 +258,103 @@ def retrieval(query: torch.Tensor, gallery: torch.Tensor, top: Sequence[int] = (
     return {f"top{k}": float((ranking[:, :k] == truth).any(dim=1).float().mean()) for k in top}, ranking
 
 
+def finetune_accuracy(backbone: ViT, sensor: str, train_x: torch.Tensor, train_y: torch.Tensor,
+                      test_x: torch.Tensor, test_y: torch.Tensor, classes: int, seed: int, epochs: int, lr: float,
+                      batch_size: int, device: torch.device | None = None) -> float:
+    """Fine-tune a copy of the backbone with a linear head (mean patch token) on the majority
+    class of whole-footprint views (random flips and rotations); accuracy on the test views."""
+    import copy
+
+    from xstars.data import dihedral
+
+    torch.manual_seed(seed)
+    device = device or torch.device("cpu")
+    model = copy.deepcopy(backbone).to(device).train()
+    head = torch.nn.Linear(model.embed_dim, classes).to(device)
+    optimizer = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=lr, weight_decay=0.05)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        for index in torch.randperm(len(train_x), generator=generator).split(batch_size):
+            rotation, flip = int(torch.randint(4, (1,), generator=generator)), bool(torch.rand(1, generator=generator) < 0.5)
+            images = dihedral(train_x[index], rotation, flip).to(device)
+            logits = head(model(images, sensor)[:, 1:].mean(dim=1))
+            loss = F.cross_entropy(logits, train_y[index].to(device))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        predicted = torch.cat([head(model(test_x[i:i + batch_size].to(device), sensor)[:, 1:].mean(dim=1)).argmax(1).cpu()
+                               for i in range(0, len(test_x), batch_size)])
+    return float((predicted == test_y).float().mean())
+
+
+# ======================================================================= external benchmarks
+
+
+def read_image_folder(root: Path | str, bands: Sequence[int], scale: float) -> tuple[list[torch.Tensor], list[int],
+                                                                                     list[str]]:
+    """An image-classification folder (``root/<class>/*.tif``, e.g. EuroSAT MS) read with rasterio:
+    the 1-based ``bands`` of each file times ``scale`` (physical units). Returns images, labels
+    (class index) and class names, sorted by name."""
+    import rasterio
+
+    root = Path(root)
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not classes:
+        raise DataError(f"{root}: no class folder (expected {root}/<class>/*.tif)")
+    images, labels = [], []
+    for k, name in enumerate(classes):
+        files = sorted((root / name).glob("*.tif")) + sorted((root / name).glob("*.tiff"))
+        for path in files:
+            with rasterio.open(path) as src:
+                if max(bands) > src.count:
+                    raise DataError(f"{path}: has {src.count} bands, evaluate.external asks for band {max(bands)}")
+                images.append(torch.from_numpy(src.read(list(bands)).astype("float32") * scale))
+            labels.append(k)
+    return images, labels, classes
+
+
+def evaluate_external(backbone: ViT, description: Mapping[str, Any], spec: Mapping[str, Any],
+                      settings: Mapping[str, Any], px: int, name: str, device: torch.device | None = None,
+                      ) -> list[dict[str, Any]]:
+    """k-NN and linear probe on a user's benchmark folder, through the model's ``spec["sensor"]``
+    patch embedding and normalisation; a stratified split per probe seed."""
+    sensor = spec["sensor"]
+    if sensor not in description["sensors"]:
+        raise DataError(f"evaluate.external {spec['name']}: the model was not trained on {sensor!r}")
+    wanted = description["sensors"][sensor]
+    if len(spec["bands"]) != len(wanted["bands"]):
+        raise DataError(f"evaluate.external {spec['name']}: {len(spec['bands'])} bands given, the model's {sensor} "
+                        f"patch embedding takes {len(wanted['bands'])} ({wanted['bands']})")
+    images, labels, classes = read_image_folder(spec["path"], spec["bands"], spec["scale_factor"])
+    mean = torch.tensor(wanted["mean"])[:, None, None]
+    std = torch.tensor(wanted["std"])[:, None, None]
+    views = torch.stack([F.interpolate(((x - mean) / std)[None], size=(px, px), mode="bilinear",
+                                       antialias=True, align_corners=False)[0] for x in images])
+    features = embed_views(backbone, views, sensor, settings["batch_size"], device).tile_features(settings["feature"])
+    y = torch.tensor(labels)
+    records = []
+    for seed in settings["probe_seeds"]:
+        rng = np.random.default_rng([seed, 29])
+        test = np.concatenate([rng.permutation(np.nonzero(y.numpy() == k)[0])[: max(1, round(
+            spec["test_fraction"] * int((y == k).sum())))] for k in range(len(classes))])
+        is_test = np.zeros(len(y), dtype=bool)
+        is_test[test] = True
+        train_index, test_index = torch.from_numpy(~is_test), torch.from_numpy(is_test)
+        x_train, x_test = standardise(features[train_index], features[test_index])
+        knn = knn_accuracy(features[train_index], y[train_index], features[test_index], y[test_index], len(classes),
+                           settings["knn_k"])
+        probe = fit_linear(x_train, y[train_index], len(classes), seed)
+        with torch.no_grad():
+            linear = float((probe(x_test).argmax(dim=1) == y[test_index]).float().mean())
+        for metric, value in (("knn_accuracy", knn), ("linear_accuracy", linear)):
+            records.append({"model": name, "task": f"external:{spec['name']}", "metric": metric,
+                            "value": round(value, 6), "train_sensor": sensor, "test_sensor": sensor, "fraction": 1.0,
+                            "seed": seed})
+    return records
+
+
 # ================================================================================ evaluate
 
 
@@ -313,6 +419,17 @@ def evaluate_model(backbone: ViT, description: Mapping[str, Any], store: Path | 
                     record(task, "presence_map", average_precision, a, b, fraction, seed)
                     record("segmentation" if b == a else "transfer", "miou",
                            mean_iou(seg, test[b].patches, test_y.maps, n_classes), a, b, fraction, seed)
+    if settings["finetune"]["enabled"]:
+        tune = settings["finetune"]
+        train_views = footprint_views(store, infos, train_ids, px)
+        test_views = footprint_views(store, infos, test_ids, px)
+        for a in sensors:
+            accuracy = finetune_accuracy(backbone, a, train_views[a], train_y.majority, test_views[a], test_y.majority,
+                                         n_classes, settings["probe_seeds"][0], tune["epochs"], tune["lr"],
+                                         tune["batch_size"], device)
+            record("finetune", "accuracy", accuracy, a, a, 1.0, settings["probe_seeds"][0])
+    for spec in settings["external"]:
+        records.extend(evaluate_external(backbone, description, spec, settings, px, name, device))
     return {"model": name, "classes": classes, "train_tiles": len(train_ids), "test_tiles": len(test_ids),
             "test_ids": test_ids.tolist(), "input_px": px, "records": records, "retrieval_examples": examples}
 
