@@ -64,6 +64,7 @@ rule build_dataset:
     input:
         RESULTS / "catalog" / "catalog.png",
         RESULTS / "dataset" / "samples.png",
+        RESULTS / "dataset" / "verify.json",
 
 
 # The demo world's servers are started by the first rule that needs them (xstars catalog

@@ -168,3 +168,29 @@ def test_a_403_is_answered_by_signing_again(built, demo_server: server.ServerInf
         assert source.data.size > 0 and server.get_stats(demo_server)["faults"]["status_403"] > 0
     finally:
         server.set_faults(demo_server, {})
+
+
+def test_verify_checks_sites_and_recorded_shard_checksums(built: dict, tmp_path: Path) -> None:
+    import shutil
+
+    from xstars.verify import verify_store
+
+    report = verify_store(built["path"], built["manifest"])
+    assert report["ok"], report["problems"]
+    assert report["shards_checked"] == sum(len(part["checksums"]) for part in built["parts"]) > 0
+    # A flipped byte in one shard, and a manifest site the store does not hold: both named.
+    copy = tmp_path / "dataset.zarr"
+    shutil.copytree(built["path"], copy)
+    shard = copy / "ign" / "data" / "c" / "0" / "0" / "0" / "0"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    manifest = built["manifest"].copy()
+    extra = manifest[manifest.site_id == manifest.site_id.iloc[0]].copy()
+    extra["site_id"] = "zz-not-built"
+    import pandas as pd
+
+    report = verify_store(copy, pd.concat([manifest, extra]))
+    assert not report["ok"]
+    assert any("ign/data/c/0/0/0/0: checksum differs" in p for p in report["problems"])
+    assert any("missing ['zz-not-built']" in p for p in report["problems"])

@@ -13,6 +13,7 @@
     xstars build init --manifest M --store dataset.zarr --out init.json
     xstars build part --manifest M --store dataset.zarr --part K --out part-K.json
     xstars build finalize --manifest M --store dataset.zarr --out summary.json part-*.json
+    xstars build verify --manifest M --store dataset.zarr --out verify.json
     xstars pretrain run --store dataset.zarr --run NAME --out-dir DIR [--nproc N] [--max-steps K]
     xstars pretrain figure --out losses.png RUN/metrics.jsonl...
     xstars evaluate model --store dataset.zarr --model NAME --runs-dir results/pretrain --out NAME.json
@@ -166,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
                                   help="check completeness, normalisation statistics, consolidate")
     final.add_argument("parts", type=Path, nargs="+", help="the parts' JSON records")
     final.set_defaults(func=cmd_build_finalize)
+    verify = build_cmds.add_parser("verify", parents=[store_opts],
+                                   help="check a store against its manifest and its recorded shard checksums")
+    verify.set_defaults(func=cmd_build_verify)
     figures = build_cmds.add_parser("figures", help="report figures of the store (PNG)")
     figures.add_argument("--store", type=Path, required=True)
     figures.add_argument("--summary", type=Path, required=True, help="summary.json of finalize")
@@ -451,6 +455,20 @@ def cmd_build_finalize(args: argparse.Namespace) -> int:
     summary = finalize(args.store, read_manifest(args.manifest), records, config)
     _write_json(args.out, summary)
     log.info("build finalize %s", json.dumps({k: v for k, v in summary.items() if k != "normalization"}))
+    return 0
+
+
+def cmd_build_verify(args: argparse.Namespace) -> int:
+    """Write the verification report; exit 2 naming the problems when the store is not whole."""
+    from xstars.catalog import read_manifest
+    from xstars.errors import DataError
+    from xstars.verify import verify_store
+
+    report = verify_store(args.store, read_manifest(args.manifest))
+    _write_json(args.out, report)
+    if not report["ok"]:
+        raise DataError(f"{args.store} does not verify:\n  " + "\n  ".join(report["problems"]))
+    log.info("build verify %s: %d sites, %d shards checked", args.store, report["sites"], report["shards_checked"])
     return 0
 
 

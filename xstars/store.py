@@ -164,10 +164,26 @@ def build_part(path: Path, manifest, config: Mapping[str, Any], part: int) -> di
             # first, or zarr would try to decode it to merge the new samples into it.
             _shard_file(Path(path), sensor, name, part, values.ndim).unlink(missing_ok=True)
             group[name][first:last] = values
+    # None: zarr writes no file for a shard that is all fill value (e.g. no shift flag at all).
+    checksums = {}
+    for sensor in SENSORS:
+        for name, values in buffers[sensor].items():
+            shard = _shard_file(Path(path), sensor, name, part, values.ndim)
+            checksums[f"{sensor}/{name}"] = file_sha256(shard) if shard.exists() else None
     seconds = time.perf_counter() - started
     log.info("build part=%d sites=%d dropped=%d seconds=%.1f", part, count,
              sum(r["status"] != "ok" for r in records), seconds)
-    return {"part": part, "first": first, "last": last, "records": records}
+    return {"part": part, "first": first, "last": last, "records": records, "checksums": checksums}
+
+
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _store_site(buffers: dict, records: list, offset: int, site_id: str, split: str, tiles: dict, reason: str,
@@ -300,7 +316,10 @@ def finalize(path: Path, manifest, part_records: Sequence[Mapping[str, Any]], co
         dropped[key] = dropped.get(key, 0) + 1
     summary = {"samples": n, "kept": sum(r["status"] == "ok" for r in stored.values()),
                "dropped_by_reason": dict(sorted(dropped.items())), "normalization": stats}
-    root.attrs["xstars"] = {**root.attrs["xstars"], "summary": {k: v for k, v in summary.items() if k != "normalization"}}
+    # Shard checksums recorded at build time: `xstars verify` recomputes them.
+    checksums = {str(r["part"]): r.get("checksums", {}) for r in sorted(part_records, key=lambda r: r["part"])}
+    root.attrs["xstars"] = {**root.attrs["xstars"], "summary": {k: v for k, v in summary.items() if k != "normalization"},
+                            "shard_sha256": checksums}
     zarr.consolidate_metadata(str(path))
     return summary
 

@@ -94,3 +94,19 @@ rule coregistration_vs_truth:
         "../../envs/xstars.yaml"
     shell:
         "xstars demo check-coregistration --root {params.root} --out {output} {input.parts} > {log} 2>&1"
+
+
+rule verify_dataset:
+    input:
+        manifest=RESULTS / "catalog" / "manifest.parquet",
+        summary=DATASET / "summary.json",
+    output:
+        DATASET / "verify.json",
+    params:
+        store=STORE,
+    log:
+        "logs/build/verify_dataset.log",
+    conda:
+        "../../envs/xstars.yaml"
+    shell:
+        "xstars build verify --manifest {input.manifest} --store {params.store} --out {output} > {log} 2>&1"

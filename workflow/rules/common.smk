@@ -35,6 +35,7 @@ def get_final_output():
         *(demo if IS_DEMO else []),
         RESULTS / "catalog" / "catalog.png",
         DATASET / "samples.png",
+        DATASET / "verify.json",
         *pretrain,
         *evaluate,
     ]

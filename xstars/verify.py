@@ -1,0 +1,61 @@
+"""Verify: a built store against its manifest, and against the checksums recorded at build time.
+
+Checks that every site of the manifest is in the store (in sample order) or explained (dropped
+by the catalog or at build time, with its reason), and that every shard file still has the
+SHA-256 its build job recorded. Nothing is rewritten: the report lists what is wrong.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from xstars.store import SENSORS, _shard_file, file_sha256, sample_sites
+
+
+def verify_store(path: Path | str, manifest) -> dict[str, Any]:
+    """The problems found (empty when the store is whole) and what was checked."""
+    import zarr
+
+    path = Path(path)
+    root = zarr.open_group(str(path), mode="r")
+    meta = root.attrs["xstars"]
+    problems: list[str] = []
+    expected = sample_sites(manifest)
+    stored = [str(s) for s in root["s2"]["site_id"][:]]
+    if stored != expected:
+        missing = sorted(set(expected) - set(stored))
+        extra = sorted(set(stored) - set(expected))
+        problems.append(f"site ids differ from the manifest's kept sites: missing {missing[:10]}, unexpected {extra[:10]}")
+    status = root["s2"]["status"][:]
+    for site, state in zip(stored, status, strict=False):
+        if state != "ok" and not str(state).startswith("dropped: "):
+            problems.append(f"{site}: status {state!r} gives no reason")
+    dropped = manifest.loc[manifest.status != "ok"].drop_duplicates("site_id")
+    for site, reason in zip(dropped.site_id, dropped.reason, strict=True):
+        if not reason:
+            problems.append(f"{site}: dropped by the catalog without a reason")
+    recorded = meta.get("shard_sha256")
+    checked = 0
+    if not recorded:
+        problems.append("no shard checksums recorded (built before they were, or not finalised)")
+    else:
+        for part in range(int(meta["parts"])):
+            sums = recorded.get(str(part))
+            if not sums:
+                problems.append(f"part {part}: no checksums recorded")
+                continue
+            for key, digest in sums.items():
+                sensor, name = key.split("/")
+                ndim = root[sensor][name].ndim
+                shard = _shard_file(path, sensor, name, part, ndim)
+                if digest is None:  # all fill value at build time: no file then, none now
+                    if shard.exists():
+                        problems.append(f"{shard.relative_to(path)}: present, was empty (all fill value) at build time")
+                elif not shard.exists():
+                    problems.append(f"{shard.relative_to(path)}: missing")
+                elif file_sha256(shard) != digest:
+                    problems.append(f"{shard.relative_to(path)}: checksum differs from the one recorded at build time")
+                checked += 1
+    return {"store": str(path), "ok": not problems, "problems": problems, "sites": len(expected),
+            "sensors": list(SENSORS), "shards_checked": checked}
