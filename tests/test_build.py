@@ -25,12 +25,17 @@ REPO = Path(__file__).resolve().parents[1]
 def built(demo_root: Path, demo_server: server.ServerInfo, tmp_path_factory) -> dict:
     server.set_faults(demo_server, {})
     config = small_world_config(demo_root, demo_server, build={"samples_per_shard": 3, "margin_m": 240})
-    folder = tmp_path_factory.mktemp("build")
+    return build_store(config, tmp_path_factory.mktemp("build"))
+
+
+def build_store(config: dict, folder: Path) -> dict:
+    """Catalog then store, in `folder`, through the library (no workflow): what tests build on."""
     build_manifest(config, folder / "manifest.parquet")
     manifest = read_manifest(folder / "manifest.parquet")
     path = folder / "dataset.zarr"
     n = store.init_store(path, manifest, config)
-    parts = [store.build_part(path, manifest, config, k) for k in range(store.n_parts(n, 3))]
+    per_shard = config["build"]["samples_per_shard"]
+    parts = [store.build_part(path, manifest, config, k) for k in range(store.n_parts(n, per_shard))]
     summary = store.finalize(path, manifest, parts, config)
     return {"config": config, "manifest": manifest, "folder": folder, "path": path, "parts": parts,
             "summary": summary, "n": n}

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.test_catalog import build_manifest, small_world_config
+from tests.test_build import build_store
+from tests.test_catalog import small_world_config
 from tests.test_pretrain import tiny_settings
-from xstars import evaluate, store, train
-from xstars.catalog import read_manifest
+from xstars import evaluate, train
 from xstars.demo import server
 
 SEEDS = (1, 2, 3)
@@ -32,14 +32,7 @@ def demo_store(demo_root: Path, demo_server: server.ServerInfo, tmp_path_factory
     server.set_faults(demo_server, {})
     config = small_world_config(demo_root, demo_server, build={"samples_per_shard": 4, "margin_m": 240},
                                 sites={"city_radius_m": 480, "sites_per_city": 11})
-    folder = tmp_path_factory.mktemp("evaluate_demo")
-    build_manifest(config, folder / "manifest.parquet")
-    manifest = read_manifest(folder / "manifest.parquet")
-    path = folder / "dataset.zarr"
-    n = store.init_store(path, manifest, config)
-    parts = [store.build_part(path, manifest, config, k) for k in range(store.n_parts(n, 4))]
-    store.finalize(path, manifest, parts, config)
-    return path
+    return build_store(config, tmp_path_factory.mktemp("evaluate_demo"))["path"]
 
 
 @pytest.mark.slow

@@ -194,10 +194,10 @@ def pretrain(store: Path | str, settings: Mapping[str, Any], out_dir: Path | str
                        optim["epochs"], settings["dino"]["student_temp"], settings["dino"]["center_momentum"]).to(device)
 
     workers = settings["loader"]["num_workers"]
-    probe = PretrainBatches(store, sensors, dino_sensors, paired, views, optim["batch_size_per_gpu"], optim["epochs"],
-                            seed, settings["splits"], run_bands(settings), workers, dist_info.rank,
-                            dist_info.world_size, settings["loader"]["shuffle_buffer"])
-    steps_per_epoch = probe.steps_per_epoch
+    dataset = PretrainBatches(store, sensors, dino_sensors, paired, views, optim["batch_size_per_gpu"],
+                              optim["epochs"], seed, settings["splits"], run_bands(settings), workers,
+                              dist_info.rank, dist_info.world_size, settings["loader"]["shuffle_buffer"])
+    steps_per_epoch = dataset.steps_per_epoch
     total_steps = optim["epochs"] * steps_per_epoch
     batch_total = optim["batch_size_per_gpu"] * dist_info.world_size
     lr = cosine_schedule(optim["lr"] * batch_total / 256, optim["min_lr"], optim["epochs"], steps_per_epoch,
@@ -253,10 +253,7 @@ def pretrain(store: Path | str, settings: Mapping[str, Any], out_dir: Path | str
             os.replace(tmp, checkpoint_path)  # atomic: a crash leaves the previous checkpoint whole
         _barrier(dist_info)
 
-    dataset = PretrainBatches(store, sensors, dino_sensors, paired, views, optim["batch_size_per_gpu"],
-                              optim["epochs"], seed, settings["splits"], run_bands(settings), workers,
-                              dist_info.rank, dist_info.world_size, settings["loader"]["shuffle_buffer"],
-                              start_step=start)
+    dataset.start_step = start  # the batches after the checkpoint's step, as the uninterrupted run saw them
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers,
                                          pin_memory=device.type == "cuda", persistent_workers=False)
     bar = None

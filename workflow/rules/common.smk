@@ -113,8 +113,9 @@ def pretrain_settings(run):
 
 def pretrain_source_input(wildcards):
     """A continual run starts from another run's exported backbone: that run comes first."""
-    continual = pretrain_settings(wildcards.run)["continual"]
-    if pretrain_settings(wildcards.run)["mode"] == "continual" and continual["from_run"]:
+    settings = pretrain_settings(wildcards.run)
+    continual = settings["continual"]
+    if settings["mode"] == "continual" and continual["from_run"]:
         return [PRETRAIN / continual["from_run"] / "backbone.safetensors"]
     return []
 
