@@ -54,6 +54,9 @@ def write_store(path: Path, samples: int = 12, footprint_m: float = 480.0, sampl
                 masks[i, : int(px * invalid[i])] = 0
         data[:] = np.round(values / scale).astype(data.dtype)
         valid[:] = masks
+        # As xstars.store records it: the invalid fraction of the footprint, 0 for a clear tile.
+        group.create_array("cloud_fraction", shape=(samples,), dtype="float32", chunks=(samples_per_shard,))[:] = (
+            1 - masks.mean(axis=(1, 2)))
         group.create_array("band", shape=(len(bands),), dtype=str)[:] = np.array(bands, dtype=object)
         group.create_array("split", shape=(samples,), dtype=str)[:] = np.array(splits, dtype=object)
         group.create_array("status", shape=(samples,), dtype=str)[:] = np.array(["ok"] * samples, dtype=object)

@@ -85,6 +85,28 @@ def test_invalid_pixels_are_reported_under_the_paired_views(store: Path) -> None
         assert 0.4 < views["valid"][sensor].mean() < 0.6
 
 
+@pytest.mark.parametrize("invalid", [{1: 0.5}, {0: 0.25, 1: 0.5, 3: 0.1}, None])
+def test_reader_masks_equal_the_stored_masks(tmp_path: Path, invalid: dict | None) -> None:
+    # One cloudy sample in a shard (read alone), most of a shard cloudy (read whole), none; and
+    # a store without the per-sample fraction (every mask read).
+    import zarr
+
+    path = write_store(tmp_path / "dataset.zarr", samples=8, samples_per_shard=4, invalid=invalid)
+    if invalid is None:
+        for sensor in ("s2", "ign"):
+            del zarr.open_group(str(path), mode="r+")[sensor]["cloud_fraction"]
+    root = zarr.open_group(str(path), mode="r")
+    reader = data.StoreReader(path, data.sensor_infos(path, ["s2", "ign"]))
+    for lo, hi in ((0, 4), (4, 8), (1, 3)):
+        tiles = reader.read(lo, hi)
+        for sensor in ("s2", "ign"):
+            stored = root[sensor]["valid"][lo:hi]
+            read = np.stack([tiles[i][sensor][1].numpy() for i in range(lo, hi)])
+            assert read.dtype == np.float32 and np.array_equal(read, stored), (sensor, lo, hi)
+            images = np.stack([tiles[i][sensor][0].numpy() for i in range(lo, hi)])
+            assert np.all(images[np.broadcast_to(stored[:, None] == 0, images.shape)] == 0)
+
+
 def test_stream_plan_reads_whole_shards_and_emits_each_sample_once() -> None:
     chunks = data.shard_chunks(list(range(20)), samples_per_shard=4)
     assert chunks == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15], [16, 17, 18, 19]]
@@ -141,13 +163,13 @@ def test_workers_read_their_own_shards_in_step_order(store: Path) -> None:
 
 def test_reads_whole_shards_once_per_epoch(store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     reads = []
-    original = data.StoreReader.read
+    original = data.StoreReader.read_raw
 
     def counting(self, lo, hi):
         reads.append((lo, hi))
         return original(self, lo, hi)
 
-    monkeypatch.setattr(data.StoreReader, "read", counting)
+    monkeypatch.setattr(data.StoreReader, "read_raw", counting)
     list(batches(store, epochs=1))
     # 8 training samples in shards [0-3] and [4-7]: one read each, never one sample at a time.
     assert sorted(reads) == [(0, 4), (4, 8)]
