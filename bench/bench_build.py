@@ -48,7 +48,7 @@ if extra.get("first_sites"):
     manifest = manifest[manifest.site_id.isin(keep)]
 ok = manifest[manifest.status == "ok"]
 if mode == "one_part":  # what the part job reads: its own sites only
-    first_part = store.sample_sites(manifest)[: config["build"]["samples_per_shard"]]
+    first_part = store.stored_sites(manifest)[: config["build"]["samples_per_shard"]]
     ok = ok[ok.site_id.isin(first_part)]
 started = time.perf_counter()
 if mode == "xstars":

@@ -51,7 +51,7 @@ def test_store_layout_is_readable_with_xarray_and_rioxarray(built) -> None:
     for sensor, (bands, size) in sizes.items():
         ds = xr.open_zarr(built["path"], group=sensor, decode_coords="all")
         assert ds.data.shape == (n, bands, size, size), sensor
-        assert list(ds.site_id.values) == store.sample_sites(built["manifest"])  # same sample order everywhere
+        assert list(ds.site_id.values) == store.stored_sites(built["manifest"])  # same sample order everywhere
         assert set(ds.split.values) <= {"train", "val", "test"}
         assert ds.data.attrs.get("grid_mapping") == "spatial_ref" or ds.data.encoding.get("grid_mapping") == "spatial_ref"
         one = ds.data.isel(sample=0)
@@ -133,7 +133,7 @@ def test_completeness_check_names_a_missing_part(built) -> None:
 
 def test_an_unreadable_scene_falls_back_to_the_next_one(built) -> None:
     config, manifest = built["config"], built["manifest"].copy()
-    site = store.sample_sites(manifest)[0]
+    site = store.stored_sites(manifest)[0]
     row = manifest.index[(manifest.site_id == site) & (manifest.sensor == "s2")][0]
     fallbacks = json.loads(manifest.at[row, "fallbacks_json"])
     assert fallbacks, "the small world keeps fallbacks for every S2 choice"
@@ -199,3 +199,32 @@ def test_verify_checks_sites_and_recorded_shard_checksums(built: dict, tmp_path:
     assert not report["ok"]
     assert any("ign/data/c/0/0/0/0: checksum differs" in p for p in report["problems"])
     assert any("missing ['zz-not-built']" in p for p in report["problems"])
+
+
+def test_a_site_dropped_by_the_catalog_is_stored_with_its_reason(built: dict, tmp_path: Path) -> None:
+    # The samples are the manifest's sites, dropped ones included: their count, hence the
+    # build jobs, is known before the catalog runs (workflow/rules/common.smk plans them).
+    import zarr
+
+    from xstars.verify import verify_store
+
+    config, manifest = built["config"], built["manifest"].copy()
+    site = store.stored_sites(manifest)[1]
+    manifest.loc[manifest.site_id == site, ["status", "reason"]] = ["dropped", "s2: no scene clear enough"]
+    path = tmp_path / "dataset.zarr"
+    n = store.init_store(path, manifest, config)
+    assert n == built["n"] == manifest.site_id.nunique()
+    parts = [store.build_part(path, manifest, config, k) for k in range(store.n_parts(n, 3))]
+    assert parts[0]["records"][1] | {"items": None} == parts[0]["records"][1] | {
+        "site_id": site, "status": "dropped", "dropped_by": "catalog", "reason": "s2: no scene clear enough",
+        "items": None}
+    summary = store.finalize(path, manifest, parts, config)
+    assert summary["dropped_by_reason"].get("s2: catalog") == 1
+    assert summary["kept"] == built["summary"]["kept"] - 1
+    root = zarr.open_group(str(path), mode="r")
+    for sensor in store.SENSORS:
+        assert root[sensor]["status"][1] == "dropped: s2: no scene clear enough"
+        assert root[sensor]["valid"][1].max() == 0 and root[sensor]["item_id"][1] == ""
+    assert verify_store(path, manifest)["ok"]
+    # A store that kept it anyway is named by verify.
+    assert not verify_store(built["path"], manifest)["ok"]

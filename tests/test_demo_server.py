@@ -424,8 +424,10 @@ def test_wms_capabilities_lists_the_layer(info: ServerInfo) -> None:
 def test_wms_getmap_native_resolution_is_exact(info: ServerInfo) -> None:
     x0, y0 = CITY_ORIGINS["toulouse"]
     # Columns 10..59, rows 100..149 of the Toulouse ortho, one output pixel per source pixel.
+    before = server.get_stats(info)["wms_bytes"]
     response = getmap(info, (x0 + 10, y0 - 150, x0 + 60, y0 - 100), width=50, height=50)
     assert response.status_code == 200 and response.headers["Content-Type"] == "image/png"
+    assert server.get_stats(info)["wms_bytes"] - before == len(response.content)  # the scale plan's bytes read
     assert response.content.startswith(b"\x89PNG")
     image = decode(response.content)
     assert image.shape == (3, 50, 50)

@@ -94,6 +94,10 @@ def test_build_dataset_through_slurm_equals_the_local_build(
         assert list(workdir.glob(f".snakemake/slurm_logs/rule_{rule}/**/*.log")), f"{rule} did not run through SLURM"
     assert "has been submitted with SLURM jobid" in out
 
+    # Two builds from scratch (each searched the catalogue itself): the same manifest...
+    local_manifest = demo_build.workdir / "results" / "catalog" / "manifest.parquet"
+    assert (workdir / "results" / "catalog" / "manifest.parquet").read_bytes() == local_manifest.read_bytes()
+    # ...and the same arrays and attributes (shard checksums included).
     import zarr
 
     local = zarr.open_group(str(demo_build.store), mode="r")

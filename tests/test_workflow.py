@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -44,6 +45,68 @@ def test_dry_run_of_the_demo_world_lists_its_jobs() -> None:
 def test_dry_run_of_the_real_build_parses() -> None:
     result = snakemake_dry_run("all")
     assert result.returncode == 0, result.stderr + result.stdout
+
+
+#: The France-wide build documented in README.md ("All of France").
+FRANCE = ("sites={uniform_count: 30000}", "build={samples_per_shard: 64}", "catalog={search_shards: 64}")
+
+
+def job_counts(stdout: str) -> dict[str, int]:
+    """Snakemake's "Job stats" table, rule -> count."""
+    table = stdout.split("Job stats:")[1].split("total")[0]
+    return {line.split()[0]: int(line.split()[1]) for line in table.splitlines()
+            if len(line.split()) == 2 and line.split()[1].isdigit()}
+
+
+def test_dry_run_of_all_of_france_plans_every_job_per_rule() -> None:
+    # 12 cities x 80 sites + 30,000 drawn over the country: 30,960 tiles, 64 per build job. The
+    # whole DAG, build jobs included, is planned before any search (the site count is fixed by
+    # the config), so this is what `--profile slurm` would submit.
+    from xstars.config import load_config
+    from xstars.sites import sample_sites
+
+    result = snakemake_dry_run("all", "--quiet", "rules", "--config", *FRANCE)
+    assert result.returncode == 0, result.stderr + result.stdout
+    config = load_config(REPO / "config.yaml", yaml.safe_load("\n".join(f"{k}: {v}" for k, v in
+                                                                          (a.split("=", 1) for a in FRANCE))))
+    sites = len(sample_sites(config))  # drawn exactly, as the `sites` job will
+    assert sites == 12 * 80 + 30000
+    runs = len(config["pretrain"]["runs"])
+    expected = {"sites": 1, "search_shard": 64, "manifest": 1, "catalog_figure": 1, "store_init": 1,
+                "build_part": -(-sites // 64), "dataset": 1, "dataset_figures": 1, "verify_dataset": 1,
+                "pretrain_run": runs, "pretrain_figure": 1, "evaluate_model": runs + 1, "evaluate_report": 1, "all": 1}
+    assert job_counts(result.stdout) == expected
+    assert expected["build_part"] == 484  # hundreds of jobs, not one per tile
+
+
+def test_jobs_querying_the_wms_share_its_rate_limit() -> None:
+    from xstars.acquire import WmsClient
+    from xstars.config import load_config
+
+    config = load_config(REPO / "config.yaml", {"ign": {"max_concurrent_jobs": 4}})
+    assert WmsClient(config["ign"], config["stac"]).min_interval_s == 4 / 40  # 10 requests/s each
+    result = snakemake_dry_run("build_dataset", "--config", "world=demo", "ign={max_concurrent_jobs: 4}")
+    assert result.returncode == 0, result.stderr + result.stdout
+    jobs = result.stdout.split("\nrule ")[1:]
+    wms_jobs = [job for job in jobs if job.startswith(("search_shard:", "build_part:"))]
+    assert len(wms_jobs) == 2 + 5  # the demo's search shards and build parts
+    assert all("ign_wms_jobs=1" in job for job in wms_jobs)
+    assert not any("ign_wms_jobs" in job for job in jobs if job not in wms_jobs)
+
+
+def test_a_manifest_of_another_config_stops_the_build_before_writing(tmp_path: Path) -> None:
+    import geopandas as gpd
+    from shapely.geometry import box
+
+    from xstars.cli import main
+
+    frame = gpd.GeoDataFrame({"site_id": ["a", "b"], "sensor": ["s2", "s2"], "status": ["ok", "ok"]},
+                             geometry=[box(0, 0, 1, 1)] * 2, crs="EPSG:2154")
+    frame.to_parquet(tmp_path / "manifest.parquet")
+    code = main(["build", "init", "--config-json", json.dumps({"world": "demo"}), "--manifest",
+                 str(tmp_path / "manifest.parquet"), "--store", str(tmp_path / "dataset.zarr"),
+                 "--out", str(tmp_path / "init.json")])
+    assert code == 2 and not (tmp_path / "dataset.zarr").exists()
 
 
 def test_invalid_config_stops_the_workflow_naming_the_key() -> None:

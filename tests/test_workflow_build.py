@@ -16,8 +16,11 @@ from xstars.demo import server
 def test_build_dataset_runs_the_catalog_and_the_store_then_rebuilds_frozen(
         demo_build: WorkflowRun, demo_root: Path, demo_server, tmp_path: Path) -> None:
     first = demo_build.workdir  # the session's local build (conftest.demo_build)
+    out = demo_build.result.stdout + demo_build.result.stderr
     for rule in ("sites", "search_shard", "manifest", "store_init", "build_part", "dataset"):
-        assert f" {rule}:\n" in demo_build.result.stdout + demo_build.result.stderr, rule  # rule or checkpoint
+        assert f"rule {rule}:\n" in out, rule
+    # The WMS's rate limit is shared: a resource caps the jobs querying it (ign.max_concurrent_jobs).
+    assert 'Provided resources: ign_wms_jobs=Resource("ign_wms_jobs", 8)' in out
     manifest = first / "results" / "catalog" / "manifest.parquet"
     frame = gpd.read_parquet(manifest)
     assert frame.site_id.nunique() == 8 and set(frame.sensor) == {"s2", "l8", "ign", "labels"}

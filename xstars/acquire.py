@@ -259,14 +259,16 @@ class WmsClient:
         adapter = requests.adapters.HTTPAdapter(max_retries=retry)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
-        self.min_interval_s = 1.0 / float(ign_cfg["max_requests_per_s"])
+        # The service's limit is shared by every job that may run at once (the workflow lets at
+        # most max_concurrent_jobs of them query it: resource ign_wms_jobs), so each takes its share.
+        self.min_interval_s = float(ign_cfg["max_concurrent_jobs"]) / float(ign_cfg["max_requests_per_s"])
         self._next_slot = 0.0
         self._lock = threading.Lock()  # one client is shared by a build job's read threads
 
     def get(self, params: Mapping[str, str], what: str, url: str | None = None):
         """GET on the WMS (or on ``url``: a manifest's request keeps the endpoint it was made for)."""
         url = url or self.url
-        with self._lock:  # requests start at most max_requests_per_s apart
+        with self._lock:  # requests of this job start at least min_interval_s apart
             now = time.monotonic()
             slot = max(now, self._next_slot)
             self._next_slot = slot + self.min_interval_s

@@ -421,12 +421,22 @@ def cmd_catalog_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_build_init(args: argparse.Namespace) -> int:
-    """Create the store for the manifest's kept sites; write the number of samples and parts."""
+    """Create the store for the manifest's sites; write the number of samples and parts.
+
+    The workflow planned its build jobs from the config (:func:`xstars.store.planned_sites`):
+    a manifest with another number of sites stops here, before anything is written."""
     from xstars.catalog import read_manifest
-    from xstars.store import init_store, n_parts
+    from xstars.errors import DataError
+    from xstars.store import init_store, n_parts, planned_sites, stored_sites
 
     config = config_from_args(args)
-    samples = init_store(args.store, read_manifest(args.manifest), config)
+    manifest = read_manifest(args.manifest)
+    planned, found = planned_sites(config), len(stored_sites(manifest))
+    if found != planned:
+        raise DataError(f"{args.manifest}: {found} sites, but the config plans {planned} (sites.cities x "
+                        "sites.sites_per_city + sites.uniform_count, or the frozen catalog.manifest's sites): "
+                        "the manifest was made with another config")
+    samples = init_store(args.store, manifest, config)
     parts = n_parts(samples, config["build"]["samples_per_shard"])
     _write_json(args.out, {"store": str(args.store), "samples": samples, "parts": parts})
     log.info("build init store=%s samples=%d parts=%d", args.store, samples, parts)

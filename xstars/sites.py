@@ -169,6 +169,12 @@ def guard_cells(cell_split: Mapping[tuple[int, int], str],
     return guarded
 
 
+def site_count(config: Mapping[str, Any]) -> int:
+    """How many sites :func:`sample_sites` draws for ``config``: exactly this many, or it raises."""
+    cfg = config["sites"]
+    return len(cfg["cities"]) * int(cfg["sites_per_city"]) + int(cfg["uniform_count"])
+
+
 def sample_sites(config: Mapping[str, Any]) -> list[Site]:
     """Draw the sites of a validated config (see the module docstring)."""
     cfg = config["sites"]

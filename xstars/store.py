@@ -13,8 +13,10 @@ Layout (``<results>/dataset/dataset.zarr``), one group per sensor (``s2``, ``l8`
     spatial_ref                       CF grid mapping (crs_wkt): what rioxarray reads
 
 One inner chunk is one sample of one sensor; a shard holds ``build.samples_per_shard`` samples.
-Samples are the manifest's kept sites in site-id order, so sample ``i`` is the same site in
-every group. A build job (:func:`build_part`) writes exactly one shard of every array, never
+Samples are the manifest's sites in site-id order, so sample ``i`` is the same site in every
+group. A site the catalog dropped is stored too, as ``dropped: <reason>`` with no pixel: the
+number of samples, hence of build jobs, is the number of sites, which the config alone fixes
+(:func:`planned_sites`), so a dry run of the workflow lists every job before any search. A build job (:func:`build_part`) writes exactly one shard of every array, never
 a part of another job's: jobs run in parallel on a shared filesystem, and a job killed
 mid-write is simply run again (its shard is rewritten whole). :func:`finalize` checks that
 every part is there, computes the normalisation statistics on the training split and
@@ -44,9 +46,25 @@ PER_SAMPLE_STRINGS = ("site_id", "split", "status", "date", "item_id", "shift_fl
 PER_SAMPLE_FLOATS = ("cloud_fraction", "shift_x_m", "shift_y_m", "shift_confidence")
 
 
-def sample_sites(manifest) -> list[str]:
-    """The site ids stored, in sample order: the manifest's kept sites, sorted."""
-    return sorted(manifest.loc[manifest.status == "ok", "site_id"].unique())
+def stored_sites(manifest) -> list[str]:
+    """The site ids stored, in sample order: every site of the manifest, sorted."""
+    return sorted(manifest.site_id.unique())
+
+
+def planned_sites(config: Mapping[str, Any]) -> int:
+    """The number of sites (samples) a build of ``config`` stores, known before any job runs:
+    the frozen manifest's sites, or the count :func:`xstars.sites.sample_sites` draws exactly."""
+    frozen = config["catalog"]["manifest"]
+    if frozen:
+        import pyarrow.parquet as pq
+
+        try:
+            return len(set(pq.read_table(frozen, columns=["site_id"]).column("site_id").to_pylist()))
+        except (OSError, KeyError, ValueError) as err:
+            raise DataError(f"catalog.manifest {frozen}: not a readable manifest ({err})") from None
+    from xstars.sites import site_count
+
+    return site_count(config)
 
 
 def n_parts(n_samples: int, samples_per_shard: int) -> int:
@@ -70,8 +88,7 @@ def init_store(path: Path, manifest, config: Mapping[str, Any]) -> int:
     import zarr
     from pyproj import CRS
 
-    sites = sample_sites(manifest)
-    n = len(sites)
+    n = len(stored_sites(manifest))
     per_shard = int(config["build"]["samples_per_shard"])
     root = zarr.open_group(str(path), mode="w", zarr_format=3)
     root.attrs["xstars"] = {"samples": n, "samples_per_shard": per_shard, "parts": n_parts(n, per_shard),
@@ -127,7 +144,7 @@ def build_part(path: Path, manifest, config: Mapping[str, Any], part: int) -> di
 
     from xstars.acquire import WmsClient
 
-    sites = sample_sites(manifest)
+    sites = stored_sites(manifest)
     per_shard = int(config["build"]["samples_per_shard"])
     first, last = part * per_shard, min((part + 1) * per_shard, len(sites))
     if not 0 <= part < n_parts(len(sites), per_shard):
@@ -142,21 +159,25 @@ def build_part(path: Path, manifest, config: Mapping[str, Any], part: int) -> di
     # the result does not depend on which read finished first. Memory is bounded by the part.
     part_sites = sites[first:last]
     rows_of = {site_id: manifest[manifest.site_id == site_id].set_index("sensor") for site_id in part_sites}
+    kept = [site_id for site_id in part_sites if (rows_of[site_id].status == "ok").all()]
     wms = WmsClient(config["ign"], config["stac"])  # shared: its rate limit holds for the whole job
     with ThreadPoolExecutor(max_workers=int(config["build"]["read_threads"])) as pool:
         futures = {(site_id, sensor): pool.submit(_first_usable, sensor, rows_of[site_id].loc[sensor],
                                                   rows_of[site_id].geometry.iloc[0].bounds, config, wms)
-                   for site_id in part_sites for sensor in SENSORS}
+                   for site_id in kept for sensor in SENSORS}
         for offset, site_id in enumerate(tqdm(part_sites, desc=f"part {part}", unit="site", leave=False)):
             rows = rows_of[site_id]
-            tiles, reason, tried = {}, "", {}
-            for sensor in SENSORS:
+            tiles, reason, tried, dropped_by = {}, "", {}, "build"
+            if site_id not in kept:  # dropped by the catalog: stored with its reason, nothing read
+                reason, dropped_by = str(rows.reason.iloc[0]), "catalog"
+            for sensor in SENSORS if site_id in kept else ():
                 tile, why, tried[sensor] = futures.pop((site_id, sensor)).result()
                 if tile is None:
                     reason = reason or why
                 else:
                     tiles[sensor] = tile
-            _store_site(buffers, records, offset, site_id, rows.split.iloc[0], tiles, reason, tried, config)
+            _store_site(buffers, records, offset, site_id, rows.split.iloc[0], tiles, reason, tried, config,
+                        dropped_by)
     for sensor in SENSORS:
         group = root[sensor]
         for name, values in buffers[sensor].items():
@@ -187,8 +208,10 @@ def file_sha256(path: Path) -> str:
 
 
 def _store_site(buffers: dict, records: list, offset: int, site_id: str, split: str, tiles: dict, reason: str,
-                tried: dict, config: Mapping[str, Any]) -> None:
-    """Co-register one site's tiles and put them, with their metadata, at ``offset`` of the buffers."""
+                tried: dict, config: Mapping[str, Any], dropped_by: str = "build") -> None:
+    """Co-register one site's tiles and put them, with their metadata, at ``offset`` of the buffers.
+
+    With a ``reason``, the site is stored as dropped (by the ``catalog``, or at ``build`` time)."""
     from xstars.coregister import coregister_site
 
     shifts = coregister_site(tiles, config) if not reason else {}
@@ -212,6 +235,7 @@ def _store_site(buffers: dict, records: list, offset: int, site_id: str, split: 
             b["shift_applied"][offset] = record.applied
             b["shift_flag"][offset] = record.flag
     records.append({"site_id": site_id, "split": split, "status": "dropped" if reason else "ok", "reason": reason,
+                    "dropped_by": dropped_by if reason else "",
                     "items": {s: t.item["id"] for s, t in tiles.items()}, "fallbacks_tried": tried,
                     "shifts": {s: vars(r) for s, r in shifts.items()}})
 
@@ -294,10 +318,13 @@ def finalize(path: Path, manifest, part_records: Sequence[Mapping[str, Any]], co
         missing = sorted(set(range(n)) - set(covered))
         raise DataError(f"{path}: samples {missing[:10]} were written by no part (parts missing?)")
     stored = {rec["site_id"]: rec for r in part_records for rec in r["records"]}
-    catalog_dropped = manifest.loc[manifest.status != "ok"].drop_duplicates("site_id")
-    missing = set(manifest.site_id) - set(stored) - set(catalog_dropped.site_id)
+    missing = set(manifest.site_id) - set(stored)
     if missing:
-        raise DataError(f"{path}: sites {sorted(missing)[:10]} of the manifest are neither stored nor dropped")
+        raise DataError(f"{path}: sites {sorted(missing)[:10]} of the manifest are not in the store")
+    catalog_dropped = set(manifest.loc[manifest.status != "ok", "site_id"])
+    kept_anyway = sorted(s for s in catalog_dropped if stored[s]["status"] == "ok")
+    if kept_anyway:
+        raise DataError(f"{path}: sites {kept_anyway[:10]} were dropped by the catalog but are stored as ok")
     stats = {}
     for sensor in ("s2", "l8", "ign"):
         group = root[sensor]
@@ -309,11 +336,8 @@ def finalize(path: Path, manifest, part_records: Sequence[Mapping[str, Any]], co
     dropped: dict[str, int] = {}
     for rec in stored.values():
         if rec["status"] != "ok":
-            key = rec["reason"].split(":")[0] + ": build"
+            key = rec["reason"].split(":")[0] + ": " + rec.get("dropped_by", "build")
             dropped[key] = dropped.get(key, 0) + 1
-    for reason in catalog_dropped.reason:
-        key = reason.split(":")[0] + ": catalog"
-        dropped[key] = dropped.get(key, 0) + 1
     summary = {"samples": n, "kept": sum(r["status"] == "ok" for r in stored.values()),
                "dropped_by_reason": dict(sorted(dropped.items())), "normalization": stats}
     # Shard checksums recorded at build time: `xstars verify` recomputes them.

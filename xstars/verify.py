@@ -1,7 +1,7 @@
 """Verify: a built store against its manifest, and against the checksums recorded at build time.
 
-Checks that every site of the manifest is in the store (in sample order) or explained (dropped
-by the catalog or at build time, with its reason), and that every shard file still has the
+Checks that every site of the manifest is in the store (in sample order), kept or explained
+(dropped by the catalog or at build time, with its reason), and that every shard file still has the
 SHA-256 its build job recorded. Nothing is rewritten: the report lists what is wrong.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from xstars.store import SENSORS, _shard_file, file_sha256, sample_sites
+from xstars.store import SENSORS, _shard_file, file_sha256, stored_sites
 
 
 def verify_store(path: Path | str, manifest) -> dict[str, Any]:
@@ -21,20 +21,22 @@ def verify_store(path: Path | str, manifest) -> dict[str, Any]:
     root = zarr.open_group(str(path), mode="r")
     meta = root.attrs["xstars"]
     problems: list[str] = []
-    expected = sample_sites(manifest)
+    expected = stored_sites(manifest)
     stored = [str(s) for s in root["s2"]["site_id"][:]]
     if stored != expected:
         missing = sorted(set(expected) - set(stored))
         extra = sorted(set(stored) - set(expected))
-        problems.append(f"site ids differ from the manifest's kept sites: missing {missing[:10]}, unexpected {extra[:10]}")
-    status = root["s2"]["status"][:]
-    for site, state in zip(stored, status, strict=False):
-        if state != "ok" and not str(state).startswith("dropped: "):
+        problems.append(f"site ids differ from the manifest's sites: missing {missing[:10]}, unexpected {extra[:10]}")
+    status = dict(zip(stored, root["s2"]["status"][:], strict=True))
+    for site, state in status.items():
+        if state != "ok" and not (str(state).startswith("dropped: ") and len(str(state)) > len("dropped: ")):
             problems.append(f"{site}: status {state!r} gives no reason")
     dropped = manifest.loc[manifest.status != "ok"].drop_duplicates("site_id")
     for site, reason in zip(dropped.site_id, dropped.reason, strict=True):
         if not reason:
             problems.append(f"{site}: dropped by the catalog without a reason")
+        elif status.get(site, "ok") == "ok" and site in status:
+            problems.append(f"{site}: dropped by the catalog ({reason}) but stored as ok")
     recorded = meta.get("shard_sha256")
     checked = 0
     if not recorded:

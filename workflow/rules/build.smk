@@ -1,17 +1,18 @@
 """Build stage: manifest -> sharded Zarr store (xstars/acquire.py, coregister.py, store.py).
 
-`store_init` creates the arrays and says how many parts (shards of samples) there are; one
-`build_part` job per part reads, co-registers and writes its shard of every array; `dataset`
-checks completeness, adds the normalisation statistics and consolidates the metadata.
+`store_init` creates the arrays; one `build_part` job per part (a shard of samples, i.e. of
+sites: their number is known from the config, so the whole DAG is planned at parse time) reads,
+co-registers and writes its shard of every array; `dataset` checks completeness, adds the
+normalisation statistics and consolidates the metadata.
 """
 
-checkpoint store_init:
+rule store_init:
     input:
         manifest=RESULTS / "catalog" / "manifest.parquet",
     output:
         DATASET / "init.json",
     params:
-        cfg=config_json("sites", "sensors", "build"),
+        cfg=config_json("sites", "sensors", "build", "catalog"),
         store=STORE,
     log:
         "logs/build/store_init.log",
@@ -23,6 +24,8 @@ checkpoint store_init:
 
 
 rule build_part:
+    wildcard_constraints:
+        part=r"\d+",
     input:
         init=DATASET / "init.json",
         manifest=RESULTS / "catalog" / "manifest.parquet",
@@ -30,8 +33,10 @@ rule build_part:
     output:
         DATASET / "parts" / "part-{part}.json",
     params:
-        cfg=config_json("world", "demo", "stac", "sites", "sensors", "build", "catalog"),
+        cfg=config_json("world", "demo", "stac", "ign", "sites", "sensors", "build", "catalog"),
         store=STORE,
+    resources:
+        ign_wms_jobs=1,  # at most ign.max_concurrent_jobs jobs query the WMS at once
     log:
         "logs/build/build_part-{part}.log",
     conda:

@@ -49,6 +49,8 @@ else:
             searches=CATALOG / "search" / "shard-{shard}.searches.json",
         params:
             cfg=config_json("world", "demo", "seed", "sites", "stac", "ign", "sensors", "dates", "catalog"),
+        resources:
+            ign_wms_jobs=1,  # at most ign.max_concurrent_jobs jobs query the WMS at once
         log:
             "logs/catalog/search_shard-{shard}.log",
         conda:

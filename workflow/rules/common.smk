@@ -14,6 +14,11 @@ _resolved = resolve_config(config, overrides=_overrides)
 config.clear()
 config.update(_resolved)
 
+# The IGN WMS allows ign.max_requests_per_s for all our jobs together: at most
+# ign.max_concurrent_jobs jobs query it at once (each paces itself at its share), locally or on
+# any number of SLURM nodes. From the config, not --resources: the pace and the cap must agree.
+workflow.register_resource("ign_wms_jobs", config["ign"]["max_concurrent_jobs"])
+
 RESULTS = Path(config["results_dir"])
 DEMO_ROOT = Path(config["demo"]["root"])
 # The demo section as the generator reads it: a rule parameter, so that changing any demo
@@ -84,11 +89,20 @@ def stop_demo_servers():
     stop(DEMO_ROOT)
 
 
+def _planned_parts():
+    """Build jobs, known at parse time: the sites of the config (or of the frozen manifest),
+    ``build.samples_per_shard`` per job. `xstars build init` stops if the manifest disagrees."""
+    from xstars.store import n_parts, planned_sites
+
+    return n_parts(planned_sites(config), config["build"]["samples_per_shard"])
+
+
+BUILD_PARTS = _planned_parts()
+
+
 def build_parts(wildcards):
-    """Every build part's record, once the checkpoint store_init has said how many parts there are."""
-    with checkpoints.store_init.get().output[0].open() as f:
-        parts = json.load(f)["parts"]
-    return [DATASET / "parts" / f"part-{part}.json" for part in range(parts)]
+    """Every build part's record."""
+    return [DATASET / "parts" / f"part-{part}.json" for part in range(BUILD_PARTS)]
 
 
 # ------------------------------------------------------------------------------ pretrain

@@ -411,6 +411,7 @@ class GatewayState:
         self._requests = dict.fromkeys(STAT_ROUTES, 0)
         self._faults_injected = dict.fromkeys(FAULT_KINDS, 0)
         self._file_bytes = 0
+        self._wms_bytes = 0
 
     # --- faults
     @property
@@ -455,16 +456,22 @@ class GatewayState:
         with self._lock:
             self._file_bytes += n
 
+    def count_wms_bytes(self, n: int) -> None:
+        with self._lock:
+            self._wms_bytes += n
+
     def stats(self) -> dict[str, Any]:
-        """``{"requests": {route: n}, "file_bytes": n, "faults": {kind: n}}``.
+        """``{"requests": {route: n}, "file_bytes": n, "wms_bytes": n, "faults": {kind: n}}``.
 
         Every request is counted under its route, faulted or not; ``file_bytes`` counts the
-        bytes of /files bodies actually written (half a body for a truncated one).
+        bytes of /files bodies actually written (half a body for a truncated one),
+        ``wms_bytes`` those of the GetMap images rendered.
         """
         with self._lock:
             return {
                 "requests": dict(self._requests),
                 "file_bytes": self._file_bytes,
+                "wms_bytes": self._wms_bytes,
                 "faults": dict(self._faults_injected),
             }
 
@@ -473,6 +480,7 @@ class GatewayState:
             self._requests = dict.fromkeys(STAT_ROUTES, 0)
             self._faults_injected = dict.fromkeys(FAULT_KINDS, 0)
             self._file_bytes = 0
+            self._wms_bytes = 0
 
     # --- STAC backend
     def rewrite_backend_urls(self, body: bytes) -> bytes:
@@ -983,6 +991,7 @@ class GatewayHandler(BaseHTTPRequestHandler):
             elif request == "getmap":
                 req = wms.parse_getmap(params, self.state.layers)
                 image = wms.render_getmap(req, self.state.layers)
+                self.state.count_wms_bytes(len(image))
                 self._send(200, image, req.format)
             elif not request:
                 raise wms.WmsError("Missing required parameter REQUEST", "MissingParameterValue")
