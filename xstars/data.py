@@ -123,9 +123,10 @@ class StoreReader:
         self._root = None
         self._transforms: dict[str, np.ndarray] = {}
         self._clear: dict[str, np.ndarray] = {}
+        self._arrays: dict[str, tuple[Any, Any]] = {}  # (data, valid): opened once, not per read
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_root": None}  # a worker opens its own handle
+        return {**self.__dict__, "_root": None, "_arrays": {}}  # a worker opens its own handles
 
     @property
     def root(self):
@@ -135,6 +136,7 @@ class StoreReader:
             self._root = zarr.open_group(self.path, mode="r")
             for sensor in self.infos:
                 group = self._root[sensor]
+                self._arrays[sensor] = (group["data"], group["valid"])
                 self._transforms[sensor] = group["transform"][:]
                 # Stores without the per-sample fraction (older layouts) read every mask.
                 fraction = group["cloud_fraction"][:] if "cloud_fraction" in group else None
@@ -156,14 +158,15 @@ class StoreReader:
 
         out: dict[int, dict[str, RawTile]] = {i: {} for i in range(lo, hi)}
         with zarr.config.set({"codec_pipeline.batch_size": max(hi - lo, 1)}):
+            _ = self.root
             for sensor in self.infos:
-                group = self.root[sensor]
-                data = group["data"][lo:hi]  # whole inner chunks, all bands
+                data_array, valid_array = self._arrays[sensor]
+                data = data_array[lo:hi]  # whole inner chunks, all bands
                 clear = self._clear[sensor][lo:hi]
                 # A range with any cloudy sample is read whole: zarr's cost is per inner chunk,
                 # and a selection of some samples costs more than the whole shard (measured:
                 # 44 ms for 16 of 64 masks, 17 ms for all 64).
-                valid = None if clear.all() else group["valid"][lo:hi]
+                valid = None if clear.all() else valid_array[lo:hi]
                 for k, i in enumerate(range(lo, hi)):
                     mask = None if valid is None or clear[k] else valid[k]
                     out[i][sensor] = RawTile(data[k], mask, self._transforms[sensor][i])
