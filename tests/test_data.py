@@ -133,6 +133,19 @@ def test_batches_have_the_expected_views(store: Path) -> None:
     assert all(int(i) < 8 for i in batch["index"])  # the train split only
 
 
+def test_one_pair_per_step_is_drawn_per_step_and_the_same_on_every_rank(store: Path) -> None:
+    ranks = [list(batches(store, pairs_per_step=1, rank=r, world_size=2, epochs=6)) for r in (0, 1)]
+    seen = set()
+    for a, b in zip(*ranks, strict=True):
+        assert len(a["paired"]) == 1 and set(a["paired"]) <= set(PAIRED[a["sensor"]])
+        assert (a["sensor"], set(a["paired"])) == (b["sensor"], set(b["paired"]))  # same parameters used
+        assert set(a["valid"]) == {a["sensor"], *a["paired"]}
+        seen.add((a["sensor"], *a["paired"]))
+    assert len(seen) == 4  # every (DINO sensor, paired sensor) pair, drawn step by step
+    # 0 (the default) pairs every other sensor, every step.
+    assert all(set(b["paired"]) == set(PAIRED[b["sensor"]]) for b in batches(store, pairs_per_step=0))
+
+
 def test_resumed_dataset_yields_the_same_batches(store: Path) -> None:
     full = list(batches(store))
     assert len(full) == 8

@@ -129,9 +129,9 @@ def test_msad_heads_are_trained_and_checkpointed(store: Path, tmp_path: Path) ->
     assert [r["step"] for r in records] == [1, 2] and all(r["msad"] > 0 for r in records)
 
 
-@pytest.mark.parametrize("variant", ["original", "dense"])
-def test_resume_continues_exactly(store: Path, tmp_path: Path, variant: str) -> None:
-    settings = tiny_settings(msad={"variant": variant})
+@pytest.mark.parametrize(("variant", "pairs_per_step"), [("original", 0), ("dense", 0), ("dense", 1)])
+def test_resume_continues_exactly(store: Path, tmp_path: Path, variant: str, pairs_per_step: int) -> None:
+    settings = tiny_settings(msad={"variant": variant, "pairs_per_step": pairs_per_step})
     whole = train.pretrain(store, settings, tmp_path / "whole", seed=1, progress=False)
     assert whole["complete"] and whole["steps"] == 6  # 6 training samples / batch 2, 2 epochs
     train.pretrain(store, settings, tmp_path / "cut", seed=1, max_steps=3, progress=False)  # stops mid-epoch

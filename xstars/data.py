@@ -416,7 +416,7 @@ class PretrainBatches(IterableDataset):
                  paired_sensors: Mapping[str, Sequence[str]], spec: ViewSpec, batch_size: int, epochs: int,
                  seed: int, splits: Sequence[str] = ("train",), bands: Mapping[str, Sequence[str]] | None = None,
                  num_workers: int = 0, rank: int = 0, world_size: int = 1, shuffle_buffer: int = 64,
-                 start_step: int = 0) -> None:
+                 start_step: int = 0, pairs_per_step: int = 0) -> None:
         super().__init__()
         self.infos = sensor_infos(path, sensors, bands)
         self.reader = StoreReader(path, self.infos)
@@ -427,6 +427,7 @@ class PretrainBatches(IterableDataset):
         self.spec, self.batch_size, self.epochs, self.seed = spec, batch_size, epochs, seed
         self.workers, self.rank, self.world_size = max(num_workers, 1), rank, world_size
         self.shuffle_buffer, self.start_step = max(shuffle_buffer, 1), start_step
+        self.pairs_per_step = pairs_per_step
         self.steps_per_epoch = steps_per_epoch(len(self.samples), batch_size, world_size, self.workers)
         self.chunks = shard_chunks(self.samples, self.reader.samples_per_shard, world_size * self.workers)
 
@@ -468,20 +469,29 @@ class PretrainBatches(IterableDataset):
                     chunk = chunk_of[i]
                     fresh = self.reader.read_raw(min(chunk), max(chunk) + 1)
                     cache.update({j: fresh[j] for j in chunk if remaining.get(j, 0) > 0 and j not in cache})
-            # The DINO sensor is the same on every rank (the same parameters are used everywhere).
-            sensor = self.dino_sensors[int(np.random.default_rng([self.seed, epoch, g]).integers(len(self.dino_sensors)))]
+            sensor, paired = self.step_sensors(epoch, g)
             rng = batch_rng(self.seed, epoch, self.rank, g)
             with _one_thread():
                 views = []
                 for i in batch_ids:
-                    needed = (sensor, *self.paired_sensors[sensor])
-                    tiles = {name: normalise(cache[i][name], self.infos[name]) for name in needed}
-                    views.append(sample_views(tiles, sensor, self.paired_sensors[sensor], self.spec, rng))
+                    tiles = {name: normalise(cache[i][name], self.infos[name]) for name in (sensor, *paired)}
+                    views.append(sample_views(tiles, sensor, paired, self.spec, rng))
             for i in batch_ids:
                 remaining[i] -= 1
                 if remaining[i] == 0:
                     cache.pop(i, None)
             yield {"epoch": epoch, "step": g, "sensor": sensor, "index": torch.tensor(batch_ids), **collate(views)}
+
+
+    def step_sensors(self, epoch: int, step: int) -> tuple[str, list[str]]:
+        """The DINO sensor of a step and the sensors paired with it: the same on every rank (so
+        every rank uses the same parameters) and drawn per step (``pairs_per_step`` of them)."""
+        rng = np.random.default_rng([self.seed, epoch, step])
+        sensor = self.dino_sensors[int(rng.integers(len(self.dino_sensors)))]
+        paired = self.paired_sensors[sensor]
+        if 0 < self.pairs_per_step < len(paired):
+            paired = [paired[k] for k in sorted(rng.choice(len(paired), self.pairs_per_step, replace=False))]
+        return sensor, list(paired)
 
 
 @contextlib.contextmanager

@@ -196,7 +196,8 @@ def pretrain(store: Path | str, settings: Mapping[str, Any], out_dir: Path | str
     workers = settings["loader"]["num_workers"]
     dataset = PretrainBatches(store, sensors, dino_sensors, paired, views, optim["batch_size_per_gpu"],
                               optim["epochs"], seed, settings["splits"], run_bands(settings), workers,
-                              dist_info.rank, dist_info.world_size, settings["loader"]["shuffle_buffer"])
+                              dist_info.rank, dist_info.world_size, settings["loader"]["shuffle_buffer"],
+                              pairs_per_step=settings["msad"]["pairs_per_step"])
     steps_per_epoch = dataset.steps_per_epoch
     total_steps = optim["epochs"] * steps_per_epoch
     batch_total = optim["batch_size_per_gpu"] * dist_info.world_size
@@ -206,8 +207,10 @@ def pretrain(store: Path | str, settings: Mapping[str, Any], out_dir: Path | str
     momentum = cosine_schedule(optim["momentum_teacher"], 1.0, optim["epochs"], steps_per_epoch)
 
     # Every step uses every parameter unless some sensor sits out a step (DINO-only runs,
-    # continual mode): DDP must then look for unused parameters.
-    uses_all = all(len(paired[s]) + 1 == len(sensors) for s in dino_sensors) and not continual
+    # continual mode, fewer pairs per step): DDP must then look for unused parameters.
+    pairs = settings["msad"]["pairs_per_step"]
+    uses_all = (all(len(paired[s]) + 1 == len(sensors) for s in dino_sensors) and not continual
+                and not 0 < pairs < len(sensors) - 1)
     model: nn.Module = student
     if dist_info.world_size > 1:
         model = nn.parallel.DistributedDataParallel(
