@@ -191,10 +191,15 @@ def build_part(path: Path, manifest, config: Mapping[str, Any], part: int) -> di
         for name, values in buffers[sensor].items():
             shard = _shard_file(Path(path), sensor, name, part, values.ndim)
             checksums[f"{sensor}/{name}"] = file_sha256(shard) if shard.exists() else None
+    # The part's share of the normalisation statistics, from what it has in memory: finalize
+    # only adds the parts' sums up instead of reading the training split back (0.5 TB for France).
+    statistics = {sensor: _partial_statistics(buffers[sensor], root[sensor]["data"].attrs.get("scale_factor", 1.0))
+                  for sensor in ("s2", "l8", "ign")}
     seconds = time.perf_counter() - started
     log.info("build part=%d sites=%d dropped=%d seconds=%.1f", part, count,
              sum(r["status"] != "ok" for r in records), seconds)
-    return {"part": part, "first": first, "last": last, "records": records, "checksums": checksums}
+    return {"part": part, "first": first, "last": last, "records": records, "checksums": checksums,
+            "statistics": statistics}
 
 
 def file_sha256(path: Path) -> str:
@@ -328,10 +333,13 @@ def finalize(path: Path, manifest, part_records: Sequence[Mapping[str, Any]], co
     stats = {}
     for sensor in ("s2", "l8", "ign"):
         group = root[sensor]
-        split = group["split"][:]
-        status = group["status"][:]
-        train = np.nonzero((split == "train") & (status == "ok"))[0]
-        stats[sensor] = _band_statistics(group, train)
+        if all("statistics" in r for r in part_records):
+            stats[sensor] = _combine_statistics([r["statistics"][sensor] for r in
+                                                 sorted(part_records, key=lambda r: r["part"])])
+        else:  # parts recorded before they kept their sums: read the training split back
+            split = group["split"][:]
+            status = group["status"][:]
+            stats[sensor] = _band_statistics(group, np.nonzero((split == "train") & (status == "ok"))[0])
         group.attrs["normalization"] = stats[sensor]
     dropped: dict[str, int] = {}
     for rec in stored.values():
@@ -348,6 +356,37 @@ def finalize(path: Path, manifest, part_records: Sequence[Mapping[str, Any]], co
     return summary
 
 
+def _partial_statistics(buffers: Mapping[str, np.ndarray], scale: float) -> dict[str, Any]:
+    """Pixel count, per-band sum and sum of squares (physical units, float64) of the valid pixels
+    of a part's training samples that were kept, as stored (after packing)."""
+    keep = (buffers["split"] == "train") & (buffers["status"] == "ok")
+    bands = buffers["data"].shape[1]
+    total, total_sq, count = np.zeros(bands), np.zeros(bands), 0
+    for k in np.nonzero(keep)[0]:
+        values = buffers["data"][k][:, buffers["valid"][k].astype(bool)].astype(np.float64) * float(scale)
+        total += values.sum(axis=1)
+        total_sq += (values**2).sum(axis=1)
+        count += values.shape[1]
+    return {"pixels": int(count), "sum": total.tolist(), "sum_sq": total_sq.tolist()}
+
+
+def _combine_statistics(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The normalisation statistics of the parts' sums, added in part order (deterministic)."""
+    total = np.sum([p["sum"] for p in parts], axis=0)
+    total_sq = np.sum([p["sum_sq"] for p in parts], axis=0)
+    return _statistics(total, total_sq, sum(int(p["pixels"]) for p in parts))
+
+
+def _statistics(total: np.ndarray, total_sq: np.ndarray, count: int) -> dict[str, Any]:
+    bands = len(total)
+    if count == 0:
+        return {"split": "train", "pixels": 0, "mean": [None] * bands, "std": [None] * bands}
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
+    return {"split": "train", "pixels": int(count), "mean": [round(float(m), 6) for m in mean],
+            "std": [round(float(s), 6) for s in std]}
+
+
 def _band_statistics(group, samples: Sequence[int]) -> dict[str, Any]:
     """Per-band mean and standard deviation of the valid pixels of ``samples`` (physical units)."""
     scale = float(group["data"].attrs.get("scale_factor", 1.0))
@@ -362,12 +401,7 @@ def _band_statistics(group, samples: Sequence[int]) -> dict[str, Any]:
         total += values.sum(axis=1)
         total_sq += (values**2).sum(axis=1)
         count += values.shape[1]
-    if count == 0:
-        return {"split": "train", "pixels": 0, "mean": [None] * bands, "std": [None] * bands}
-    mean = total / count
-    std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
-    return {"split": "train", "pixels": int(count), "mean": [round(float(m), 6) for m in mean],
-            "std": [round(float(s), 6) for s in std]}
+    return _statistics(total, total_sq, count)
 
 
 # =================================================================================== figures
