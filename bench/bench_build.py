@@ -121,7 +121,8 @@ def main() -> int:
     parser.add_argument("--manifest", type=Path, default=Path("results/demo/catalog/manifest.parquet"))
     parser.add_argument("--world", default="demo")
     args = parser.parse_args()
-    config = load_config(None, {"world": args.world})
+    # Every mode runs in one process, the parts one after the other: it has the WMS to itself.
+    config = load_config(None, {"world": args.world, "ign": {"max_concurrent_jobs": 1}})
     demo = config["demo"]
     ensure_up(Path(demo["root"]), demo["host"], demo["port"], demo["stac_backend_port"])
     started = time.perf_counter()

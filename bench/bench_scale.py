@@ -132,7 +132,8 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--cores-per-node", type=int, default=32)
     args = parser.parse_args()
-    demo_config = load_config(None, {"world": "demo"})
+    # One process, the jobs one after the other: it has the WMS to itself.
+    demo_config = load_config(None, {"world": "demo", "ign": {"max_concurrent_jobs": 1}})
     demo_cfg = demo_config["demo"]
     ensure_up(Path(demo_cfg["root"]), demo_cfg["host"], demo_cfg["port"], demo_cfg["stac_backend_port"])
     with tempfile.TemporaryDirectory() as tmp:
