@@ -96,20 +96,25 @@ def test_jobs_querying_the_wms_share_its_rate_limit() -> None:
     assert not any("ign_wms_jobs" in job for job in jobs if job not in wms_jobs)
 
 
-@pytest.mark.parametrize("gpus", [4, 2])
-def test_pretrain_jobs_ask_for_the_gpus_and_start_one_process_each(gpus: int) -> None:
+@pytest.mark.parametrize(("args", "gpus"), [
+    ((), 4),  # config.yaml's pretrain.resources
+    (("--config", "pretrain={resources: {gpus_per_node: 2}}"), 2),
+    (("--set-resources", "pretrain_run:gpu=1"), 1),  # a user's override on the command line
+])
+def test_pretrain_jobs_ask_for_the_gpus_and_start_one_process_each(args: tuple[str, ...], gpus: int) -> None:
     # What `--profile slurm pretrain` submits: the rule's resources, which the SLURM executor
     # turns into `--gpus=N`, and a command that starts N processes through torchrun.
     from snakemake_executor_plugin_slurm.utils import set_gres_string
 
-    result = snakemake_dry_run("pretrain", "--config", f"pretrain={{resources: {{gpus_per_node: {gpus}}}}}")
+    result = snakemake_dry_run("pretrain", *args)
     assert result.returncode == 0, result.stderr + result.stdout
     jobs = [job for job in result.stdout.split("\nrule ")[1:] if job.startswith("pretrain_run:")]
     assert len(jobs) == 3  # xstars_original, xstars_dense, dino_only
     for job in jobs:
         resources = dict(item.split("=", 1) for item in job.split("resources: ")[1].splitlines()[0].split(", "))
-        assert (resources["gpu"], resources["cpus_per_task"], resources["mem_mb"]) == (
-            str(gpus), str(8 * gpus), str(64000 * gpus))
+        assert resources["gpu"] == str(gpus)
+        if not args or args[0] == "--config":  # CPUs and memory follow the GPUs asked in the config
+            assert (resources["cpus_per_task"], resources["mem_mb"]) == (str(8 * gpus), str(64000 * gpus))
         assert f"--nproc {gpus} " in job
         job_seen_by_executor = SimpleNamespace(resources=Resources(gpu=int(resources["gpu"])))
         assert set_gres_string(job_seen_by_executor) == f" --gpus={gpus}"

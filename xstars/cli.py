@@ -500,6 +500,13 @@ def cmd_pretrain_run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     settings = run_settings(config, args.run)
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        import torch
+
+        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if 0 < visible < args.nproc:  # on CPU (no GPU at all), the processes share the cores (gloo)
+            raise ConfigError(f"--nproc {args.nproc}: only {visible} GPU(s) visible to this job "
+                              f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); "
+                              "pretrain.resources.gpus_per_node must match what the scheduler gives")
         # torchrun runs this same command in every process; WORLD_SIZE tells them apart.
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
                    "-m", "xstars"]

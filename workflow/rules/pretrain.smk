@@ -19,7 +19,8 @@ rule pretrain_run:
         cfg=pretrain_run_json,
         store=STORE,
         out_dir=lambda wildcards: PRETRAIN / wildcards.run,
-        nproc=max(PRETRAIN_GPUS, 1),
+        # One process per GPU the job is given (pretrain.resources, or --set-resources), 1 on CPU.
+        nproc=lambda wildcards, resources: max(int(resources.gpu), 1),
     threads: PRETRAIN_CPUS
     resources:
         gpu=PRETRAIN_GPUS,
