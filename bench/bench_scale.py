@@ -61,13 +61,7 @@ def run_demo(config: dict, workdir: Path) -> dict:
     manifest_path = workdir / "manifest.parquet"
 
     def catalog_stage() -> None:
-        rows, searches = [], []
-        for shard in range(config["catalog"]["search_shards"]):
-            found, logged = catalog.search_shard(config, sites, shard)
-            rows += found
-            searches += logged
-        chosen = catalog.select(config, sites, rows)
-        catalog.write_manifest(chosen, manifest_path, config["sites"]["crs"], catalog.provenance(config, searches))
+        catalog.build_manifest(config, sites, manifest_path)
 
     path = workdir / "dataset.zarr"
 

@@ -52,15 +52,7 @@ def served(demo_root: Path, demo_server: server.ServerInfo):
 
 
 def build_manifest(config: dict, path: Path) -> tuple[list[dict], list[dict]]:
-    sites = sample_sites(config)
-    rows, searches = [], []
-    for shard in range(config["catalog"]["search_shards"]):
-        shard_rows, shard_searches = catalog.search_shard(config, sites, shard)
-        rows += shard_rows
-        searches += shard_searches
-    manifest_rows = catalog.select(config, sites, rows)
-    catalog.write_manifest(manifest_rows, path, config["sites"]["crs"], catalog.provenance(config, searches))
-    return manifest_rows, searches
+    return catalog.build_manifest(config, sample_sites(config), path)
 
 
 # ------------------------------------------------------------------------------ the manifest

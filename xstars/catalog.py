@@ -758,6 +758,21 @@ def _check_unsigned(frame, path: Path | None = None) -> None:
                 raise DataError(f"{path or 'manifest'}: a signed URL would be stored in {column}")
 
 
+def build_manifest(config: Mapping[str, Any], sites: Sequence[Site], path: Path) -> tuple[list[dict], list[dict]]:
+    """The whole catalog stage in one process (every search shard, the selection, the manifest
+    at ``path``), as the workflow's jobs do it in parallel: for tests, benchmarks, small worlds.
+
+    Returns the manifest rows and the search log."""
+    rows, searches = [], []
+    for shard in range(config["catalog"]["search_shards"]):
+        shard_rows, shard_searches = search_shard(config, sites, shard)
+        rows += shard_rows
+        searches += shard_searches
+    manifest_rows = select(config, sites, rows)
+    write_manifest(manifest_rows, path, config["sites"]["crs"], provenance(config, searches))
+    return manifest_rows, searches
+
+
 def provenance(config: Mapping[str, Any], searches: Sequence[dict]) -> dict[str, Any]:
     """What a rebuild needs to know: the config sections of the catalog and every search made."""
     return {
