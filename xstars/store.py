@@ -16,8 +16,9 @@ One inner chunk is one sample of one sensor; a shard holds ``build.samples_per_s
 Samples are the manifest's sites in site-id order, so sample ``i`` is the same site in every
 group. A site the catalog dropped is stored too, as ``dropped: <reason>`` with no pixel: the
 number of samples, hence of build jobs, is the number of sites, which the config alone fixes
-(:func:`planned_sites`), so a dry run of the workflow lists every job before any search. A build job (:func:`build_part`) writes exactly one shard of every array, never
-a part of another job's: jobs run in parallel on a shared filesystem, and a job killed
+(:func:`planned_sites`), so a dry run of the workflow lists every job before any search.
+A build job (:func:`build_part`) writes exactly one shard of every array, never a part of
+another job's: jobs run in parallel on a shared filesystem, and a job killed
 mid-write is simply run again (its shard is rewritten whole). :func:`finalize` checks that
 every part is there, computes the normalisation statistics on the training split and
 consolidates the metadata. Two builds from the same manifest are identical in array content.
@@ -29,7 +30,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -331,9 +332,10 @@ def finalize(path: Path, manifest, part_records: Sequence[Mapping[str, Any]], co
     if kept_anyway:
         raise DataError(f"{path}: sites {kept_anyway[:10]} were dropped by the catalog but are stored as ok")
     stats = {}
+    recorded_sums = all("statistics" in r for r in part_records)
     for sensor in ("s2", "l8", "ign"):
         group = root[sensor]
-        if all("statistics" in r for r in part_records):
+        if recorded_sums:
             stats[sensor] = _combine_statistics([r["statistics"][sensor] for r in
                                                  sorted(part_records, key=lambda r: r["part"])])
         else:  # parts recorded before they kept their sums: read the training split back
@@ -357,13 +359,17 @@ def finalize(path: Path, manifest, part_records: Sequence[Mapping[str, Any]], co
 
 
 def _partial_statistics(buffers: Mapping[str, np.ndarray], scale: float) -> dict[str, Any]:
+    """The sums of a part's kept training samples, as stored (after packing), from its buffers."""
+    keep = np.nonzero((buffers["split"] == "train") & (buffers["status"] == "ok"))[0]
+    return _sums(((buffers["data"][k], buffers["valid"][k]) for k in keep), scale, buffers["data"].shape[1])
+
+
+def _sums(tiles: Iterable[tuple[np.ndarray, np.ndarray]], scale: float, bands: int) -> dict[str, Any]:
     """Pixel count, per-band sum and sum of squares (physical units, float64) of the valid pixels
-    of a part's training samples that were kept, as stored (after packing)."""
-    keep = (buffers["split"] == "train") & (buffers["status"] == "ok")
-    bands = buffers["data"].shape[1]
+    of ``(data [band, y, x], valid [y, x])`` tiles, taken one at a time."""
     total, total_sq, count = np.zeros(bands), np.zeros(bands), 0
-    for k in np.nonzero(keep)[0]:
-        values = buffers["data"][k][:, buffers["valid"][k].astype(bool)].astype(np.float64) * float(scale)
+    for data, valid in tiles:
+        values = data[:, valid.astype(bool)].astype(np.float64) * float(scale)
         total += values.sum(axis=1)
         total_sq += (values**2).sum(axis=1)
         count += values.shape[1]
@@ -371,16 +377,12 @@ def _partial_statistics(buffers: Mapping[str, np.ndarray], scale: float) -> dict
 
 
 def _combine_statistics(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """The normalisation statistics of the parts' sums, added in part order (deterministic)."""
+    """Per-band mean and standard deviation from the parts' sums, added in part order."""
     total = np.sum([p["sum"] for p in parts], axis=0)
     total_sq = np.sum([p["sum_sq"] for p in parts], axis=0)
-    return _statistics(total, total_sq, sum(int(p["pixels"]) for p in parts))
-
-
-def _statistics(total: np.ndarray, total_sq: np.ndarray, count: int) -> dict[str, Any]:
-    bands = len(total)
+    count = sum(int(p["pixels"]) for p in parts)
     if count == 0:
-        return {"split": "train", "pixels": 0, "mean": [None] * bands, "std": [None] * bands}
+        return {"split": "train", "pixels": 0, "mean": [None] * len(total), "std": [None] * len(total)}
     mean = total / count
     std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
     return {"split": "train", "pixels": int(count), "mean": [round(float(m), 6) for m in mean],
@@ -388,20 +390,11 @@ def _statistics(total: np.ndarray, total_sq: np.ndarray, count: int) -> dict[str
 
 
 def _band_statistics(group, samples: Sequence[int]) -> dict[str, Any]:
-    """Per-band mean and standard deviation of the valid pixels of ``samples`` (physical units)."""
-    scale = float(group["data"].attrs.get("scale_factor", 1.0))
-    bands = group["band"].shape[0]
-    total = np.zeros(bands)
-    total_sq = np.zeros(bands)
-    count = 0
-    for i in samples:  # one sample at a time: memory independent of the number of sites
-        data = group["data"][i].astype(np.float64) * scale
-        valid = group["valid"][i].astype(bool)
-        values = data[:, valid]
-        total += values.sum(axis=1)
-        total_sq += (values**2).sum(axis=1)
-        count += values.shape[1]
-    return _statistics(total, total_sq, count)
+    """Per-band mean and standard deviation of the valid pixels of ``samples``, read from the store
+    one sample at a time (memory independent of the number of sites)."""
+    tiles = ((group["data"][i], group["valid"][i]) for i in samples)
+    sums = _sums(tiles, group["data"].attrs.get("scale_factor", 1.0), group["band"].shape[0])
+    return _combine_statistics([sums])
 
 
 # =================================================================================== figures
