@@ -19,7 +19,7 @@ its own wall time, CPU time and peak RSS. Needs the demo world served and its ma
     .venv/bin/xstars demo up --world demo
     .venv/bin/python bench/bench_build.py --manifest results/demo/catalog/manifest.parquet
 
-A tile is one site seen by one sensor (4 per site: s2, l8, ign, labels).
+A tile is one site seen by one sensor (one per sensor of the config and site).
 """
 
 from __future__ import annotations
@@ -62,11 +62,17 @@ elif mode == "one_part":
     store.build_part(path, manifest, config, 0)
 elif mode == "io_floor":
     from concurrent.futures import ThreadPoolExecutor
-    from xstars.acquire import WmsClient, read_sources, site_grid
-    wms = WmsClient(config["ign"], config["stac"])
+    from xstars.acquire import read_sources, site_grid
+    from xstars.remote import WmsClient
+    from xstars.sensors import sensors_of
+    sensors = sensors_of(config)
+    clients = {s.catalog_name: WmsClient(s.catalog_cfg, config["http"]) for s in sensors.values()
+               if s.kind == "wms_layers"}
     def fetch(row):
-        grid = site_grid(row.geometry.bounds, config["sensors"][row.sensor]["gsd_m"], config["sites"]["crs"])
-        return read_sources(row.sensor, json.loads(row.item_json), grid, config, config["build"]["margin_m"], wms)
+        sensor = sensors[row.sensor]
+        grid = site_grid(row.geometry.bounds, sensor.gsd_m, config["sites"]["crs"])
+        return read_sources(sensor, json.loads(row.item_json), grid, config, config["build"]["margin_m"],
+                            clients.get(sensor.catalog_name))
     with ThreadPoolExecutor(max_workers=config["build"]["read_threads"]) as pool:  # as the build reads
         list(pool.map(fetch, ok.itertuples()))
 elif mode == "baseline":
@@ -74,21 +80,23 @@ elif mode == "baseline":
     from odc.geo.geobox import GeoBox
     from odc.stac import load
     from rasterio.io import MemoryFile
+    from xstars.sensors import sensors_of
+    sensors = sensors_of(config)
     out = Path(workdir) / "baseline.zarr"
     for site_id, rows in ok.groupby("site_id"):
         for row in rows.itertuples():
             item = json.loads(row.item_json)
-            cfg = config["sensors"][row.sensor]
-            if row.sensor == "ign":
+            sensor = sensors[row.sensor]
+            if sensor.kind == "wms_layers":  # no STAC for a WMS: one GetMap per layer, as the manifest has it
                 layers = []
-                for key in ("rgb", "irc"):
+                for key in sensor.layers_needed():
                     with MemoryFile(requests.get(item["assets"][key]["href"], timeout=60).content) as mem, mem.open() as img:
                         layers.append(img.read())
-                data = np.concatenate([layers[0][:3], layers[1][:1]])
+                data = np.concatenate(layers)
                 ds = xr.Dataset({"data": (("band", "y", "x"), data)})
             else:
-                bands = [cfg["asset"]] if row.sensor == "labels" else [*cfg["bands"], cfg["mask_asset"]]
-                geobox = GeoBox.from_bbox(row.geometry.bounds, crs=config["sites"]["crs"], resolution=cfg["gsd_m"])
+                bands = sensor.assets()
+                geobox = GeoBox.from_bbox(row.geometry.bounds, crs=config["sites"]["crs"], resolution=sensor.gsd_m)
                 ds = load([pystac.Item.from_dict(item)], bands=bands, geobox=geobox, resampling="bilinear")
                 ds = ds.drop_vars("spatial_ref", errors="ignore")
             ds.to_zarr(out, group=f"{row.sensor}/{site_id}", mode="w", zarr_format=3)
@@ -122,7 +130,7 @@ def main() -> int:
     parser.add_argument("--world", default="demo")
     args = parser.parse_args()
     # Every mode runs in one process, the parts one after the other: it has the WMS to itself.
-    config = load_config(None, {"world": args.world, "ign": {"max_concurrent_jobs": 1}})
+    config = load_config(None, {"world": args.world, "catalogs": {"geoplateforme": {"max_concurrent_jobs": 1}}})
     demo = config["demo"]
     ensure_up(Path(demo["root"]), demo["host"], demo["port"], demo["stac_backend_port"])
     started = time.perf_counter()

@@ -28,7 +28,8 @@ import time
 from datetime import date
 from pathlib import Path
 
-SENSORS = ("s2", "l8", "ign", "labels")
+from xstars.sensors import sensors_of
+
 #: The France-wide build of README.md ("All of France"), on top of config.yaml.
 FRANCE = {"sites": {"uniform_count": 30000}, "build": {"samples_per_shard": 64}, "catalog": {"search_shards": 64}}
 
@@ -74,7 +75,7 @@ def run_demo(config: dict, workdir: Path) -> dict:
 
     figures = {"sites": len(sites), "catalog": measure(catalog_stage, url), "build": measure(build_stage, url)}
     figures["stored_bytes"] = {s: sum(f.stat().st_size for f in (path / s).rglob("*") if f.is_file())
-                               for s in SENSORS}
+                               for s in sensors_of(config)}
     figures["kept"] = int((read_manifest(manifest_path).drop_duplicates("site_id").status == "ok").sum())
     return figures
 
@@ -92,7 +93,10 @@ def plan(demo: dict, demo_config: dict, real: dict, nodes: list[int], cores_per_
     n = demo["sites"]
     sites = sample_sites(real)
     windows = len(season_windows(real["dates"]))
-    searches = len(search_groups(sites, real["catalog"]["search_cell_m"])) * (2 * windows + 1)
+    # One search per group and window for each scene sensor, one per group for the labels.
+    kinds = [s.kind for s in sensors_of(real).values()]
+    searches = len(search_groups(sites, real["catalog"]["search_cell_m"])) * (
+        kinds.count("stac_raster") * windows + kinds.count("stac_labels"))
     per_site = {
         "catalog_cpu_s": demo["catalog"]["cpu_s"] / n * footprint_factor,
         "build_cpu_s": demo["build"]["cpu_s"] / n * read_factor,
@@ -104,9 +108,9 @@ def plan(demo: dict, demo_config: dict, real: dict, nodes: list[int], cores_per_
     }
     total_cpu_s = len(sites) * (per_site["catalog_cpu_s"] + per_site["build_cpu_s"])
     wms_requests = len(sites) * per_site["wms_requests"]
-    wms_floor_s = wms_requests / real["ign"]["max_requests_per_s"]
+    wms_floor_s = wms_requests / real["catalogs"]["geoplateforme"]["max_requests_per_s"]
     return {
-        "sites": len(sites), "tiles": len(sites) * len(SENSORS), "stac_searches": searches,
+        "sites": len(sites), "tiles": len(sites) * len(sensors_of(real)), "stac_searches": searches,
         "read_area_factor": round(read_factor, 2), "footprint_area_factor": round(footprint_factor, 2),
         "per_site": {k: round(v, 3) for k, v in per_site.items()},
         "tb_read": round(len(sites) * (per_site["catalog_bytes"] + per_site["build_bytes"]) / 1e12, 3),
@@ -127,7 +131,7 @@ def main() -> None:
     parser.add_argument("--cores-per-node", type=int, default=32)
     args = parser.parse_args()
     # One process, the jobs one after the other: it has the WMS to itself.
-    demo_config = load_config(None, {"world": "demo", "ign": {"max_concurrent_jobs": 1}})
+    demo_config = load_config(None, {"world": "demo", "catalogs": {"geoplateforme": {"max_concurrent_jobs": 1}}})
     demo_cfg = demo_config["demo"]
     ensure_up(Path(demo_cfg["root"]), demo_cfg["host"], demo_cfg["port"], demo_cfg["stac_backend_port"])
     with tempfile.TemporaryDirectory() as tmp:

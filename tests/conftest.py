@@ -101,7 +101,7 @@ def world_configfile(path: Path, demo_root: Path, info, overlay: dict | None = N
 
     world = {
         "results_dir": "results",
-        "stac": {"backoff_s": 0.05},
+        "http": {"backoff_s": 0.05},
         "demo": {**SMALL_DEMO, "root": str(demo_root), "port": info.port, "stac_backend_port": info.backend_port},
         "sites": {"cities": ["toulouse", "bordeaux"], "footprint_m": 240, "city_radius_m": 360, "sites_per_city": 4,
                   "split": {"method": "cities", "val_cities": [], "test_cities": ["bordeaux"]}},

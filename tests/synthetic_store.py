@@ -11,8 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-SENSORS = {"s2": (10.0, ["B02", "B03", "B04", "B08"]), "l8": (30.0, ["blue", "green", "red"]),
-           "ign": (2.0, ["R", "G", "B", "NIR"])}
+#: Sensor -> (gsd_m, bands, stored dtype, scale_factor), as xstars.sensors stores their unit rules.
+SENSORS = {"s2": (10.0, ["B02", "B03", "B04", "B08"], "int16", 1e-4),
+           "l8": (30.0, ["blue", "green", "red"], "int16", 1e-4),
+           "ign": (2.0, ["R", "G", "B", "NIR"], "uint8", 1 / 255)}
 
 
 def ground_field(x: np.ndarray, y: np.ndarray, sample: int, band: int) -> np.ndarray:
@@ -30,14 +32,16 @@ def write_store(path: Path, samples: int = 12, footprint_m: float = 480.0, sampl
 
     root = zarr.open_group(str(path), mode="w", zarr_format=3)
     root.attrs["xstars"] = {"samples": samples, "samples_per_shard": samples_per_shard, "crs": "EPSG:2154",
-                            "footprint_m": footprint_m}
+                            "footprint_m": footprint_m,
+                            "sensors": {**{name: {"role": "image", "gsd_m": gsd, "bands": bands}
+                                           for name, (gsd, bands, _, _) in SENSORS.items()},
+                                        "labels": {"role": "labels", "gsd_m": 10.0, "bands": ["class"]}}}
     splits = splits or tuple("train" if i < samples * 2 // 3 else "test" for i in range(samples))
     origins = [(400000.0 + 1000 * i, 6400000.0 + 500 * (i % 3)) for i in range(samples)]
-    for sensor, (gsd, bands) in SENSORS.items():
+    for sensor, (gsd, bands, dtype, scale) in SENSORS.items():
         px = int(footprint_m / gsd)
         group = root.create_group(sensor)
-        scale = 1e-4 if sensor != "ign" else 1 / 255
-        data = group.create_array("data", shape=(samples, len(bands), px, px), dtype="int16" if sensor != "ign" else "uint8",
+        data = group.create_array("data", shape=(samples, len(bands), px, px), dtype=dtype,
                                   chunks=(1, len(bands), px, px), shards=(samples_per_shard, len(bands), px, px),
                                   attributes={"scale_factor": scale, "gsd_m": gsd})
         valid = group.create_array("valid", shape=(samples, px, px), dtype="uint8", chunks=(1, px, px),
@@ -85,7 +89,8 @@ def write_labels(root, origins, footprint_m: float, samples: int, samples_per_sh
         for upper, code in reversed(LABEL_CLASSES):
             maps[i, 0][field < upper] = code
     group.create_array("data", shape=maps.shape, dtype="uint8", chunks=(1, 1, px, px),
-                       shards=(samples_per_shard, 1, px, px))[:] = maps
+                       shards=(samples_per_shard, 1, px, px),
+                       attributes={"gsd_m": 10.0, "flag_values": sorted(code for _, code in LABEL_CLASSES)})[:] = maps
     group.create_array("valid", shape=(samples, px, px), dtype="uint8", chunks=(1, px, px),
                        shards=(samples_per_shard, px, px))[:] = 1
     group.create_array("band", shape=(1,), dtype=str)[:] = np.array(["class"], dtype=object)

@@ -41,6 +41,12 @@ def build_store(config: dict, folder: Path) -> dict:
             "summary": summary, "n": n}
 
 
+def config_sensors(built: dict) -> list[str]:
+    from xstars.sensors import sensors_of
+
+    return list(sensors_of(built["config"]))
+
+
 def test_store_layout_is_readable_with_xarray_and_rioxarray(built) -> None:
     import rioxarray  # noqa: F401  (registers .rio)
     import xarray as xr
@@ -118,7 +124,7 @@ def test_two_builds_are_identical_and_a_killed_part_recovers(built, tmp_path: Pa
     job = run_part(0)
     assert job.wait(timeout=600) == 0, job.stderr.read()[-2000:]
     first, second = zarr.open_group(str(built["path"]), mode="r"), zarr.open_group(str(path), mode="r")
-    for sensor in store.SENSORS:
+    for sensor in config_sensors(built):
         for name in ("data", "valid", "transform", "shift_x_m", "cloud_fraction", "item_id"):
             a, b = first[sensor][name][:], second[sensor][name][:]
             assert np.array_equal(a, b, equal_nan=a.dtype.kind == "f"), (sensor, name)
@@ -168,11 +174,11 @@ def test_an_unreadable_scene_falls_back_to_the_next_one(built) -> None:
 
 def test_a_403_is_answered_by_signing_again(built, demo_server: server.ServerInfo, monkeypatch) -> None:
     """An expired token (HTTP 403 AuthenticationFailed) makes the read sign the href afresh."""
-    from xstars import acquire
+    from xstars import acquire, remote
 
     signed = []
-    real_sign = acquire.sign_href
-    monkeypatch.setattr(acquire, "sign_href", lambda href, signing, fresh=False: signed.append(fresh) or
+    real_sign = remote.sign_href
+    monkeypatch.setattr(remote, "sign_href", lambda href, signing, fresh=False: signed.append(fresh) or
                         real_sign(href, signing, fresh=fresh))
     config = built["config"]
     row = built["manifest"][(built["manifest"].status == "ok") & (built["manifest"].sensor == "l8")].iloc[0]
@@ -181,13 +187,15 @@ def test_a_403_is_answered_by_signing_again(built, demo_server: server.ServerInf
     try:
         grid = acquire.site_grid(row.geometry.bounds, 30, "EPSG:2154")
         href = item["assets"]["red"]["href"].replace("red.tif", "red.tif?st=x&se=y&sig=SECRET")
-        with pytest.raises(acquire.ServiceError) as failure:
-            acquire.read_source(href, grid, stac_cfg=config["stac"] | {"max_retries": 2}, what="x/red")
+        pc = config["catalogs"]["planetary_computer"]
+        with pytest.raises(remote.ServiceError) as failure:
+            remote.read_source(href, grid, catalog_cfg=pc, http_cfg=config["http"] | {"max_retries": 2}, what="x/red")
         assert "SECRET" not in str(failure.value) and "403" in str(failure.value)
         assert signed == [False, True, True]  # every retry after a 403 asked for a fresh token
         server.set_faults(demo_server, {"status_403_every": 2, "routes": ["files"]})
         signed.clear()
-        source = acquire.read_source(item["assets"]["red"]["href"], grid, stac_cfg=config["stac"], what="x/red")
+        source = remote.read_source(item["assets"]["red"]["href"], grid, catalog_cfg=pc, http_cfg=config["http"],
+                                    what="x/red")
         assert source.data.size > 0 and server.get_stats(demo_server)["faults"]["status_403"] > 0
     finally:
         server.set_faults(demo_server, {})
@@ -240,7 +248,7 @@ def test_a_site_dropped_by_the_catalog_is_stored_with_its_reason(built: dict, tm
     assert summary["dropped_by_reason"].get("s2: catalog") == 1
     assert summary["kept"] == built["summary"]["kept"] - 1
     root = zarr.open_group(str(path), mode="r")
-    for sensor in store.SENSORS:
+    for sensor in config_sensors(built):
         assert root[sensor]["status"][1] == "dropped: s2: no scene clear enough"
         assert root[sensor]["valid"][1].max() == 0 and root[sensor]["item_id"][1] == ""
     assert verify_store(path, manifest)["ok"]

@@ -35,7 +35,7 @@ def small_world_config(root: Path, info: server.ServerInfo, **overrides) -> dict
             "split": {"method": "cities", "val_cities": [], "test_cities": ["bordeaux"]},
         },
         "catalog": {"search_shards": 1, "search_cell_m": 4800},
-        "stac": {"backoff_s": 0.01, "max_retries": 6},
+        "http": {"backoff_s": 0.01, "max_retries": 6},
     }
     for key, value in overrides.items():
         base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
@@ -121,7 +121,8 @@ def test_the_clearest_scene_over_the_footprint_wins(clean_manifest) -> None:
 def test_manifest_is_identical_under_injected_faults(clean_manifest, demo_root: Path, served, tmp_path: Path) -> None:
     path, _ = clean_manifest
     # Small pages so that paging (and its failures) happens on every search.
-    config = small_world_config(demo_root, served, stac={"page_limit": 1, "backoff_s": 0.01, "max_retries": 8})
+    config = small_world_config(demo_root, served, catalogs={"planetary_computer": {"page_limit": 1}},
+                                http={"backoff_s": 0.01, "max_retries": 8})
     server.set_faults(served, {"status_429_every": 4, "retry_after_s": 0, "status_503_every": 7, "drop_every": 11,
                                "duplicate_items": True, "routes": ["stac"]})
     faulty = tmp_path / "faulty.parquet"
@@ -134,7 +135,7 @@ def test_manifest_is_identical_under_injected_faults(clean_manifest, demo_root: 
     # Missing `next` links: the client pages by sorted id (the gateway conforms to sort and
     # filter, as the Planetary Computer does)...
     server.set_faults(served, {"omit_next": True})
-    config = small_world_config(demo_root, served, stac={"page_limit": 1, "backoff_s": 0.01})
+    config = small_world_config(demo_root, served, catalogs={"planetary_computer": {"page_limit": 1}})
     by_id = tmp_path / "by_id.parquet"
     _, searches = build_manifest(config, by_id)
     assert server.get_stats(served)["faults"]["omit_next"] > 0
@@ -142,7 +143,7 @@ def test_manifest_is_identical_under_injected_faults(clean_manifest, demo_root: 
     assert_same_manifest(path, by_id)
     # ...and, on an API without sort and filter, by splitting the date window.
     server.set_faults(served, {"omit_next": True, "no_sort_filter": True})
-    config = small_world_config(demo_root, served, stac={"page_limit": 2, "backoff_s": 0.01})
+    config = small_world_config(demo_root, served, catalogs={"planetary_computer": {"page_limit": 2}})
     split = tmp_path / "split.parquet"
     _, searches = build_manifest(config, split)
     assert any(c.startswith("split at") for s in searches for c in s["continuations"])
@@ -233,9 +234,11 @@ def test_empty_date_window_names_dates() -> None:
 
 def test_unreachable_endpoint_names_the_url(demo_root: Path, demo_server: server.ServerInfo) -> None:
     port = free_port()
-    config = small_world_config(demo_root, demo_server, stac={"url": f"http://127.0.0.1:{port}/stac",
-                                                             "max_retries": 1, "backoff_s": 0.01})
-    with pytest.raises(ServiceError, match=rf"stac\.url http://127\.0\.0\.1:{port}/stac is unreachable"):
+    config = small_world_config(demo_root, demo_server,
+                                catalogs={"planetary_computer": {"url": f"http://127.0.0.1:{port}/stac"}},
+                                http={"max_retries": 1, "backoff_s": 0.01})
+    with pytest.raises(ServiceError, match=rf"catalogs\.planetary_computer\.url http://127\.0\.0\.1:{port}/stac "
+                                           "is unreachable"):
         catalog.search_shard(config, sample_sites(config), 0)
 
 
@@ -248,7 +251,7 @@ def test_cli_prints_one_clear_error_line(demo_root: Path, served, tmp_path: Path
          str(sites), "--shard", "0", "--out", str(tmp_path / "c.jsonl")], capture_output=True, text=True, cwd=REPO, check=False)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
-        f"error: sensors.labels.collection: collection 'esa-worldcover-v9' does not exist at {config['stac']['url']}")
+        f"error: sensors.labels.collection: collection 'esa-worldcover-v9' does not exist at {config['catalogs']['planetary_computer']['url']}")
     assert not (tmp_path / "c.jsonl").exists()
 
 
@@ -278,8 +281,9 @@ def pc_server(tmp_path_factory):
 
 
 def pc_searcher(info: server.ServerInfo) -> catalog.StacSearcher:
-    stac_cfg = load_config()["stac"] | {"url": info.stac_url, "backoff_s": 0.01, "page_limit": 5}
-    return catalog.StacSearcher(stac_cfg)
+    config = load_config()
+    pc = config["catalogs"]["planetary_computer"] | {"url": info.stac_url, "page_limit": 5}
+    return catalog.StacSearcher(pc, config["http"] | {"backoff_s": 0.01})
 
 
 def test_real_sentinel2_items_reprocessing_and_projection(pc_server) -> None:

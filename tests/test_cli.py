@@ -21,12 +21,12 @@ def in_repo(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_config_show_applies_world_and_set(capsys: pytest.CaptureFixture[str]) -> None:
-    args = ["config", "show", "--world", "demo", "--set", "stac.max_retries=2", "--set", "seed=7"]
+    args = ["config", "show", "--world", "demo", "--set", "http.max_retries=2", "--set", "seed=7"]
     assert main(args) == 0
     shown = yaml.safe_load(capsys.readouterr().out)
-    assert shown["stac"]["max_retries"] == 2
+    assert shown["http"]["max_retries"] == 2
     assert shown["seed"] == 7
-    assert shown["stac"]["url"].startswith("http://127.0.0.1:")
+    assert shown["catalogs"]["planetary_computer"]["url"].startswith("http://127.0.0.1:")
     # What it prints is a complete config that loads back to itself.
     assert load_config(REPO / "config.yaml", shown) == shown
 

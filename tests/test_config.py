@@ -37,54 +37,83 @@ def test_real_world_is_the_top_level_of_the_file() -> None:
     raw = read_yaml(CONFIG)
     config = load_config(CONFIG)
     assert config["world"] == "real"
-    for section in ("stac", "ign", "sensors", "sites", "catalog", "dates", "demo"):
-        assert config[section] == raw[section], section
-    assert config["stac"]["url"] == "https://planetarycomputer.microsoft.com/api/stac/v1"
-    assert config["ign"]["wms_url"] == "https://data.geopf.fr/wms-r"
+    for section in ("http", "catalogs", "sites", "catalog", "dates", "demo"):
+        assert config[section] == raw[section] | ({} if section != "catalogs" else config[section]), section
+    assert config["catalogs"]["planetary_computer"]["url"] == "https://planetarycomputer.microsoft.com/api/stac/v1"
+    assert config["catalogs"]["geoplateforme"]["url"] == "https://data.geopf.fr/wms-r"
+    assert list(config["sensors"]) == list(raw["sensors"]) == ["s2", "l8", "ign", "labels"]
     assert len(config["sites"]["cities"]) == 12
 
 
+#: A minimal stac_raster sensor (the sections that name sensors are left out of these checks).
+L8 = {"kind": "stac_raster", "catalog": "pc", "collection": "c", "bands": ["red"], "mask": {"asset": "qa"},
+      "units": {"rule": "raster_bands", "scale": 2.75e-5, "offset": -0.2}, "gsd_m": 28}
+PC = {"pc": {"kind": "stac", "url": "http://127.0.0.1:1/stac"}}
+
+
 def test_defaults_fill_missing_sections_and_nested_keys() -> None:
-    config = validate(
-        {"stac": {"url": "http://127.0.0.1:1/stac"}, "sensors": {"ign": {"gsd_m": 0.2}}}
-    )
-    assert config["stac"]["url"] == "http://127.0.0.1:1/stac"
-    assert config["stac"]["max_retries"] == 6
-    assert config["sensors"]["ign"] == {"bands": ["R", "G", "B", "NIR"], "gsd_m": 0.2}
-    assert config["sensors"]["l8"]["platforms"] == ["landsat-8"]
-    assert config["sensors"]["s2"]["mask_asset"] == "SCL"
+    config = validate({"catalogs": PC, "sensors": {"l8": {**L8, "mask": {"asset": "qa", "invalid_bits": [3]}}}},
+                      sections=["catalogs", "sensors"])
+    assert config["catalogs"]["pc"] == {"kind": "stac", "url": "http://127.0.0.1:1/stac", "signing": "none",
+                                        "page_limit": 100, "asset_keys": {}}
+    assert config["http"]["max_retries"] == 6
+    l8 = config["sensors"]["l8"]
+    assert l8["max_scene_cloud_cover"] == 50 and l8["fill_values"] == [0] and l8["mask"]["fill_bits"] == [0]
+    assert l8["dedupe_reprocessed"] is False
     assert config["sites"]["split"]["method"] == "blocks"
     assert config["dates"]["seasons"][0]["name"] == "spring"
     assert config["demo"]["cities"][0]["name"] == "toulouse"
     assert config["world"] == "real"
     # A default is a copy: filling one config must not change the next one.
-    config["sensors"]["s2"]["bands"].append("B01")
-    assert "B01" not in validate({})["sensors"]["s2"]["bands"]
+    config["dates"]["seasons"].append({"name": "winter", "months": [1]})
+    assert len(validate({}, sections=[])["dates"]["seasons"]) == 3
 
 
-def test_partial_sensor_keeps_its_own_defaults() -> None:
-    l8 = {"collection": "c", "bands": ["red"], "mask_asset": "qa", "gsd_m": 28}
-    config = validate({"sensors": {"l8": {**l8, "mask_invalid_bits": [3]}}})
-    assert config["sensors"]["l8"]["max_scene_cloud_cover"] == 50
+def test_a_sensor_is_checked_against_its_kind_and_catalogue() -> None:
+    both = ["catalogs", "sensors"]
     # How to read the mask is not guessed from its name: one rule or the other must be given.
-    with pytest.raises(ConfigError, match=r"'sensors\.l8': give exactly one of mask_invalid_classes"):
-        validate({"sensors": {"l8": l8}})
-    with pytest.raises(ConfigError, match=r"config key 'sensors\.l8\.mask_asset': required"):
-        validate({"sensors": {"l8": {"collection": "c", "bands": ["red"], "gsd_m": 30}}})
+    with pytest.raises(ConfigError, match=r"'sensors\.l8\.mask': give exactly one of invalid_classes"):
+        validate({"catalogs": PC, "sensors": {"l8": L8}}, sections=both)
+    with pytest.raises(ConfigError, match=r"config key 'sensors\.l8\.mask': required but missing"):
+        validate({"catalogs": PC, "sensors": {"l8": {k: v for k, v in L8.items() if k != "mask"}}}, sections=both)
+    with pytest.raises(ConfigError, match=r"'sensors\.l8\.catalog': 'nowhere' is not one of catalogs \(pc\)"):
+        validate({"catalogs": PC, "sensors": {"l8": {**L8, "catalog": "nowhere", "mask": {"asset": "qa",
+                                                                                        "invalid_bits": [3]}}}},
+                 sections=both)
+    wms = {"pc": {"kind": "wms", "url": "http://127.0.0.1:1/wms"}}
+    with pytest.raises(ConfigError, match=r"'sensors\.l8\.catalog': a stac_raster sensor is read from a stac "
+                                          r"catalogue, 'pc' is wms"):
+        validate({"catalogs": wms, "sensors": {"l8": {**L8, "mask": {"asset": "qa", "invalid_bits": [3]}}}},
+                 sections=both)
+    # A kind's keys only: a WMS sensor has no mask, a raster sensor no layers.
+    with pytest.raises(ConfigError, match=r"'sensors\.l8\.layers': unknown key"):
+        validate({"catalogs": PC, "sensors": {"l8": {**L8, "layers": []}}}, sections=both)
+    real = load_config(CONFIG)
+    with pytest.raises(ConfigError, match=r"'sensors\.ign\.bands\[4\]': 'SWIR' is in none of the layers' bands"):
+        validate({"catalogs": real["catalogs"], "sensors": {
+            "ign": {**real["sensors"]["ign"], "bands": ["R", "G", "B", "NIR", "SWIR"]}}}, sections=both)
+    # Every key that names a sensor names one of `sensors`.
+    with pytest.raises(ConfigError, match=r"'evaluate\.sensors\[0\]': 'spot' is not an image sensor"):
+        load_config(CONFIG, {"evaluate": {"sensors": ["spot"]}})
+    with pytest.raises(ConfigError, match=r"'catalog\.anchor_sensor': 'ign' is not a stac_raster sensor"):
+        load_config(CONFIG, {"catalog": {"anchor_sensor": "ign"}})
+    with pytest.raises(ConfigError, match=r"'build\.coregister_reference': 'labels' is not an image sensor"):
+        load_config(CONFIG, {"build": {"coregister_reference": "labels"}})
 
 
 def test_demo_world_swaps_in_loopback_endpoints_and_demo_sites() -> None:
     real = load_config(CONFIG)
     demo = load_config(CONFIG, {"world": "demo"})
-    assert LOOPBACK.match(demo["stac"]["url"])
-    assert LOOPBACK.match(demo["ign"]["wms_url"])
+    assert LOOPBACK.match(demo["catalogs"]["planetary_computer"]["url"])
+    assert LOOPBACK.match(demo["catalogs"]["geoplateforme"]["url"])
     # Same signing path as against the real API: sign_inplace leaves loopback hrefs unchanged.
-    assert demo["stac"]["signing"] == "planetary_computer"
+    assert demo["catalogs"]["planetary_computer"]["signing"] == "planetary_computer"
     assert demo["sites"]["cities"] == [city["name"] for city in demo["demo"]["cities"]]
     assert demo["sites"]["footprint_m"] < real["sites"]["footprint_m"]
     # What the overlay does not name is the real build's.
-    assert demo["stac"]["max_retries"] == real["stac"]["max_retries"]
-    assert demo["ign"]["layer_template"] == real["ign"]["layer_template"]
+    assert demo["http"] == real["http"]
+    assert demo["catalogs"]["geoplateforme"]["max_requests_per_s"] == real["catalogs"]["geoplateforme"][
+        "max_requests_per_s"]
     for section in ("dates", "demo", "seed"):
         assert demo[section] == real[section], section
     # Only the Landsat grid differs: 480 m is 16 pixels of 30 m, 2240 m is 80 of 28 m.
@@ -101,28 +130,28 @@ def test_demo_sites_fit_inside_the_synthetic_cities() -> None:
 
 def test_override_replaces_an_endpoint_and_keeps_the_rest() -> None:
     url = "http://127.0.0.1:9999/stac"
-    config = load_config(CONFIG, {"stac": {"url": url}})
-    assert config["stac"]["url"] == url
-    assert config["stac"]["signing"] == "planetary_computer"
-    assert config["stac"]["max_retries"] == 6
+    config = load_config(CONFIG, {"catalogs": {"planetary_computer": {"url": url}}})
+    assert config["catalogs"]["planetary_computer"]["url"] == url
+    assert config["catalogs"]["planetary_computer"]["signing"] == "planetary_computer"
+    assert config["http"]["max_retries"] == 6
 
 
 def test_override_wins_over_the_world_overlay() -> None:
     url = "http://127.0.0.2:9000/stac"
-    config = load_config(CONFIG, {"world": "demo", "stac": {"url": url}})
-    assert config["stac"]["url"] == url
-    assert LOOPBACK.match(config["ign"]["wms_url"])
+    config = load_config(CONFIG, {"world": "demo", "catalogs": {"planetary_computer": {"url": url}}})
+    assert config["catalogs"]["planetary_computer"]["url"] == url
+    assert LOOPBACK.match(config["catalogs"]["geoplateforme"]["url"])
 
 
 def test_snakemake_config_with_string_scalars_resolves_like_the_cli() -> None:
     """common.smk's path: `config` already holds the overrides, nested scalars are strings."""
-    overrides = {"world": "demo", "stac": {"max_retries": "3"}, "dates": {"end": "2023-09-30"}}
+    overrides = {"world": "demo", "http": {"max_retries": "3"}, "dates": {"end": "2023-09-30"}}
     typed = retype_snakemake_overrides(overrides)
     config = resolve_config(deep_merge(read_yaml(CONFIG), typed), typed)
-    assert config["stac"]["max_retries"] == 3
+    assert config["http"]["max_retries"] == 3
     assert config["dates"]["end"] == "2023-09-30"
-    assert LOOPBACK.match(config["stac"]["url"])
-    typed_by_hand = {"world": "demo", "stac": {"max_retries": 3}, "dates": {"end": "2023-09-30"}}
+    assert LOOPBACK.match(config["catalogs"]["planetary_computer"]["url"])
+    typed_by_hand = {"world": "demo", "http": {"max_retries": 3}, "dates": {"end": "2023-09-30"}}
     assert config == load_config(CONFIG, typed_by_hand)
 
 
@@ -137,7 +166,7 @@ def test_retype_keeps_strings_that_are_not_scalars_of_another_type() -> None:
     ("overrides", "message"),
     [
         ({"sensors": {"s2": {"gsdm": 10}}}, r"config key 'sensors\.s2\.gsdm': unknown key"),
-        ({"stac": {"urll": "http://x"}}, r"config key 'stac\.urll': unknown key \(allowed here: "),
+        ({"http": {"retries": 3}}, r"config key 'http\.retries': unknown key \(allowed here: "),
         ({"stacc": {}}, r"config key 'stacc': unknown key"),
         (
             {"sensors": {"s2": {"gsd_m": "ten"}}},
@@ -145,7 +174,8 @@ def test_retype_keeps_strings_that_are_not_scalars_of_another_type() -> None:
         ),
         ({"sensors": {"s2": {"gsd_m": -1}}}, r"config key 'sensors\.s2\.gsd_m': -1 is less than"),
         ({"seed": "abc"}, r"config key 'seed': 'abc' is not of type 'integer'"),
-        ({"stac": {"signing": "sas"}}, r"config key 'stac\.signing': 'sas' is not one of"),
+        ({"catalogs": {"planetary_computer": {"signing": "sas"}}},
+         r"config key 'catalogs\.planetary_computer\.signing': 'sas' is not one of"),
         ({"world": "dmeo"}, r"config key 'world': 'dmeo' is not one of the worlds"),
         (
             {"sites": {"cities": ["lyon", "lyonn"]}},
@@ -155,7 +185,8 @@ def test_retype_keeps_strings_that_are_not_scalars_of_another_type() -> None:
         ({"dates": {"start": "2024-01-01"}}, r"config key 'dates': start 2024-01-01 is after end"),
         ({"sites": {"split": {"val_fraction": 0.5, "test_fraction": 0.5}}}, r"'sites\.split'"),
         ({"demo": {"stac_backend_port": 8765}}, r"config key 'demo\.stac_backend_port': must"),
-        ({"ign": {"layer_template": "ORTHO"}}, r"config key 'ign\.layer_template': 'ORTHO' does"),
+        ({"sensors": {"ign": {"layers": [{"key": "rgb", "name": "ORTHO", "bands": ["R"]}]}}},
+         r"config key 'sensors\.ign\.layers\[0\]\.name': 'ORTHO' does"),
     ],
 )
 def test_invalid_values_name_the_key_path(overrides: dict[str, Any], message: str) -> None:
@@ -165,27 +196,29 @@ def test_invalid_values_name_the_key_path(overrides: dict[str, Any], message: st
 
 def test_every_problem_is_reported_at_once() -> None:
     with pytest.raises(ConfigError) as caught:
-        load_config(CONFIG, {"seed": -1, "stac": {"page_limit": 5000}})
+        load_config(CONFIG, {"seed": -1, "catalogs": {"planetary_computer": {"page_limit": 5000}}})
     lines = str(caught.value).splitlines()
     assert len(lines) == 2
     assert any("'seed'" in line for line in lines)
-    assert any("'stac.page_limit'" in line for line in lines)
+    assert any("'catalogs.planetary_computer.page_limit'" in line for line in lines)
 
 
 def test_error_in_an_overlay_points_at_the_overlay() -> None:
     raw = read_yaml(CONFIG)
-    raw["worlds"]["demo"]["stac"]["urll"] = "http://127.0.0.1:1/stac"
-    with pytest.raises(ConfigError, match=r"config key 'worlds\.demo\.stac\.urll': unknown key"):
+    raw["worlds"]["demo"]["catalogs"]["planetary_computer"]["urll"] = "http://127.0.0.1:1/stac"
+    with pytest.raises(ConfigError, match=r"config key 'worlds\.demo\.catalogs\.planetary_computer\.urll': unknown key"):
         resolve_config(raw, {"world": "demo"})
     raw["worlds"]["demo"]["sites"]["cities"] = ["tolouse"]
-    del raw["worlds"]["demo"]["stac"]["urll"]
+    del raw["worlds"]["demo"]["catalogs"]["planetary_computer"]["urll"]
     with pytest.raises(ConfigError, match=r"'worlds\.demo\.sites\.cities\[0\]': 'tolouse'"):
         resolve_config(raw, {"world": "demo"})
 
 
 def test_unquoted_yaml_dates_are_accepted(tmp_path: Path) -> None:
     path = tmp_path / "config.yaml"
-    path.write_text("dates:\n  start: 2021-05-01\n  end: 2021-09-30\n")
+    text = CONFIG.read_text().replace('start: "2021-04-01"', "start: 2021-05-01").replace(
+        'end: "2023-10-31"', "end: 2021-09-30")
+    path.write_text(text)
     config = load_config(path)
     assert (config["dates"]["start"], config["dates"]["end"]) == ("2021-05-01", "2021-09-30")
 
@@ -223,10 +256,13 @@ def _object_schemas(node: Any, path: str = "#") -> list[tuple[str, dict]]:
     """Every sub-schema that declares `properties`, with a readable location."""
     found = []
     if isinstance(node, dict):
-        if "properties" in node:
+        # A dispatcher (`allOf` of if/then on `kind`) only names the kind; the schema its `then`
+        # points at defines the object. An `if` is a condition, not a definition.
+        if "properties" in node and "allOf" not in node:
             found.append((path, node))
         for key, value in node.items():
-            found += _object_schemas(value, f"{path}/{key}")
+            if key != "if":
+                found += _object_schemas(value, f"{path}/{key}")
     elif isinstance(node, list):
         for i, value in enumerate(node):
             found += _object_schemas(value, f"{path}/{i}")
@@ -241,7 +277,7 @@ def test_schema_documents_every_key_and_rejects_unknown_ones() -> None:
 
 
 def test_schema_defaults_are_valid() -> None:
-    assert validate({}) == validate(validate({}))
+    assert validate({}, sections=[]) == validate(validate({}, sections=[]), sections=[])
 
 
 def test_city_table_covers_the_configured_and_demo_cities() -> None:
@@ -257,6 +293,6 @@ def test_city_table_covers_the_configured_and_demo_cities() -> None:
 def test_footprint_must_be_whole_pixels_of_every_sensor() -> None:
     # 2240 m is 74.7 Landsat pixels at 30 m: the store could not hold the tile on a whole grid.
     with pytest.raises(ConfigError, match=r"'sensors\.l8\.gsd_m': sites\.footprint_m \(2240\) is 74\.667 pixels"):
-        validate({"sensors": {"l8": {"collection": "c", "bands": ["red"], "mask_asset": "qa",
-                                     "mask_invalid_bits": [3], "gsd_m": 30}}})
+        validate({"sensors": {"l8": {**L8, "mask": {"asset": "qa", "invalid_bits": [3]}, "gsd_m": 30}}},
+                 sections=["sites", "sensors"])
     assert load_config(CONFIG, {"world": "demo"})["sensors"]["l8"]["gsd_m"] == 30  # 480 m = 16 px

@@ -146,13 +146,15 @@ def test_known_shifts_are_what_the_rasters_show(demo_root: Path) -> None:
     """Measure each scene's displacement against the label map; compare with truth/shifts.json."""
     shifts = json.loads(layout.shifts_path(demo_root).read_text())["scenes"]
     items = {f"{i['collection']}/{i['id']}": i for i in _items(demo_root)}
+    layers = {layer["name"]: layer for layer in json.loads(layout.wms_layers_path(demo_root).read_text())["layers"]}
     checked = 0
     errors = []
     for key, truth in shifts.items():
         quality = None
-        if key.startswith("ign/"):
-            _, year, city = key.split("/")
-            path = layout.files_dir(demo_root) / "ign" / f"ortho_{year}" / f"{city}.tif"
+        if key not in items:  # a WMS source: <layer>/<city>
+            layer, city = key.split("/")
+            source = next(s for s in layers[layer]["sources"] if s["path"].endswith(f"/{city}.tif"))
+            path = demo_root / source["path"]
         else:
             item = items[key]
             if item["properties"]["eo:cloud_cover"] > 50:

@@ -82,18 +82,19 @@ def test_dry_run_of_all_of_france_plans_every_job_per_rule() -> None:
 
 
 def test_jobs_querying_the_wms_share_its_rate_limit() -> None:
-    from xstars.acquire import WmsClient
+    from xstars.remote import WmsClient
     from xstars.config import load_config
 
-    config = load_config(REPO / "config.yaml", {"ign": {"max_concurrent_jobs": 4}})
-    assert WmsClient(config["ign"], config["stac"]).min_interval_s == 4 / 40  # 10 requests/s each
-    result = snakemake_dry_run("build_dataset", "--config", "world=demo", "ign={max_concurrent_jobs: 4}")
+    config = load_config(REPO / "config.yaml", {"catalogs": {"geoplateforme": {"max_concurrent_jobs": 4}}})
+    assert WmsClient(config["catalogs"]["geoplateforme"], config["http"]).min_interval_s == 4 / 40  # 10/s each
+    result = snakemake_dry_run("build_dataset", "--config", "world=demo",
+                               "catalogs={geoplateforme: {max_concurrent_jobs: 4}}")
     assert result.returncode == 0, result.stderr + result.stdout
     jobs = result.stdout.split("\nrule ")[1:]
     wms_jobs = [job for job in jobs if job.startswith(("search_shard:", "build_part:"))]
     assert len(wms_jobs) == 2 + 5  # the demo's search shards and build parts
-    assert all("ign_wms_jobs=1" in job for job in wms_jobs)
-    assert not any("ign_wms_jobs" in job for job in jobs if job not in wms_jobs)
+    assert all("wms_jobs_geoplateforme=1" in job for job in wms_jobs)
+    assert not any("wms_jobs_geoplateforme" in job for job in jobs if job not in wms_jobs)
 
 
 @pytest.mark.parametrize(("args", "gpus"), [
@@ -149,7 +150,7 @@ def test_invalid_config_stops_the_workflow_naming_the_key() -> None:
 
 def test_nested_command_line_values_get_their_yaml_types() -> None:
     # Snakemake leaves nested --config scalars as strings; common.smk re-types them.
-    result = snakemake_dry_run("all", "--config", "world=demo", "stac={max_retries: 3}")
+    result = snakemake_dry_run("all", "--config", "world=demo", "http={max_retries: 3}")
     assert result.returncode == 0, result.stderr + result.stdout
 
 
@@ -164,5 +165,5 @@ def test_config_show_prints_the_resolved_demo_world() -> None:
     config = yaml.safe_load(result.stdout)
     assert config["world"] == "demo"
     assert "worlds" not in config
-    assert config["stac"]["url"].startswith("http://127.0.0.1:")
+    assert config["catalogs"]["planetary_computer"]["url"].startswith("http://127.0.0.1:")
     assert config["sites"]["cities"] == ["toulouse", "bordeaux", "lyon"]

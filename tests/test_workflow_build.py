@@ -19,8 +19,8 @@ def test_build_dataset_runs_the_catalog_and_the_store_then_rebuilds_frozen(
     out = demo_build.result.stdout + demo_build.result.stderr
     for rule in ("sites", "search_shard", "manifest", "store_init", "build_part", "dataset"):
         assert f"rule {rule}:\n" in out, rule
-    # The WMS's rate limit is shared: a resource caps the jobs querying it (ign.max_concurrent_jobs).
-    assert 'Provided resources: ign_wms_jobs=Resource("ign_wms_jobs", 2)' in out  # the demo world's
+    # The WMS's rate limit is shared: a resource caps the jobs querying it (max_concurrent_jobs).
+    assert 'wms_jobs_geoplateforme=Resource("wms_jobs_geoplateforme", 2)' in out  # the demo world's
     manifest = first / "results" / "catalog" / "manifest.parquet"
     frame = gpd.read_parquet(manifest)
     assert frame.site_id.nunique() == 8 and set(frame.sensor) == {"s2", "l8", "ign", "labels"}

@@ -9,7 +9,7 @@ The stage runs in three steps, each a Snakemake rule (``workflow/rules/catalog.s
    The least cloudy scenes of each search have their quality mask read over the group's
    footprints (:func:`footprint_fractions`): a scene is judged by the clouds *over the site*,
    not only by its scene-level ``eo:cloud_cover``. IGN orthophotos, which have no catalogue,
-   are described as STAC-like items from the WMS capabilities (:func:`ign_items`), one per
+   are described as STAC-like items from the WMS capabilities (:func:`wms_items`), one per
    site and campaign year, with a GetMap request as asset. Output: one candidate row per site,
    sensor and scene.
 3. :func:`select` ranks each site's candidates and :func:`write_manifest` writes the manifest:
@@ -43,29 +43,14 @@ from typing import Any
 import numpy as np
 import requests
 from shapely.geometry import box, mapping, shape
-from urllib3 import Retry
 
 from xstars import items as stac_items
-from xstars.acquire import (
-    RETRY_STATUSES,
-    Grid,
-    WmsClient,
-    WmsLayer,
-    invalid_from_mask,
-    read_on_grid,
-    redact,
-)
 from xstars.errors import ConfigError, DataError, ServiceError
+from xstars.remote import Grid, WmsClient, WmsLayer, http_retry, read_on_grid, with_retries
+from xstars.sensors import Sensor, sensors_of
 from xstars.sites import Site, reproject_geometry
 
 log = logging.getLogger(__name__)
-
-#: Sensors of the manifest, in row order. s2/l8 come from STAC with a quality mask, ign from
-#: the WMS, labels from STAC.
-SENSORS: tuple[str, ...] = ("s2", "l8", "ign", "labels")
-MASKED_SENSORS: tuple[str, ...] = ("s2", "l8")
-IGN_COLLECTION = "ign-bdortho"
-
 
 
 # ======================================================================== windows and groups
@@ -198,27 +183,22 @@ class StacSearcher:
     included) are urllib3's, configured on pystac-client's own session; a search whose answer
     is truncated or unparsable is retried whole. Server-side filtering (``query``) is used when
     the API conforms to it; the same filter always runs client-side as well.
+    ``catalog_cfg`` is the catalogue's entry (``catalogs.<name>``), ``http_cfg`` the ``http`` section.
     """
 
-    def __init__(self, stac_cfg: Mapping[str, Any]) -> None:
+    def __init__(self, catalog_cfg: Mapping[str, Any], http_cfg: Mapping[str, Any],
+                 name: str = "stac") -> None:
         from pystac_client import Client
         from pystac_client.stac_api_io import StacApiIO
 
-        self.cfg = dict(stac_cfg)
-        retry = Retry(
-            total=int(stac_cfg["max_retries"]),
-            backoff_factor=float(stac_cfg["backoff_s"]),
-            status_forcelist=RETRY_STATUSES,
-            allowed_methods=None,  # POST /search too: searches are read-only
-            respect_retry_after_header=True,
-            raise_on_status=False,  # the last answer reaches pystac-client, which names its status
-        )
-        stac_io = StacApiIO(max_retries=retry, timeout=float(stac_cfg["timeout_s"]))
-        self.url = stac_cfg["url"]
+        self.cfg = dict(catalog_cfg)
+        self.http_cfg = dict(http_cfg)
+        stac_io = StacApiIO(max_retries=http_retry(http_cfg, all_methods=True), timeout=float(http_cfg["timeout_s"]))
+        self.url = catalog_cfg["url"]
         try:
             self.client = self._with_retries(lambda: Client.open(self.url, stac_io=stac_io), f"opening {self.url}")
         except ServiceError as err:
-            raise ServiceError(f"stac.url {self.url} is unreachable: {err}") from None
+            raise ServiceError(f"catalogs.{name}.url {self.url} is unreachable: {err}") from None
         self.conforms_query = self._conforms("QUERY")
         self.conforms_sort_filter = self._conforms("SORT") and self._conforms("FILTER")
         self.logs: list[SearchLog] = []
@@ -336,24 +316,16 @@ class StacSearcher:
         """
         from pystac_client.exceptions import APIError
 
-        attempts = int(self.cfg["max_retries"]) + 1
-        for attempt in range(attempts):
+        def attempt(number: int):
             if entry is not None:
                 entry.attempts += 1
-            try:
-                return call()
-            except (APIError, json.JSONDecodeError, requests.RequestException) as err:
-                status = getattr(err, "status_code", None)
-                message = redact(str(err))[:500]
-                broken_answer = isinstance(err, json.JSONDecodeError) or any(
-                    sign in message for sign in _BROKEN_ANSWER)
-                if not broken_answer or attempt + 1 == attempts:
-                    detail = f"HTTP {status}: " if status else ""
-                    raise ServiceError(f"{what} failed after {attempt + 1} attempt(s): {detail}{message}") from None
-                delay = float(self.cfg["backoff_s"]) * 2**attempt
-                log.warning("%s failed (%s), retry %d/%d in %.1fs", what, message, attempt + 1, attempts - 1, delay)
-                time.sleep(delay)
-        raise AssertionError("unreachable")
+            return call()
+
+        def broken_answer(err: Exception) -> bool:
+            return isinstance(err, json.JSONDecodeError) or any(sign in str(err) for sign in _BROKEN_ANSWER)
+
+        return with_retries(attempt, what=what, http_cfg=self.http_cfg, retryable=broken_answer,
+                            errors=(APIError, json.JSONDecodeError, requests.RequestException))
 
 
 #: How a broken answer body shows in requests/urllib3 errors (urllib3 retries only whole requests
@@ -365,30 +337,30 @@ _BROKEN_ANSWER = ("IncompleteRead", "Connection broken", "ChunkedEncodingError",
 # ======================================================================= footprint fractions
 
 
-def footprint_fractions(item: Mapping[str, Any], sensor: str, sensor_cfg: Mapping[str, Any],
-                        sites: Sequence[Site], sites_crs: str, stac_cfg: Mapping[str, Any]) -> dict[str, dict]:
+def footprint_fractions(item: Mapping[str, Any], sensor: Sensor, sites: Sequence[Site], sites_crs: str,
+                        http_cfg: Mapping[str, Any]) -> dict[str, dict]:
     """Cloud and no-data fractions of each site's footprint in the item's quality mask.
 
     The mask asset is read once over the union of the sites' footprints, resampled (nearest)
     onto a grid of the mask's own resolution in the sites CRS. ``nodata`` counts pixels outside
     the scene or flagged as fill; ``cloud`` the other invalid pixels (cloud, shadow, cirrus...).
     """
-    asset_key = sensor_cfg["mask_asset"]
+    asset_key = sensor.asset_key(sensor.mask_band)
     asset = item["assets"].get(asset_key)
     if asset is None:
-        raise DataError(f"item {item['id']!r} has no asset {asset_key!r} (sensors.{sensor}.mask_asset)")
-    gsd = stac_items.asset_gsd_m(item, asset) or float(sensor_cfg["gsd_m"])
+        raise DataError(f"item {item['id']!r} has no asset {asset_key!r} (sensors.{sensor.name}.mask)")
+    gsd = stac_items.asset_gsd_m(item, asset) or sensor.gsd_m
     boxes = np.array([s.bounds for s in sites])
     union = (boxes[:, 0].min(), boxes[:, 1].min(), boxes[:, 2].max(), boxes[:, 3].max())
     # Snap outwards to the mask's resolution so every footprint is whole pixels of the grid.
     snapped = (math.floor(union[0] / gsd) * gsd, math.floor(union[1] / gsd) * gsd,
                math.ceil(union[2] / gsd) * gsd, math.ceil(union[3] / gsd) * gsd)
     grid = Grid.from_bounds(snapped, gsd, sites_crs)
-    data, covered = read_on_grid(asset["href"], grid, stac_cfg=stac_cfg, what=f"{item['id']}/{asset_key}",
-                                 indexes=[1])
+    data, covered = read_on_grid(asset["href"], grid, catalog_cfg=sensor.catalog_cfg, http_cfg=http_cfg,
+                                 what=f"{item['id']}/{asset_key}", indexes=[1])
     mask = data[0]
-    invalid = invalid_from_mask(mask, sensor_cfg)
-    fill = ~covered | _fill_pixels(mask, sensor_cfg)
+    invalid = sensor.invalid_from_mask(mask)
+    fill = ~covered | sensor.fill_from_mask(mask)
     out = {}
     for site in sites:
         rows, cols = _pixel_window(grid, site.bounds)
@@ -401,13 +373,6 @@ def footprint_fractions(item: Mapping[str, Any], sensor: str, sensor_cfg: Mappin
             "invalid_fraction": round(float(site_invalid.sum()) / total, 6),
         }
     return out
-
-
-def _fill_pixels(mask: np.ndarray, sensor_cfg: Mapping[str, Any]) -> np.ndarray:
-    """Pixels the mask itself flags as no data (SCL class 0, qa_pixel bit 0)."""
-    if "mask_invalid_classes" in sensor_cfg:
-        return mask == 0
-    return (mask.astype(np.uint32) & 1) != 0
 
 
 def _pixel_window(grid: Grid, bounds: Sequence[float]) -> tuple[slice, slice]:
@@ -430,28 +395,21 @@ def footprint_coverage(item: Mapping[str, Any], site: Site, sites_crs: str) -> f
 # ==================================================================================== IGN WMS
 
 
-def ign_layer_names(ign_cfg: Mapping[str, Any], year: int) -> dict[str, str]:
-    """Asset key -> layer name for one campaign year: ``rgb`` and ``irc`` (the NIR band)."""
-    return {"rgb": ign_cfg["layer_template"].format(year=year), "irc": ign_cfg["irc_layer_template"].format(year=year)}
+def wms_items(sensor: Sensor, site: Site, sites_crs: str, layers: Mapping[str, WmsLayer],
+              client: WmsClient) -> list[tuple[dict, float]]:
+    """STAC-like items of a WMS layer family covering a site, with their no-data fraction.
 
-
-def ign_items(site: Site, sites_crs: str, layers: Mapping[str, WmsLayer], client: WmsClient,
-              ign_cfg: Mapping[str, Any], ign_sensor_cfg: Mapping[str, Any]) -> list[tuple[dict, float]]:
-    """STAC-like items of the IGN orthophoto campaigns covering a site, with their no-data fraction.
-
-    One item per campaign year whose per-year RGB layer (and IRC layer, when NIR is asked for)
-    exists and declares a box containing the footprint. ``datetime`` is null and
+    One item per year of ``sensors.<name>.years`` whose layers (those the sensor's bands come
+    from) all exist and declare a box containing the footprint. ``datetime`` is null and
     ``start_datetime``/``end_datetime`` span the campaign year; the assets are the exact GetMap
-    requests for the footprint at ``sensors.ign.gsd_m``.
+    requests for the footprint at the sensor's ``gsd_m``.
     """
-    needs_irc = "NIR" in ign_sensor_cfg["bands"]
     footprint = box(*site.bounds)
-    gsd = float(ign_sensor_cfg["gsd_m"])
-    size = round((site.bounds[2] - site.bounds[0]) / gsd)
+    size = round((site.bounds[2] - site.bounds[0]) / sensor.gsd_m)
     out = []
-    for year in ign_cfg["years"]:
-        names = ign_layer_names(ign_cfg, year)
-        wanted = {"rgb": names["rgb"], **({"irc": names["irc"]} if needs_irc else {})}
+    for year in sensor.cfg["years"]:
+        names = sensor.layer_names(year)
+        wanted = {key: names[key] for key in sensor.layers_needed()}
         if not all(n in layers for n in wanted.values()):
             continue
         if not all(layers[n].bounds_l93 is None or box(*layers[n].bounds_l93).contains(footprint)
@@ -459,9 +417,10 @@ def ign_items(site: Site, sites_crs: str, layers: Mapping[str, WmsLayer], client
             continue
         nodata = max(client.nodata_fraction(n, site.bounds) for n in wanted.values())
         geometry = to_wgs84(footprint, sites_crs)
+        first = next(iter(wanted.values()))
         item = {
-            "type": "Feature", "stac_version": "1.0.0", "collection": IGN_COLLECTION,
-            "id": f"{names['rgb']}_{site.site_id}",
+            "type": "Feature", "stac_version": "1.0.0", "collection": sensor.collection,
+            "id": f"{first}_{site.site_id}",
             "bbox": [round(v, 7) for v in geometry.bounds],
             "geometry": mapping(geometry),
             "properties": {
@@ -470,12 +429,11 @@ def ign_items(site: Site, sites_crs: str, layers: Mapping[str, WmsLayer], client
                 "end_datetime": f"{year}-12-31T23:59:59Z",
                 "ign:campaign_year": year,
                 "proj:code": sites_crs,
-                "gsd": gsd,
+                "gsd": sensor.gsd_m,
             },
             "assets": {
-                key: {"href": client.getmap_url(layer, site.bounds, size, size), "type": ign_cfg["format"],
-                      "roles": ["data"], "ign:layer": layer,
-                      "ign:bands": ["R", "G", "B"] if key == "rgb" else ["NIR", "R", "G"]}
+                key: {"href": client.getmap_url(layer, site.bounds, size, size), "type": client.cfg["format"],
+                      "roles": ["data"], "ign:layer": layer, "ign:bands": sensor.layer_bands(key)}
                 for key, layer in wanted.items()
             },
         }
@@ -486,69 +444,111 @@ def ign_items(site: Site, sites_crs: str, layers: Mapping[str, WmsLayer], client
 # ============================================================================ search shards
 
 
-def sensor_assets(sensor: str, config: Mapping[str, Any]) -> list[str]:
-    """Asset keys the build stage reads for a sensor."""
-    cfg = config["sensors"][sensor]
-    if sensor in MASKED_SENSORS:
-        return [*cfg["bands"], cfg["mask_asset"]]
-    if sensor == "labels":
-        return [cfg["asset"]]
-    return ["rgb", "irc"] if "NIR" in cfg["bands"] else ["rgb"]
+class Services:
+    """The clients of one search job: a searcher per STAC catalogue and a client per WMS (with its
+    layers, read once from GetCapabilities), opened when a sensor first needs them."""
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        self.config = config
+        self.searchers: dict[str, StacSearcher] = {}
+        self.wms: dict[str, tuple[WmsClient, dict[str, WmsLayer]]] = {}
+
+    def searcher(self, sensor: Sensor) -> StacSearcher:
+        if sensor.catalog_name not in self.searchers:
+            self.searchers[sensor.catalog_name] = StacSearcher(sensor.catalog_cfg, self.config["http"],
+                                                               sensor.catalog_name)
+        return self.searchers[sensor.catalog_name]
+
+    def wms_client(self, sensor: Sensor) -> tuple[WmsClient, dict[str, WmsLayer]]:
+        if sensor.catalog_name not in self.wms:
+            client = WmsClient(sensor.catalog_cfg, self.config["http"])
+            self.wms[sensor.catalog_name] = (client, client.layers())
+        return self.wms[sensor.catalog_name]
+
+    def search_log(self) -> list[dict]:
+        return [vars(entry) for searcher in self.searchers.values() for entry in searcher.logs]
 
 
 def search_shard(config: Mapping[str, Any], sites: Sequence[Site], shard: int) -> tuple[list[dict], list[dict]]:
     """Search one shard of groups: (candidate rows, search log entries).
 
     A candidate row is one (site, sensor, item) with the footprint figures; every item kept is
-    the unsigned JSON of the item as served.
+    the unsigned JSON of the item as served. Each sensor is searched as its kind says
+    (:data:`CANDIDATES`), in its own catalogue.
     """
     cat = config["catalog"]
-    sites_crs = config["sites"]["crs"]
     groups = shard_of(search_groups(sites, cat["search_cell_m"]), shard, cat["search_shards"])
     if not groups:
         return [], []
-    windows = season_windows(config["dates"])
-    searcher = StacSearcher(config["stac"])
-    for sensor in (*MASKED_SENSORS, "labels"):
-        searcher.check_collection(config["sensors"][sensor]["collection"], f"sensors.{sensor}.collection")
-    wms = WmsClient(config["ign"], config["stac"])
-    layers = wms.layers()
+    sensors = sensors_of(config)
+    services = Services(config)
+    for sensor in sensors.values():
+        if sensor.kind != "wms_layers":
+            services.searcher(sensor).check_collection(sensor.collection, f"sensors.{sensor.name}.collection")
     rows: list[dict] = []
     started = time.perf_counter()
     for number, group in enumerate(groups, 1):
-        bbox = to_wgs84(box(*group.bounds), sites_crs).bounds
-        for sensor in MASKED_SENSORS:
-            sensor_cfg = config["sensors"][sensor]
-            for window in windows:
-                found = searcher.search(sensor_cfg["collection"], bbox, window, group_id=group.group_id,
-                                        max_cloud_cover=sensor_cfg["max_scene_cloud_cover"],
-                                        platforms=sensor_cfg.get("platforms"))
-                if sensor == "s2":
-                    found = stac_items.dedupe_s2_reprocessed(found)
-                found.sort(key=lambda i: (stac_items.cloud_cover(i) or 0.0, i["id"]))
-                for item in found[: cat["candidates_per_window"]]:
-                    covering = [s for s in group.sites if footprint_coverage(item, s, sites_crs) > 0]
-                    if not covering:
-                        continue
-                    fractions = footprint_fractions(item, sensor, sensor_cfg, covering, sites_crs, config["stac"])
-                    for site in covering:
-                        rows.append(_candidate(site, sensor, item, window.name, fractions[site.site_id]))
-        labels_cfg = config["sensors"]["labels"]
-        for item in searcher.search(labels_cfg["collection"], bbox, None, group_id=group.group_id):
-            for site in group.sites:
-                coverage = footprint_coverage(item, site, sites_crs)
-                if coverage > 0:
-                    rows.append(_candidate(site, "labels", item, "-", {
-                        "nodata_fraction": round(1 - coverage, 6), "cloud_fraction": 0.0,
-                        "invalid_fraction": round(1 - coverage, 6)}))
-        for site in group.sites:
-            for item, nodata in ign_items(site, sites_crs, layers, wms, config["ign"], config["sensors"]["ign"]):
-                rows.append(_candidate(site, "ign", item, str(item["properties"]["ign:campaign_year"]), {
-                    "nodata_fraction": nodata, "cloud_fraction": 0.0, "invalid_fraction": nodata}))
+        for sensor in sensors.values():
+            rows += CANDIDATES[sensor.kind](sensor, group, services)
         log.info("search shard=%d group %d/%d %s sites=%d candidates=%d elapsed=%.1fs", shard, number,
                  len(groups), group.group_id, len(group.sites), len(rows), time.perf_counter() - started)
-    searches = [vars(entry) for entry in searcher.logs]
-    return rows, searches
+    return rows, services.search_log()
+
+
+def raster_candidates(sensor: Sensor, group: SearchGroup, services: Services) -> list[dict]:
+    """A STAC collection of scenes: one search per season window; the least cloudy scenes of
+    each have their quality mask read over the footprints they cover."""
+    config = services.config
+    sites_crs = config["sites"]["crs"]
+    per_window = config["catalog"]["candidates_per_window"]
+    bbox = to_wgs84(box(*group.bounds), sites_crs).bounds
+    rows = []
+    for window in season_windows(config["dates"]):
+        found = services.searcher(sensor).search(
+            sensor.collection, bbox, window, group_id=group.group_id,
+            max_cloud_cover=sensor.cfg["max_scene_cloud_cover"], platforms=sensor.cfg.get("platforms"))
+        if sensor.cfg["dedupe_reprocessed"]:
+            found = stac_items.dedupe_s2_reprocessed(found)
+        found.sort(key=lambda i: (stac_items.cloud_cover(i) or 0.0, i["id"]))
+        for item in found[:per_window]:
+            covering = [s for s in group.sites if footprint_coverage(item, s, sites_crs) > 0]
+            if not covering:
+                continue
+            fractions = footprint_fractions(item, sensor, covering, sites_crs, config["http"])
+            for site in covering:
+                rows.append(_candidate(site, sensor.name, item, window.name, fractions[site.site_id]))
+    return rows
+
+
+def label_candidates(sensor: Sensor, group: SearchGroup, services: Services) -> list[dict]:
+    """A STAC collection of class maps: every item over the group, no date window; a site's
+    no-data fraction is the share of its footprint outside the item."""
+    sites_crs = services.config["sites"]["crs"]
+    bbox = to_wgs84(box(*group.bounds), sites_crs).bounds
+    rows = []
+    for item in services.searcher(sensor).search(sensor.collection, bbox, None, group_id=group.group_id):
+        for site in group.sites:
+            coverage = footprint_coverage(item, site, sites_crs)
+            if coverage > 0:
+                rows.append(_candidate(site, sensor.name, item, "-", {
+                    "nodata_fraction": round(1 - coverage, 6), "cloud_fraction": 0.0,
+                    "invalid_fraction": round(1 - coverage, 6)}))
+    return rows
+
+
+def wms_candidates(sensor: Sensor, group: SearchGroup, services: Services) -> list[dict]:
+    """A WMS layer family: one STAC-like item per site and campaign year (:func:`wms_items`)."""
+    client, layers = services.wms_client(sensor)
+    rows = []
+    for site in group.sites:
+        for item, nodata in wms_items(sensor, site, services.config["sites"]["crs"], layers, client):
+            rows.append(_candidate(site, sensor.name, item, str(item["properties"]["ign:campaign_year"]), {
+                "nodata_fraction": nodata, "cloud_fraction": 0.0, "invalid_fraction": nodata}))
+    return rows
+
+
+#: How each kind of sensor is searched: (sensor, group, services) -> candidate rows.
+CANDIDATES = {"stac_raster": raster_candidates, "stac_labels": label_candidates, "wms_layers": wms_candidates}
 
 
 def _candidate(site: Site, sensor: str, item: Mapping[str, Any], window: str, fractions: Mapping[str, float]) -> dict:
@@ -569,7 +569,7 @@ def _candidate(site: Site, sensor: str, item: Mapping[str, Any], window: str, fr
 def write_candidates(rows: Sequence[dict], searches: Sequence[dict], path: Path) -> Path:
     """Write a shard's candidates (JSON lines, sorted) and its search log next to it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    ordered = sorted(rows, key=lambda r: (r["site_id"], SENSORS.index(r["sensor"]), r["item_id"]))
+    ordered = sorted(rows, key=lambda r: (r["site_id"], r["sensor"], r["item_id"]))
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in ordered))
     tmp.replace(path)
@@ -608,35 +608,35 @@ def select(config: Mapping[str, Any], sites: Sequence[Site], candidates: Sequenc
     by_site: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for row in candidates:
         by_site[row["site_id"]][row["sensor"]].append(row)
+    sensors = sensors_of(config)
     anchor = cat["anchor_sensor"]
-    order = [anchor, *[s for s in SENSORS if s != anchor]]
+    order = [anchor, *[s for s in sensors if s != anchor]]
     out = []
     for site in sorted(sites, key=lambda s: s.site_id):
         chosen: dict[str, list[dict]] = {}
         reason = ""
         anchor_time = None
-        for sensor in order:
-            rows = _unique(by_site[site.site_id][sensor])
-            eligible = [r for r in rows if r["invalid_fraction"] <= cat["max_invalid_fraction"]]
-            if sensor == "labels":
-                eligible = [r for r in rows if r["nodata_fraction"] <= 1e-6]
+        for name in order:
+            sensor = sensors[name]
+            rows = _unique(by_site[site.site_id][name])
+            eligible = [r for r in rows if sensor.eligible(r["invalid_fraction"], cat["max_invalid_fraction"])]
             if not eligible:
                 if not reason:
                     reason = _no_candidate_reason(sensor, rows, cat)
-                chosen[sensor] = []
+                chosen[name] = []
                 continue
-            if sensor == anchor:
+            if name == anchor:
                 ranked = sorted(eligible, key=lambda r: (r["invalid_fraction"], r["datetime"], r["item_id"]))
                 anchor_time = stac_items.parse_time(ranked[0]["datetime"])
-            elif sensor == "labels":
+            elif not sensor.is_image:  # labels: the most recent map
                 ranked = sorted(eligible, key=lambda r: (-stac_items.parse_time(r["datetime"]).timestamp(), r["item_id"]))
             else:
                 ranked = sorted(eligible, key=lambda r: (
                     math.floor(r["invalid_fraction"] / step + 1e-9),
                     abs((stac_items.parse_time(r["datetime"]) - anchor_time).total_seconds()) if anchor_time else 0,
                     r["invalid_fraction"], r["item_id"]))
-            chosen[sensor] = ranked[: 1 + int(cat["fallbacks"])]
-        for sensor in SENSORS:
+            chosen[name] = ranked[: 1 + int(cat["fallbacks"])]
+        for sensor in sensors:
             picks = chosen.get(sensor, [])
             best = picks[0] if picks else None
             out.append({
@@ -656,7 +656,7 @@ def select(config: Mapping[str, Any], sites: Sequence[Site], candidates: Sequenc
                 "cloud_fraction": best["cloud_fraction"] if best else None,
                 "nodata_fraction": best["nodata_fraction"] if best else None,
                 "invalid_fraction": best["invalid_fraction"] if best else None,
-                "assets": sensor_assets(sensor, config),
+                "assets": sensors[sensor].assets(),
                 "item_json": best["item_json"] if best else "",
                 "fallbacks_json": json.dumps([
                     {k: r[k] for k in ("item_id", "datetime", "cloud_fraction", "nodata_fraction",
@@ -674,13 +674,13 @@ def _unique(rows: Sequence[dict]) -> list[dict]:
     return list(seen.values())
 
 
-def _no_candidate_reason(sensor: str, rows: Sequence[dict], cat: Mapping[str, Any]) -> str:
+def _no_candidate_reason(sensor: Sensor, rows: Sequence[dict], cat: Mapping[str, Any]) -> str:
     if not rows:
-        return f"{sensor}: no item covers the footprint in the searched windows"
-    if sensor == "labels":
-        return f"{sensor}: no single item covers the whole footprint ({len(rows)} partial)"
+        return f"{sensor.name}: no item covers the footprint in the searched windows"
+    if not sensor.is_image:
+        return f"{sensor.name}: no single item covers the whole footprint ({len(rows)} partial)"
     best = min(r["invalid_fraction"] for r in rows)
-    return (f"{sensor}: all {len(rows)} scenes have more than {cat['max_invalid_fraction']:g} of the footprint "
+    return (f"{sensor.name}: all {len(rows)} scenes have more than {cat['max_invalid_fraction']:g} of the footprint "
             f"cloudy or without data (best {best:.2f})")
 
 
@@ -776,8 +776,8 @@ def build_manifest(config: Mapping[str, Any], sites: Sequence[Site], path: Path)
 def provenance(config: Mapping[str, Any], searches: Sequence[dict]) -> dict[str, Any]:
     """What a rebuild needs to know: the config sections of the catalog and every search made."""
     return {
-        "stac_url": config["stac"]["url"],
-        "wms_url": config["ign"]["wms_url"],
+        "catalogs": {name: {k: v for k, v in entry.items()} for name, entry in config["catalogs"].items()
+                     if any(s["catalog"] == name for s in config["sensors"].values())},
         "sensors": config["sensors"],
         "dates": config["dates"],
         "sites": config["sites"],
@@ -836,8 +836,12 @@ def plot_manifest(path: Path, out: Path) -> Path:
     ax_map.legend(loc="lower left", fontsize=8)
     ax_map.set_xticks([])
     ax_map.set_yticks([])
-    chosen = frame[(frame.status == "ok") & frame.sensor.isin(["s2", "l8", "ign"])]
-    for row, sensor in enumerate(("s2", "l8", "ign")):
+    # The image sensors, as the manifest's provenance describes them (labels have no date to show).
+    kinds = {name: cfg["kind"] for name, cfg in manifest_provenance(path).get("sensors", {}).items()}
+    images = [name for name in dict.fromkeys(frame.sensor) if kinds.get(name, "stac_raster") != "stac_labels"]
+    chosen = frame[(frame.status == "ok") & frame.sensor.isin(images)]
+    sc = None
+    for row, sensor in enumerate(images):
         part = chosen[chosen.sensor == sensor]
         times = [stac_items.parse_time(t) for t in part.datetime]
         sc = ax_time.scatter(times, np.full(len(times), row) + np.linspace(-0.3, 0.3, len(times)),
@@ -845,9 +849,11 @@ def plot_manifest(path: Path, out: Path) -> Path:
     locator = mdates.AutoDateLocator()
     ax_time.xaxis.set_major_locator(locator)
     ax_time.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
-    ax_time.set_yticks(range(3), ["Sentinel-2", "Landsat-8", "IGN (campaign year)"])
+    ax_time.set_yticks(range(len(images)), [f"{name} (campaign year)" if kinds.get(name) == "wms_layers" else name
+                                            for name in images])
     ax_time.set_title("chosen scenes: date, and cloud/no-data fraction over the footprint")
-    fig.colorbar(sc, ax=ax_time, label="invalid fraction of the footprint")
+    if sc is not None:
+        fig.colorbar(sc, ax=ax_time, label="invalid fraction of the footprint")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)

@@ -21,7 +21,8 @@
 
 Every command that reads the configuration takes ``--config FILE [--world W] [--set K=V]`` or
 ``--config-json JSON`` (the resolved config, or the sections a rule needs, as the workflow
-passes them). With ``world: demo`` the commands that talk to the services start the demo
+passes them). Each command declares the sections it reads (:data:`SECTIONS`): a
+``--config-json`` lacking one is refused, never silently filled with defaults. With ``world: demo`` the commands that talk to the services start the demo
 servers first if they are not up (``xstars demo down`` stops them).
 
 Errors raised on purpose (:class:`~xstars.errors.XstarsError`) print ``error: <message>`` and exit
@@ -53,12 +54,33 @@ TORCHRUN_ARGV = "XSTARS_TORCHRUN_ARGV"
 #: Exit status for an error the user can fix (bad config, service down...), as argparse uses.
 EXIT_USAGE = 2
 
+#: The config sections each command reads ("group command" -> sections). A rule passes exactly
+#: these through ``--config-json`` (tests/test_workflow.py checks every rule against this table).
+_SERVICES = ("world", "demo", "http", "catalogs")
+SECTIONS: dict[str, tuple[str, ...]] = {
+    "config show": (),
+    "demo generate": ("demo",),
+    "demo up": ("demo",),
+    "demo down": ("demo",),
+    "demo status": ("demo",),
+    "catalog sites": ("seed", "sites", "sensors"),
+    "catalog search": (*_SERVICES, "seed", "sites", "sensors", "dates", "catalog"),
+    "catalog manifest": ("seed", "sites", "catalogs", "sensors", "dates", "catalog"),
+    "catalog freeze": ("catalog",),
+    "build init": ("sites", "catalogs", "sensors", "build", "catalog"),
+    "build part": (*_SERVICES, "sites", "sensors", "build", "catalog"),
+    "build finalize": ("sites", "catalogs", "sensors", "build", "catalog"),
+    "pretrain run": ("seed", "pretrain"),
+    "evaluate model": ("seed", "pretrain", "evaluate"),
+}
+
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``xstars`` console script; returns the exit status."""
     if argv is None and len(sys.argv) == 1 and TORCHRUN_ARGV in os.environ:
         argv = json.loads(os.environ[TORCHRUN_ARGV])  # a process started by `pretrain run --nproc N`
     args = build_parser().parse_args(argv)
+    args.sections = SECTIONS.get(f"{args.group} {getattr(args, 'command', '')}")
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what torchrun re-runs in each process
     logging.basicConfig(
         level=args.log_level,
@@ -242,7 +264,8 @@ def _config_options() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """Load the config named by --config, with --world and every --set applied last.
 
-    With --config-json, that JSON is the config (validated, defaults filled for absent keys).
+    With --config-json, that JSON is the config: it must hold every section the command reads
+    (``args.sections``); defaults are filled for absent keys inside them.
     """
     if getattr(args, "config_json", None) is not None:
         if args.config is not None or args.world is not None or args.overrides:
@@ -251,8 +274,15 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
             given = json.loads(args.config_json)
         except json.JSONDecodeError as err:
             raise ConfigError(f"--config-json is not valid JSON: {err}") from None
+        if not isinstance(given, dict):
+            raise ConfigError("--config-json must be a JSON object of config sections")
+        needed = getattr(args, "sections", None) or ()
+        missing = [section for section in needed if section not in given]
+        if missing:
+            raise ConfigError(f"--config-json lacks the section(s) {', '.join(missing)} that "
+                              f"`xstars {args.group} {args.command}` reads (it reads {', '.join(needed)})")
         # Already resolved (world overlay applied): only validated here, defaults filled.
-        return expand_demo_address(validate(given))
+        return expand_demo_address(validate(given, sections=list(given)))
     overrides: dict[str, Any] = {}
     for assignment in args.overrides:
         overrides = deep_merge(overrides, parse_override(assignment))
@@ -593,7 +623,7 @@ def _demo_from_json(text: str) -> dict[str, Any]:
         demo = json.loads(text)
     except json.JSONDecodeError as err:
         raise ConfigError(f"--demo-json is not valid JSON: {err}") from None
-    return validate({"demo": demo})["demo"]
+    return validate({"demo": demo}, sections=["demo"])["demo"]
 
 
 def _names(demo: dict[str, Any]) -> str:

@@ -18,7 +18,7 @@ import copy
 import csv
 import datetime as dt
 import functools
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -97,11 +97,11 @@ def expand_demo_address(config: dict) -> dict:
     (``--config demo.port=9000``, as the tests do) moves every endpoint with them.
     """
     values = {"{demo.host}": str(config["demo"]["host"]), "{demo.port}": str(config["demo"]["port"])}
-    for section, key in (("stac", "url"), ("ign", "wms_url")):
-        url = config[section][key]
+    for catalog in config.get("catalogs", {}).values():
+        url = catalog["url"]
         for placeholder, value in values.items():
             url = url.replace(placeholder, value)
-        config[section][key] = url
+        catalog["url"] = url
     return config
 
 
@@ -126,6 +126,7 @@ def validate(
     *,
     overlay: Mapping[str, Any] | None = None,
     overrides: Mapping[str, Any] | None = None,
+    sections: Iterable[str] | None = None,
 ) -> dict:
     """Validate a resolved config in place, filling defaults; return it.
 
@@ -134,13 +135,16 @@ def validate(
         overlay: The world overlay it was resolved with. A bad value that came from it, and not
             from ``overrides``, is reported as ``worlds.<world>.<key>``: the line to fix.
         overrides: The overrides applied after the overlay.
+        sections: The sections given, when only some are (``--config-json``): the rules across
+            sections are checked only between those. None: every section counts as given.
 
     Raises:
         ConfigError: one line per problem, each naming its key path.
     """
+    given = None if sections is None else list(sections)
     errors = list(_schema_errors(config, fill_defaults=True))
     if not errors:
-        errors = list(_consistency_errors(config))
+        errors = list(_consistency_errors(config, given))
     world_prefix = ("worlds", str(config.get("world", "real")))
 
     def located(parts: tuple) -> tuple:
@@ -327,8 +331,19 @@ def _defined_in(parts: tuple, mapping: Mapping[str, Any] | None) -> bool:
     return bool(parts)
 
 
-def _consistency_errors(config: dict) -> Iterator[_Error]:
-    """Rules across keys that the schema cannot state (run on a schema-valid config)."""
+def _consistency_errors(config: dict, sections: Iterable[str] | None = None) -> Iterator[_Error]:
+    """Rules across keys that the schema cannot state (run on a schema-valid config).
+
+    ``sections``: the sections actually given (a rule's ``--config-json`` holds only those its
+    command reads); a rule is checked only when every section it involves is given. None: all.
+    """
+    given = set(config) if sections is None else set(sections)
+    for needed, check in _CHECKS:
+        if set(needed) <= given:
+            yield from check(config)
+
+
+def _site_errors(config: dict) -> Iterator[_Error]:
     known = load_cities()
     for i, city in enumerate(config["sites"]["cities"]):
         if isinstance(city, str) and city not in known:
@@ -361,6 +376,15 @@ def _consistency_errors(config: dict) -> Iterator[_Error]:
         split["test_cities"]
     ):
         yield ("sites", "split", "method"), "every city is in val_cities or test_cities: none left to train on"
+    if split["val_fraction"] + split["test_fraction"] >= 1:
+        yield (
+            ("sites", "split"),
+            "val_fraction + test_fraction must be below 1 (nothing left to train on)",
+        )
+
+
+def _footprint_errors(config: dict) -> Iterator[_Error]:
+    sites = config["sites"]
     for name, sensor in config["sensors"].items():
         # Every sensor is stored on the footprint's grid at its own gsd (warped to sites.crs):
         # the footprint must be a whole number of its pixels.
@@ -371,21 +395,17 @@ def _consistency_errors(config: dict) -> Iterator[_Error]:
                 (f"sites.footprint_m ({sites['footprint_m']:g}) is {pixels:.3f} pixels of {sensor['gsd_m']:g} m: "
                  "pick a gsd_m that divides the footprint"),
             )
-    for name in ("s2", "l8"):
-        sensor = config["sensors"][name]
-        given = [k for k in ("mask_invalid_classes", "mask_invalid_bits") if k in sensor]
-        if len(given) != 1:
-            yield ("sensors", name), "give exactly one of mask_invalid_classes or mask_invalid_bits"
+
+
+def _demo_city_errors(config: dict) -> Iterator[_Error]:
     if config["world"] == "demo":
         demo_names = {city["name"] for city in config["demo"]["cities"]}
-        for i, city in enumerate(names):
+        for i, city in enumerate(city_name(c) for c in config["sites"]["cities"]):
             if city not in demo_names:
                 yield ("sites", "cities", i), f"{city!r} is not a city of the demo world (demo.cities)"
-    if split["val_fraction"] + split["test_fraction"] >= 1:
-        yield (
-            ("sites", "split"),
-            "val_fraction + test_fraction must be below 1 (nothing left to train on)",
-        )
+
+
+def _date_errors(config: dict) -> Iterator[_Error]:
     dates = config["dates"]
     parsed = {}
     for key in ("start", "end"):
@@ -398,20 +418,132 @@ def _consistency_errors(config: dict) -> Iterator[_Error]:
     names = [season["name"] for season in dates["seasons"]]
     if len(set(names)) != len(names):
         yield ("dates", "seasons"), f"season names must be unique, got {names}"
+
+
+def _run_config_errors(config: dict) -> Iterator[_Error]:
     for run in config["pretrain"]["runs"]:
         yield from _run_settings(config["pretrain"], run)[1]
+
+
+def _evaluate_errors(config: dict) -> Iterator[_Error]:
     evaluate = config["evaluate"]
     for i, model in enumerate(evaluate["models"]):
         if model not in config["pretrain"]["runs"]:
             yield ("evaluate", "models", i), f"{model!r} is not a run of pretrain.runs"
     if evaluate["include_random"] and "random" in config["pretrain"]["runs"]:
         yield ("pretrain", "runs", "random"), "`random` names the randomly initialised baseline: rename the run"
+
+
+def _demo_errors(config: dict) -> Iterator[_Error]:
     demo = config["demo"]
     if demo["port"] == demo["stac_backend_port"]:
         yield ("demo", "stac_backend_port"), f"must differ from demo.port ({demo['port']})"
     demo_names = [city["name"] for city in demo["cities"]]
     if len(set(demo_names)) != len(demo_names):
         yield ("demo", "cities"), f"city names must be unique, got {demo_names}"
+
+
+#: The kind of catalogue each kind of sensor is read from.
+_CATALOG_KIND = {"stac_raster": "stac", "stac_labels": "stac", "wms_layers": "wms"}
+
+
+def _images(config: dict) -> list[str]:
+    return [name for name, s in config["sensors"].items() if s["kind"] != "stac_labels"]
+
+
+def _sensor_errors(config: dict) -> Iterator[_Error]:
+    """Sensors against their catalogues and their own keys."""
+    sensors, catalogs = config["sensors"], config["catalogs"]
+    labels = [name for name, s in sensors.items() if s["kind"] == "stac_labels"]
+    for name, sensor in sensors.items():
+        catalog = catalogs.get(sensor["catalog"])
+        if catalog is None:
+            yield ("sensors", name, "catalog"), f"{sensor['catalog']!r} is not one of catalogs ({', '.join(catalogs)})"
+        elif catalog["kind"] != _CATALOG_KIND[sensor["kind"]]:
+            yield (("sensors", name, "catalog"),
+                   f"a {sensor['kind']} sensor is read from a {_CATALOG_KIND[sensor['kind']]} catalogue, "
+                   f"{sensor['catalog']!r} is {catalog['kind']}")
+        if sensor["kind"] == "stac_raster":
+            given = [k for k in ("invalid_classes", "invalid_bits") if k in sensor["mask"]]
+            if len(given) != 1:
+                yield ("sensors", name, "mask"), "give exactly one of invalid_classes or invalid_bits"
+        if sensor["kind"] == "wms_layers":
+            keys = [layer["key"] for layer in sensor["layers"]]
+            if len(set(keys)) != len(keys):
+                yield ("sensors", name, "layers"), f"layer keys must be unique, got {keys}"
+            offered = {band for layer in sensor["layers"] for band in layer["bands"]}
+            for i, band in enumerate(sensor["bands"]):
+                if band not in offered:
+                    yield ("sensors", name, "bands", i), f"{band!r} is in none of the layers' bands {sorted(offered)}"
+        if sensor["kind"] != "stac_labels":
+            if sensor["units"]["rule"] in ("scale", "raster_bands") and "scale" not in sensor["units"]:
+                yield (("sensors", name, "units", "scale"),
+                       f"required by rule {sensor['units']['rule']!r} (raster_bands: when an asset declares none)")
+            band = sensor.get("coregister_band")
+            if band is not None and band not in sensor["bands"]:
+                yield ("sensors", name, "coregister_band"), f"{band!r} is not one of its bands {sensor['bands']}"
+            for i, band in enumerate(sensor.get("rgb_bands", [])):
+                if band not in sensor["bands"]:
+                    yield ("sensors", name, "rgb_bands", i), f"{band!r} is not one of its bands {sensor['bands']}"
+    if len(labels) > 1:
+        yield ("sensors",), f"at most one stac_labels sensor (the labels), got {labels}"
+
+
+def _anchor_errors(config: dict) -> Iterator[_Error]:
+    sensors, anchor = config["sensors"], config["catalog"]["anchor_sensor"]
+    if anchor not in sensors or sensors[anchor]["kind"] != "stac_raster":
+        raster = [n for n, s in sensors.items() if s["kind"] == "stac_raster"]
+        yield ("catalog", "anchor_sensor"), f"{anchor!r} is not a stac_raster sensor of sensors ({', '.join(raster)})"
+
+
+def _coregister_errors(config: dict) -> Iterator[_Error]:
+    images, reference = _images(config), config["build"]["coregister_reference"]
+    if reference not in images:
+        yield ("build", "coregister_reference"), f"{reference!r} is not an image sensor of sensors ({', '.join(images)})"
+        return
+    for name in images:
+        if not config["sensors"][name].get("coregister_band"):
+            yield (("sensors", name, "coregister_band"),
+                   f"required: every image sensor is compared with {reference!r} on one band")
+
+
+def _named_sensor_errors(section: str) -> Callable[[dict], Iterator[_Error]]:
+    """Every key of ``section`` (pretrain, evaluate) that names a sensor must name an image sensor."""
+
+    def check(config: dict) -> Iterator[_Error]:
+        images, cfg = _images(config), config[section]
+        named: list[tuple[tuple, str]] = []
+        if section == "pretrain":
+            named += [(("pretrain", "sensors", i), s) for i, s in enumerate(cfg["sensors"])]
+            named += [(("pretrain", "dino_sensors", i), s) for i, s in enumerate(cfg["dino_sensors"])]
+            for run, overlay in cfg["runs"].items():
+                for key in ("sensors", "dino_sensors"):
+                    named += [(("pretrain", "runs", run, key, i), s) for i, s in enumerate(overlay.get(key, []))]
+        else:
+            named += [(("evaluate", "sensors", i), s) for i, s in enumerate(cfg["sensors"])]
+            named += [(("evaluate", "external", i, "sensor"), e["sensor"]) for i, e in enumerate(cfg["external"])]
+        for parts, name in named:
+            if name not in images:
+                yield parts, f"{name!r} is not an image sensor of sensors ({', '.join(images)})"
+
+    return check
+
+
+#: (sections involved, check): a check runs when all its sections are given.
+_CHECKS: tuple[tuple[tuple[str, ...], Callable[[dict], Iterator[_Error]]], ...] = (
+    (("sites",), _site_errors),
+    (("sites", "sensors"), _footprint_errors),
+    (("sensors", "catalogs"), _sensor_errors),
+    (("sensors", "catalog"), _anchor_errors),
+    (("sensors", "build"), _coregister_errors),
+    (("sensors", "pretrain"), _named_sensor_errors("pretrain")),
+    (("sensors", "evaluate"), _named_sensor_errors("evaluate")),
+    (("world", "demo", "sites"), _demo_city_errors),
+    (("dates",), _date_errors),
+    (("pretrain",), _run_config_errors),
+    (("evaluate", "pretrain"), _evaluate_errors),
+    (("demo",), _demo_errors),
+)
 
 
 def _dates_to_iso(node: Any) -> Any:

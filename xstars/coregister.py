@@ -104,15 +104,15 @@ class ShiftRecord:
 
 
 def coregister_site(tiles: dict, config: dict) -> dict[str, ShiftRecord]:
-    """Estimate each sensor's shift against ``build.coregister_reference`` and apply it.
+    """Estimate each image sensor's shift against ``build.coregister_reference`` and apply it.
 
-    For a pair, both tiles' chosen band (``build.coregister_bands``) is resampled (average) from
-    the windows already read onto the footprint grown by ``build.margin_m``, at the coarser of
-    the two resolutions, and compared by :func:`estimate_shift` on the pixels valid in both.
-    An estimate is applied (the moving sensor re-rendered with its georeferencing corrected)
-    only if its confidence reaches ``build.min_confidence`` and it is under
-    ``build.max_shift_px``; otherwise it is recorded with the reason and left out.
-    ``tiles`` maps sensor -> :class:`xstars.acquire.SensorTile`, updated in place.
+    For a pair, both tiles' ``coregister_band`` is resampled (average) from the windows already
+    read onto the footprint grown by ``build.margin_m``, at the coarser of the two resolutions,
+    and compared by :func:`estimate_shift` on the pixels valid in both. An estimate is applied
+    (the moving sensor re-rendered with its georeferencing corrected) only if its confidence
+    reaches ``build.min_confidence`` and it is under ``build.max_shift_px``; otherwise it is
+    recorded with the reason and left out. ``tiles`` maps sensor name ->
+    :class:`xstars.acquire.SensorTile`, updated in place; labels are never moved.
     """
     from rasterio.enums import Resampling
 
@@ -123,13 +123,13 @@ def coregister_site(tiles: dict, config: dict) -> dict[str, ShiftRecord]:
     ref_tile = tiles[reference]
     footprint = ref_tile.grid.bounds
     records = {}
-    for sensor, tile in tiles.items():
-        if sensor in (reference, "labels"):
+    for name, tile in tiles.items():
+        if name == reference or not tile.sensor.is_image:
             continue
         gsd = max(tile.grid.transform.a, ref_tile.grid.transform.a)
         grid = site_grid(footprint, gsd, tile.grid.crs, margin_m=_margin_on(gsd, build["margin_m"]))
-        ref_img, ref_valid = _band_on(ref_tile, reference, grid, config, Resampling.average)
-        mov_img, mov_valid = _band_on(tile, sensor, grid, config, Resampling.average)
+        ref_img, ref_valid = _band_on(ref_tile, grid, Resampling.average)
+        mov_img, mov_valid = _band_on(tile, grid, Resampling.average)
         estimate = estimate_shift(ref_img, mov_img, ref_valid & mov_valid)
         dx_m, dy_m = estimate.dx * gsd, -estimate.dy * gsd  # rows grow southwards
         flag = ""
@@ -139,9 +139,9 @@ def coregister_site(tiles: dict, config: dict) -> dict[str, ShiftRecord]:
             flag = f"shift {max(abs(estimate.dx), abs(estimate.dy)):.2f} px > {build['max_shift_px']:g}"
         if not flag:
             tile.shift_m = (dx_m, dy_m)
-            tile.data, tile.valid = render(sensor, tile.item, tile.sources, tile.grid, config, tile.shift_m)
-        records[sensor] = ShiftRecord(sensor, reference, round(dx_m, 4), round(dy_m, 4), gsd,
-                                      round(estimate.confidence, 4), round(estimate.valid_fraction, 4), not flag, flag)
+            tile.data, tile.valid = render(tile.sensor, tile.item, tile.sources, tile.grid, tile.shift_m)
+        records[name] = ShiftRecord(name, reference, round(dx_m, 4), round(dy_m, 4), gsd,
+                                    round(estimate.confidence, 4), round(estimate.valid_fraction, 4), not flag, flag)
     return records
 
 
@@ -150,19 +150,18 @@ def _margin_on(gsd: float, margin_m: float) -> float:
     return float(np.floor(margin_m / gsd) * gsd)
 
 
-def _band_on(tile, sensor: str, grid, config: dict, resampling) -> tuple[np.ndarray, np.ndarray]:
-    """One band of a tile resampled from its source windows onto ``grid``, with validity."""
-    from xstars.acquire import render
+def _band_on(tile, grid, resampling) -> tuple[np.ndarray, np.ndarray]:
+    """A tile's ``coregister_band`` resampled from its source windows onto ``grid``, with validity.
 
-    band = config["build"]["coregister_bands"][sensor]
-    sub = dict(config)
-    sub["sensors"] = {**config["sensors"], sensor: {**config["sensors"][sensor], "bands": [band]}}
-    sources = tile.sources
-    if sensor == "ign":  # the margin around an orthophoto is read at a coarse resolution only
-        key = "irc" if band == "NIR" else "rgb"
-        if f"{key}_context" in sources:
-            sources = {key: sources[f"{key}_context"]}
-            if key == "irc":  # render takes R, G, B from `rgb` and NIR from band 1 of `irc`
-                sources["rgb"] = sources["irc"]
-    data, valid = render(sensor, tile.item, sources, grid, sub, tile.shift_m, resampling)
+    A WMS sensor's margin was read apart, at the coarse resolution it is compared at (its
+    ``<layer>_context`` source): that window stands for the layer here.
+    """
+    from xstars.acquire import context_key, render
+
+    band = tile.sensor.coregister_band
+    sources = dict(tile.sources)
+    for key in list(sources):
+        if context_key(key) in sources:
+            sources[key] = sources[context_key(key)]
+    data, valid = render(tile.sensor, tile.item, sources, grid, tile.shift_m, resampling, bands=[band])
     return data[0].astype(np.float64), valid

@@ -40,6 +40,7 @@ from xstars.data import (
 )
 from xstars.errors import DataError
 from xstars.model import ViT
+from xstars.sensors import store_label_group
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +132,8 @@ def read_labels(store: Path | str, samples: Sequence[int], classes: Sequence[int
                 presence_threshold: float = 0.05) -> Labels:
     import zarr
 
-    group = zarr.open_group(str(store), mode="r")["labels"]
+    root = zarr.open_group(str(store), mode="r")
+    group = root[store_label_group(root)]
     codes = np.stack([group["data"][int(i)][0] for i in samples])
     valid = np.stack([group["valid"][int(i)] for i in samples]).astype(bool)
     lookup = np.full(256, NO_LABEL, dtype=np.int64)
@@ -148,7 +150,8 @@ def store_classes(store: Path | str, samples: Sequence[int]) -> list[int]:
     """The label codes that occur in ``samples`` (sorted): the classes of every task."""
     import zarr
 
-    group = zarr.open_group(str(store), mode="r")["labels"]
+    root = zarr.open_group(str(store), mode="r")
+    group = root[store_label_group(root)]
     present: set[int] = set()
     for i in samples:
         values = group["data"][int(i)][0][group["valid"][int(i)].astype(bool)]
@@ -559,21 +562,22 @@ def plot_retrieval_examples(results: Sequence[Mapping[str, Any]], store: Path | 
     import matplotlib.pyplot as plt
     import zarr
 
-    from xstars.store import rgb_image
+    from xstars.store import rgb_image, store_rgb_bands
 
     root = zarr.open_group(str(store), mode="r")
+    rgb = store_rgb_bands(root)
     pair = pair or next(iter(results[0]["retrieval_examples"]))
     a, b = pair.split("->")
     test_ids = results[0]["test_ids"]
     fig, axes = plt.subplots(queries, 1 + 3 * len(results), figsize=(1.6 * (1 + 3 * len(results)), 1.7 * queries),
                              squeeze=False)
     for q in range(min(queries, len(test_ids))):
-        axes[q, 0].imshow(rgb_image(root[a], test_ids[q]))
+        axes[q, 0].imshow(rgb_image(root[a], test_ids[q], rgb[a]))
         axes[q, 0].set_title(f"{a} query", fontsize=7)
         for m, result in enumerate(results):
             for k, found in enumerate(result["retrieval_examples"][pair][q]):
                 ax = axes[q, 1 + 3 * m + k]
-                ax.imshow(rgb_image(root[b], test_ids[found]))
+                ax.imshow(rgb_image(root[b], test_ids[found], rgb[b]))
                 colour = "green" if found == q else "red"
                 ax.set_title(f"{result['model']} #{k + 1}" if k == 0 else f"#{k + 1}", fontsize=7, color=colour)
                 for spine in ax.spines.values():

@@ -1,10 +1,12 @@
 """Store: the analysis-ready multi-sensor dataset as one sharded Zarr v3 store.
 
-Layout (``<results>/dataset/dataset.zarr``), one group per sensor (``s2``, ``l8``, ``ign``,
-``labels``), each with::
+Layout (``<results>/dataset/dataset.zarr``), one group per sensor of the config (``s2``,
+``l8``, ``ign``, ``labels``... in :func:`xstars.sensors.sensors_of` order, recorded with their
+role in the root attribute ``xstars.sensors``), each with::
 
-    data        (sample, band, y, x)  int16 reflectance x 10^4 (s2, l8; CF scale_factor),
-                                      uint8 (ign: DN, scale 1/255; labels: WorldCover class)
+    data        (sample, band, y, x)  as the sensor's unit rule stores it (xstars/sensors.py):
+                                      int16 reflectance x 10^4 (CF scale_factor), uint8 DN with
+                                      its scale (aerial images: 1/255), uint8 class (labels)
     valid       (sample, y, x)        uint8, 1 where the pixel is usable (not cloud, shadow, no data)
     band        (band,)               band names
     site_id, split, status, date, item_id (sample,) strings; transform (sample, 6) of the
@@ -38,11 +40,10 @@ from typing import Any
 import numpy as np
 
 from xstars.errors import DataError, ServiceError
+from xstars.sensors import Sensor, image_sensors, sensors_of, store_sensors
 
 log = logging.getLogger(__name__)
 
-SENSORS: tuple[str, ...] = ("s2", "l8", "ign", "labels")
-REFLECTANCE_SCALE = 1e-4
 PER_SAMPLE_STRINGS = ("site_id", "split", "status", "date", "item_id", "shift_flag")
 PER_SAMPLE_FLOATS = ("cloud_fraction", "shift_x_m", "shift_y_m", "shift_confidence")
 
@@ -72,18 +73,6 @@ def n_parts(n_samples: int, samples_per_shard: int) -> int:
     return max(1, math.ceil(n_samples / samples_per_shard))
 
 
-def band_names(sensor: str, config: Mapping[str, Any]) -> list[str]:
-    return ["class"] if sensor == "labels" else list(config["sensors"][sensor]["bands"])
-
-
-def tile_size(sensor: str, config: Mapping[str, Any]) -> int:
-    """Pixels per side of a footprint at the sensor's gsd."""
-    size = config["sites"]["footprint_m"] / config["sensors"][sensor]["gsd_m"]
-    if abs(size - round(size)) > 1e-9:
-        raise DataError(f"sites.footprint_m is not a whole number of sensors.{sensor}.gsd_m pixels")
-    return round(size)
-
-
 def init_store(path: Path, manifest, config: Mapping[str, Any]) -> int:
     """Create the store's groups and arrays (metadata only); returns the number of samples."""
     import zarr
@@ -91,27 +80,22 @@ def init_store(path: Path, manifest, config: Mapping[str, Any]) -> int:
 
     n = len(stored_sites(manifest))
     per_shard = int(config["build"]["samples_per_shard"])
+    sensors = sensors_of(config)
     root = zarr.open_group(str(path), mode="w", zarr_format=3)
     root.attrs["xstars"] = {"samples": n, "samples_per_shard": per_shard, "parts": n_parts(n, per_shard),
                             "crs": config["sites"]["crs"], "footprint_m": config["sites"]["footprint_m"],
-                            "coregister_reference": config["build"]["coregister_reference"]}
+                            "coregister_reference": config["build"]["coregister_reference"],
+                            "sensors": {name: {"role": s.role, "kind": s.kind, "gsd_m": s.gsd_m, "bands": s.bands,
+                                               "rgb_bands": s.rgb_bands} for name, s in sensors.items()}}
     wkt = CRS.from_user_input(config["sites"]["crs"]).to_wkt()
-    for sensor in SENSORS:
-        group = root.create_group(sensor)
-        bands = band_names(sensor, config)
-        size = tile_size(sensor, config)
-        dtype = "int16" if sensor in ("s2", "l8") else "uint8"
-        attrs: dict[str, Any] = {"grid_mapping": "spatial_ref", "gsd_m": config["sensors"][sensor]["gsd_m"]}
-        if sensor in ("s2", "l8"):
-            attrs |= {"scale_factor": REFLECTANCE_SCALE, "add_offset": 0.0, "units": "1",
-                      "long_name": "surface reflectance"}
-        elif sensor == "ign":
-            attrs |= {"scale_factor": 1 / 255, "add_offset": 0.0, "units": "1", "long_name": "orthophoto DN / 255"}
-        else:
-            attrs |= {"long_name": "ESA WorldCover class", "flag_values": [10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 100]}
-        group.create_array("data", shape=(n, len(bands), size, size), dtype=dtype,
+    for name, sensor in sensors.items():
+        group = root.create_group(name)
+        bands = sensor.bands
+        size = sensor.pixels(config["sites"]["footprint_m"])
+        encoding = sensor.encoding
+        group.create_array("data", shape=(n, len(bands), size, size), dtype=encoding.dtype,
                            chunks=(1, len(bands), size, size), shards=(per_shard, len(bands), size, size),
-                           fill_value=0, dimension_names=["sample", "band", "y", "x"], attributes=attrs)
+                           fill_value=0, dimension_names=["sample", "band", "y", "x"], attributes=encoding.attrs)
         group.create_array("valid", shape=(n, size, size), dtype="uint8", chunks=(1, size, size),
                            shards=(per_shard, size, size), fill_value=0, dimension_names=["sample", "y", "x"],
                            attributes={"long_name": "1 where the pixel is usable", "grid_mapping": "spatial_ref"})
@@ -143,7 +127,7 @@ def build_part(path: Path, manifest, config: Mapping[str, Any], part: int) -> di
     import zarr
     from tqdm import tqdm
 
-    from xstars.acquire import WmsClient
+    from xstars.remote import WmsClient
 
     sites = stored_sites(manifest)
     per_shard = int(config["build"]["samples_per_shard"])
@@ -152,7 +136,8 @@ def build_part(path: Path, manifest, config: Mapping[str, Any], part: int) -> di
         raise DataError(f"part {part} is not in 0..{n_parts(len(sites), per_shard) - 1}")
     root = zarr.open_group(str(path), mode="r+")
     count = last - first
-    buffers = {sensor: _empty_buffers(sensor, count, config) for sensor in SENSORS}
+    sensors = sensors_of(config)
+    buffers = {name: _empty_buffers(sensor, count, config) for name, sensor in sensors.items()}
     records = []
     started = time.perf_counter()
     # Reading is latency-bound (HTTP ranges, WMS renders): every (site, sensor) tile of the part
@@ -161,25 +146,28 @@ def build_part(path: Path, manifest, config: Mapping[str, Any], part: int) -> di
     part_sites = sites[first:last]
     rows_of = {site_id: manifest[manifest.site_id == site_id].set_index("sensor") for site_id in part_sites}
     kept = [site_id for site_id in part_sites if (rows_of[site_id].status == "ok").all()]
-    wms = WmsClient(config["ign"], config["stac"])  # shared: its rate limit holds for the whole job
+    # One client per WMS, shared by the threads: its rate limit holds for the whole job.
+    clients = {s.catalog_name: WmsClient(s.catalog_cfg, config["http"]) for s in sensors.values()
+               if s.kind == "wms_layers"}
     with ThreadPoolExecutor(max_workers=int(config["build"]["read_threads"])) as pool:
-        futures = {(site_id, sensor): pool.submit(_first_usable, sensor, rows_of[site_id].loc[sensor],
-                                                  rows_of[site_id].geometry.iloc[0].bounds, config, wms)
-                   for site_id in kept for sensor in SENSORS}
+        futures = {(site_id, name): pool.submit(_first_usable, sensor, rows_of[site_id].loc[name],
+                                                rows_of[site_id].geometry.iloc[0].bounds, config,
+                                                clients.get(sensor.catalog_name))
+                   for site_id in kept for name, sensor in sensors.items()}
         for offset, site_id in enumerate(tqdm(part_sites, desc=f"part {part}", unit="site", leave=False)):
             rows = rows_of[site_id]
             tiles, reason, tried, dropped_by = {}, "", {}, "build"
             if site_id not in kept:  # dropped by the catalog: stored with its reason, nothing read
                 reason, dropped_by = str(rows.reason.iloc[0]), "catalog"
-            for sensor in SENSORS if site_id in kept else ():
-                tile, why, tried[sensor] = futures.pop((site_id, sensor)).result()
+            for name in sensors if site_id in kept else ():
+                tile, why, tried[name] = futures.pop((site_id, name)).result()
                 if tile is None:
                     reason = reason or why
                 else:
-                    tiles[sensor] = tile
+                    tiles[name] = tile
             _store_site(buffers, records, offset, site_id, rows.split.iloc[0], tiles, reason, tried, config,
                         dropped_by)
-    for sensor in SENSORS:
+    for sensor in sensors:
         group = root[sensor]
         for name, values in buffers[sensor].items():
             # A part owns its shard whole: a shard left half-written by a killed job is deleted
@@ -188,14 +176,14 @@ def build_part(path: Path, manifest, config: Mapping[str, Any], part: int) -> di
             group[name][first:last] = values
     # None: zarr writes no file for a shard that is all fill value (e.g. no shift flag at all).
     checksums = {}
-    for sensor in SENSORS:
+    for sensor in sensors:
         for name, values in buffers[sensor].items():
             shard = _shard_file(Path(path), sensor, name, part, values.ndim)
             checksums[f"{sensor}/{name}"] = file_sha256(shard) if shard.exists() else None
     # The part's share of the normalisation statistics, from what it has in memory: finalize
     # only adds the parts' sums up instead of reading the training split back (0.5 TB for France).
-    statistics = {sensor: _partial_statistics(buffers[sensor], root[sensor]["data"].attrs.get("scale_factor", 1.0))
-                  for sensor in ("s2", "l8", "ign")}
+    statistics = {name: _partial_statistics(buffers[name], sensor.encoding.scale_factor)
+                  for name, sensor in image_sensors(config).items()}
     seconds = time.perf_counter() - started
     log.info("build part=%d sites=%d dropped=%d seconds=%.1f", part, count,
              sum(r["status"] != "ok" for r in records), seconds)
@@ -221,14 +209,14 @@ def _store_site(buffers: dict, records: list, offset: int, site_id: str, split: 
     from xstars.coregister import coregister_site
 
     shifts = coregister_site(tiles, config) if not reason else {}
-    for sensor in SENSORS:
+    for sensor in buffers:
         b = buffers[sensor]
         b["site_id"][offset], b["split"][offset] = site_id, split
         b["status"][offset] = f"dropped: {reason}" if reason else "ok"
         tile = tiles.get(sensor)
         if tile is None or reason:
             continue
-        b["data"][offset] = _pack(sensor, tile.data)
+        b["data"][offset] = tile.sensor.encoding.pack(tile.data)
         b["valid"][offset] = tile.valid
         b["date"][offset] = _item_date(tile.item)
         b["item_id"][offset] = tile.item["id"]
@@ -251,12 +239,11 @@ def _shard_file(path: Path, sensor: str, name: str, part: int, ndim: int) -> Pat
     return path.joinpath(sensor, name, "c", str(part), *(["0"] * (ndim - 1)))
 
 
-def _first_usable(sensor: str, row, bounds, config: Mapping[str, Any], wms=None):
+def _first_usable(sensor: Sensor, row, bounds, config: Mapping[str, Any], wms=None):
     """The chosen scene, or the first fallback, whose tile is readable and clear enough."""
     from xstars.acquire import acquire_tile
 
     candidates = [json.loads(row.item_json)] + [json.loads(f["item_json"]) for f in json.loads(row.fallbacks_json)]
-    limit = float(config["catalog"]["max_invalid_fraction"]) if sensor != "labels" else 1e-6
     problems = []
     for item in candidates:
         try:
@@ -264,16 +251,17 @@ def _first_usable(sensor: str, row, bounds, config: Mapping[str, Any], wms=None)
         except ServiceError as err:
             problems.append(f"{item['id']}: {err}")
             continue
-        if tile.invalid_fraction <= limit:
+        if sensor.eligible(tile.invalid_fraction, float(config["catalog"]["max_invalid_fraction"])):
             return tile, "", len(problems)
         problems.append(f"{item['id']}: {tile.invalid_fraction:.2f} of the footprint invalid")
-    return None, f"{sensor}: no usable scene among {len(candidates)} ({'; '.join(problems)[:300]})", len(problems)
+    return (None, f"{sensor.name}: no usable scene among {len(candidates)} ({'; '.join(problems)[:300]})",
+            len(problems))
 
 
-def _empty_buffers(sensor: str, count: int, config: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    size = tile_size(sensor, config)
-    bands = len(band_names(sensor, config))
-    dtype = np.int16 if sensor in ("s2", "l8") else np.uint8
+def _empty_buffers(sensor: Sensor, count: int, config: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    size = sensor.pixels(config["sites"]["footprint_m"])
+    bands = len(sensor.bands)
+    dtype = np.dtype(sensor.encoding.dtype)
     buffers: dict[str, np.ndarray] = {
         "data": np.zeros((count, bands, size, size), dtype=dtype),
         "valid": np.zeros((count, size, size), dtype=np.uint8),
@@ -285,14 +273,6 @@ def _empty_buffers(sensor: str, count: int, config: Mapping[str, Any]) -> dict[s
     for name in PER_SAMPLE_FLOATS:
         buffers[name] = np.full(count, np.nan, dtype=np.float32)
     return buffers
-
-
-def _pack(sensor: str, data: np.ndarray) -> np.ndarray:
-    if sensor in ("s2", "l8"):
-        return np.clip(np.round(data / REFLECTANCE_SCALE), -32767, 32767).astype(np.int16)
-    if sensor == "ign":
-        return np.clip(np.round(data * 255), 0, 255).astype(np.uint8)
-    return data.astype(np.uint8)
 
 
 def _item_date(item: Mapping[str, Any]) -> str:
@@ -333,7 +313,7 @@ def finalize(path: Path, manifest, part_records: Sequence[Mapping[str, Any]], co
         raise DataError(f"{path}: sites {kept_anyway[:10]} were dropped by the catalog but are stored as ok")
     stats = {}
     recorded_sums = all("statistics" in r for r in part_records)
-    for sensor in ("s2", "l8", "ign"):
+    for sensor in image_sensors(config):
         group = root[sensor]
         if recorded_sums:
             stats[sensor] = _combine_statistics([r["statistics"][sensor] for r in
@@ -400,14 +380,29 @@ def _band_statistics(group, samples: Sequence[int]) -> dict[str, Any]:
 # =================================================================================== figures
 
 
-RGB_BANDS = {"s2": ["B04", "B03", "B02"], "l8": ["red", "green", "blue"], "ign": ["R", "G", "B"]}
+#: ESA WorldCover's own colours, used when the labels are its classes.
+WORLDCOVER_COLOURS = {10: "#006400", 20: "#ffbb22", 30: "#ffff4c", 40: "#f096ff", 50: "#fa0000", 60: "#b4b4b4",
+                      70: "#f0f0f0", 80: "#0064c8", 90: "#0096a0", 95: "#00cf75", 100: "#fae6a0"}
 
 
-def rgb_image(group, sample: int) -> np.ndarray:
+def store_rgb_bands(root) -> dict[str, list[str]]:
+    """Image sensor -> the three bands its figures show: its red, green and blue bands as the
+    build recorded them, else its first three bands (a single band thrice)."""
+    recorded = root.attrs["xstars"].get("sensors", {})
+    out = {}
+    for name, role in store_sensors(root).items():
+        if role != "image":
+            continue
+        rgb = (recorded.get(name) or {}).get("rgb_bands")
+        bands = [str(b) for b in root[name]["band"][:]]
+        out[name] = list(rgb) if rgb else (bands[:3] if len(bands) >= 3 else bands[:1] * 3)
+    return out
+
+
+def rgb_image(group, sample: int, rgb_bands: Sequence[str]) -> np.ndarray:
     """A sensor's tile as true colour for figures ([H, W, 3] in 0-1, 2-98 % stretch, invalid in red)."""
     names = list(group["band"][:])
-    sensor = group.basename
-    data = group["data"][sample][[names.index(b) for b in RGB_BANDS[sensor]]].astype(np.float32)
+    data = group["data"][sample][[names.index(b) for b in rgb_bands]].astype(np.float32)
     valid = group["valid"][sample].astype(bool)
     low, high = np.percentile(data[:, valid], (2, 98)) if valid.any() else (0, 1)
     image = np.clip((data - low) / max(high - low, 1e-6), 0, 1).transpose(1, 2, 0)
@@ -415,8 +410,19 @@ def rgb_image(group, sample: int) -> np.ndarray:
     return image
 
 
+def label_colours(codes: Sequence[int]) -> list[str]:
+    """A colour per class code: WorldCover's when they are its classes, else a qualitative map."""
+    import matplotlib
+
+    if set(codes) <= set(WORLDCOVER_COLOURS):
+        return [WORLDCOVER_COLOURS[c] for c in codes]
+    cmap = matplotlib.colormaps["tab20"]
+    return [matplotlib.colors.to_hex(cmap(i % 20)) for i in range(len(codes))]
+
+
 def plot_samples(path: Path, out: Path, count: int = 4) -> Path:
-    """A few sites as each sensor stores them (true colour), beside their label map."""
+    """A few sites as each image sensor stores them (true colour, the co-registration reference
+    first), beside their label map."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -425,28 +431,35 @@ def plot_samples(path: Path, out: Path, count: int = 4) -> Path:
     from matplotlib.colors import ListedColormap
 
     root = zarr.open_group(str(path), mode="r")
-    status = root["s2"]["status"][:]
+    roles = store_sensors(root)
+    rgb = store_rgb_bands(root)
+    reference = root.attrs["xstars"].get("coregister_reference")
+    columns = sorted(rgb, key=lambda name: name != reference)
+    labels = next((name for name, role in roles.items() if role == "labels"), None)
+    first = next(iter(roles))
+    status = root[first]["status"][:]
     ok = np.nonzero(status == "ok")[0]
     picks = ok[np.linspace(0, len(ok) - 1, min(count, len(ok))).round().astype(int)] if len(ok) else []
-    fig, axes = plt.subplots(max(len(picks), 1), 4, figsize=(12, 3.1 * max(len(picks), 1)), squeeze=False)
+    width = len(columns) + (labels is not None)
+    fig, axes = plt.subplots(max(len(picks), 1), width, figsize=(3 * width, 3.1 * max(len(picks), 1)),
+                             squeeze=False)
     if not len(picks):
         axes[0, 0].text(0, 0.5, "no site kept: see summary.json for the reasons", fontsize=12)
         for ax in axes[0]:
             ax.set_axis_off()
-    worldcover = {10: "#006400", 20: "#ffbb22", 30: "#ffff4c", 40: "#f096ff", 50: "#fa0000", 60: "#b4b4b4",
-                  70: "#f0f0f0", 80: "#0064c8", 90: "#0096a0", 95: "#00cf75", 100: "#fae6a0"}
-    codes = sorted(worldcover)
+    codes = [int(c) for c in root[labels]["data"].attrs.get("flag_values", [])] if labels else []
     lut = np.zeros(256, dtype=int)
     lut[codes] = np.arange(len(codes))
     for row, sample in enumerate(picks):
-        for col, sensor in enumerate(("ign", "s2", "l8")):
+        for col, sensor in enumerate(columns):
             group = root[sensor]
-            axes[row, col].imshow(rgb_image(group, sample), interpolation="nearest")
+            axes[row, col].imshow(rgb_image(group, sample, rgb[sensor]), interpolation="nearest")
             axes[row, col].set_title(f"{sensor} {group['date'][sample][:10]}", fontsize=8)
-        labels = root["labels"]["data"][sample][0]
-        axes[row, 3].imshow(lut[labels], cmap=ListedColormap([worldcover[c] for c in codes]), vmin=0,
-                            vmax=len(codes) - 1, interpolation="nearest")
-        axes[row, 3].set_title(f"labels {root['s2']['site_id'][sample]}", fontsize=8)
+        if labels is not None:
+            classes = root[labels]["data"][sample][0]
+            axes[row, -1].imshow(lut[classes], cmap=ListedColormap(label_colours(codes)), vmin=0,
+                                 vmax=len(codes) - 1, interpolation="nearest")
+            axes[row, -1].set_title(f"{labels} {root[first]['site_id'][sample]}", fontsize=8)
         for ax in axes[row]:
             ax.set_xticks([])
             ax.set_yticks([])
@@ -458,7 +471,8 @@ def plot_samples(path: Path, out: Path, count: int = 4) -> Path:
 
 
 def plot_shifts(path: Path, summary: Mapping[str, Any], out: Path) -> Path:
-    """Histogram of the estimated co-registration shifts, and the kept/dropped counts."""
+    """Histogram of the estimated co-registration shifts of every sensor moved onto the
+    reference, and the kept/dropped counts."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -466,8 +480,10 @@ def plot_shifts(path: Path, summary: Mapping[str, Any], out: Path) -> Path:
     import zarr
 
     root = zarr.open_group(str(path), mode="r")
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for ax, sensor in zip(axes[:2], ("s2", "l8"), strict=True):
+    reference = root.attrs["xstars"].get("coregister_reference", "the reference")
+    moved = [name for name, role in store_sensors(root).items() if role == "image" and name != reference]
+    fig, axes = plt.subplots(1, len(moved) + 1, figsize=(4.7 * (len(moved) + 1), 4), squeeze=False)
+    for ax, sensor in zip(axes[0][:-1], moved, strict=True):
         group = root[sensor]
         gsd = float(group["data"].attrs["gsd_m"])
         applied = group["shift_applied"][:].astype(bool)
@@ -475,13 +491,12 @@ def plot_shifts(path: Path, summary: Mapping[str, Any], out: Path) -> Path:
         bins = np.linspace(0, max(3.0, float(np.nanmax(norm, initial=0))), 25)
         ax.hist([norm[applied], norm[~applied & np.isfinite(norm)]], bins=bins, stacked=True,
                 label=["applied", "flagged (not applied)"], color=["tab:blue", "tab:red"])
-        reference = root.attrs["xstars"].get("coregister_reference", "the reference")
         ax.set_xlabel(f"estimated shift of {sensor} onto {reference} (pixels of {gsd:g} m)")
         ax.set_ylabel("sites")
         ax.legend(fontsize=8)
     counts = {"kept": summary["kept"], **summary["dropped_by_reason"]}
-    axes[2].barh(list(counts), list(counts.values()), color=["tab:green"] + ["tab:red"] * (len(counts) - 1))
-    axes[2].set_title("sites kept, and dropped by reason")
+    axes[0][-1].barh(list(counts), list(counts.values()), color=["tab:green"] + ["tab:red"] * (len(counts) - 1))
+    axes[0][-1].set_title("sites kept, and dropped by reason")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)

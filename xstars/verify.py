@@ -10,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from xstars.store import SENSORS, _shard_file, file_sha256, stored_sites
+from xstars.sensors import store_sensors
+from xstars.store import _shard_file, file_sha256, stored_sites
 
 
 def verify_store(path: Path | str, manifest) -> dict[str, Any]:
@@ -22,12 +23,14 @@ def verify_store(path: Path | str, manifest) -> dict[str, Any]:
     meta = root.attrs["xstars"]
     problems: list[str] = []
     expected = stored_sites(manifest)
-    stored = [str(s) for s in root["s2"]["site_id"][:]]
+    sensors = list(store_sensors(root))
+    first = root[sensors[0]]  # every group holds the same samples
+    stored = [str(s) for s in first["site_id"][:]]
     if stored != expected:
         missing = sorted(set(expected) - set(stored))
         extra = sorted(set(stored) - set(expected))
         problems.append(f"site ids differ from the manifest's sites: missing {missing[:10]}, unexpected {extra[:10]}")
-    status = dict(zip(stored, root["s2"]["status"][:], strict=True))
+    status = dict(zip(stored, first["status"][:], strict=True))
     for site, state in status.items():
         if state != "ok" and not (str(state).startswith("dropped: ") and len(str(state)) > len("dropped: ")):
             problems.append(f"{site}: status {state!r} gives no reason")
@@ -60,4 +63,4 @@ def verify_store(path: Path | str, manifest) -> dict[str, Any]:
                     problems.append(f"{shard.relative_to(path)}: checksum differs from the one recorded at build time")
                 checked += 1
     return {"store": str(path), "ok": not problems, "problems": problems, "sites": len(expected),
-            "sensors": list(SENSORS), "shards_checked": checked}
+            "sensors": sensors, "shards_checked": checked}

@@ -12,7 +12,7 @@ rule store_init:
     output:
         DATASET / "init.json",
     params:
-        cfg=config_json("sites", "sensors", "build", "catalog"),
+        cfg=config_json("build init"),
         store=STORE,
     log:
         "logs/build/store_init.log",
@@ -33,10 +33,10 @@ rule build_part:
     output:
         DATASET / "parts" / "part-{part}.json",
     params:
-        cfg=config_json("world", "demo", "stac", "ign", "sites", "sensors", "build", "catalog"),
+        cfg=config_json("build part"),
         store=STORE,
     resources:
-        ign_wms_jobs=1,  # at most ign.max_concurrent_jobs jobs query the WMS at once
+        **WMS_RESOURCES,  # at most catalogs.<wms>.max_concurrent_jobs jobs query a WMS at once
     log:
         "logs/build/build_part-{part}.log",
     conda:
@@ -53,7 +53,7 @@ rule dataset:
     output:
         DATASET / "summary.json",
     params:
-        cfg=config_json("sites", "sensors", "build", "catalog"),
+        cfg=config_json("build finalize"),
         store=STORE,
     log:
         "logs/build/dataset.log",

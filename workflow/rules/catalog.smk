@@ -16,7 +16,7 @@ if config["catalog"]["manifest"]:
             manifest=CATALOG / "manifest.parquet",
             summary=CATALOG / "summary.json",
         params:
-            cfg=config_json("catalog"),
+            cfg=config_json("catalog freeze"),
         log:
             "logs/catalog/manifest.log",
         conda:
@@ -32,7 +32,7 @@ else:
             CATALOG / "sites.parquet",
         params:
             # sensors too: a footprint must be a whole number of every sensor's pixels.
-            cfg=config_json("seed", "sites", "sensors"),
+            cfg=config_json("catalog sites"),
         log:
             "logs/catalog/sites.log",
         conda:
@@ -48,9 +48,9 @@ else:
             candidates=CATALOG / "search" / "shard-{shard}.jsonl",
             searches=CATALOG / "search" / "shard-{shard}.searches.json",
         params:
-            cfg=config_json("world", "demo", "seed", "sites", "stac", "ign", "sensors", "dates", "catalog"),
+            cfg=config_json("catalog search"),
         resources:
-            ign_wms_jobs=1,  # at most ign.max_concurrent_jobs jobs query the WMS at once
+            **WMS_RESOURCES,  # at most catalogs.<wms>.max_concurrent_jobs jobs query a WMS at once
         log:
             "logs/catalog/search_shard-{shard}.log",
         conda:
@@ -67,7 +67,7 @@ else:
             manifest=CATALOG / "manifest.parquet",
             summary=CATALOG / "summary.json",
         params:
-            cfg=config_json("seed", "sites", "stac", "ign", "sensors", "dates", "catalog"),
+            cfg=config_json("catalog manifest"),
         log:
             "logs/catalog/manifest.log",
         conda:

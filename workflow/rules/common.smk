@@ -14,10 +14,15 @@ _resolved = resolve_config(config, overrides=_overrides)
 config.clear()
 config.update(_resolved)
 
-# The IGN WMS allows ign.max_requests_per_s for all our jobs together: at most
-# ign.max_concurrent_jobs jobs query it at once (each paces itself at its share), locally or on
-# any number of SLURM nodes. From the config, not --resources: the pace and the cap must agree.
-workflow.register_resource("ign_wms_jobs", config["ign"]["max_concurrent_jobs"])
+# A WMS allows catalogs.<name>.max_requests_per_s for all our jobs together: at most
+# max_concurrent_jobs jobs query it at once (each paces itself at its share), locally or on any
+# number of SLURM nodes. From the config, not --resources: the pace and the cap must agree.
+# One resource per WMS a sensor is read from; the jobs that query the services take 1 of each.
+WMS_RESOURCES = {}
+for _name in sorted({sensor["catalog"] for sensor in config["sensors"].values()}):
+    if config["catalogs"][_name]["kind"] == "wms":
+        workflow.register_resource(f"wms_jobs_{_name}", config["catalogs"][_name]["max_concurrent_jobs"])
+        WMS_RESOURCES[f"wms_jobs_{_name}"] = 1
 
 RESULTS = Path(config["results_dir"])
 DEMO_ROOT = Path(config["demo"]["root"])
@@ -46,14 +51,17 @@ def get_final_output():
     ]
 
 
-def config_json(*sections):
-    """The named sections of the resolved config as JSON, for a rule's `params`.
+def config_json(command):
+    """The config sections `xstars <command>` reads (xstars.cli.SECTIONS) as JSON, for `params`.
 
     A rule passes it to `xstars ... --config-json`; being a parameter, a change to any of these
     sections (even with --config) reruns the rule, and to no other section does. Returned as a
     function so that Snakemake does not read the braces of the JSON (`{year}`) as wildcards.
+    Keys keep the config's order: the order of `sensors` is the dataset's.
     """
-    text = json.dumps({key: config[key] for key in sections}, sort_keys=True)
+    from xstars.cli import SECTIONS
+
+    text = json.dumps({key: config[key] for key in SECTIONS[command]})
     return lambda wildcards: text
 
 

@@ -13,7 +13,7 @@ rule evaluate_model:
     output:
         EVALUATE / "models" / "{model}.json",
     params:
-        cfg=config_json("seed", "pretrain", "evaluate"),
+        cfg=config_json("evaluate model"),
         store=STORE,
         runs=PRETRAIN,
     threads: config["evaluate"]["resources"]["cpus"]

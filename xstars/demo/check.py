@@ -11,8 +11,18 @@ import numpy as np
 
 from xstars.demo import layout
 
-#: Sensor -> how its scenes are keyed in truth/shifts.json.
-_TRUTH_COLLECTION = {"s2": "sentinel-2-l2a", "l8": "landsat-c2-l2"}
+def _truth_of(truth: Mapping[str, Any], item_id: str, site_id: str) -> dict[str, Any]:
+    """The known shift of the scene an item was read from.
+
+    STAC scenes are keyed ``<collection>/<item id>``; a WMS layer's sources ``<layer>/<city>``,
+    and its STAC-like items are ``<layer>_<site id>`` (:func:`xstars.catalog.wms_items`).
+    """
+    if item_id.endswith(f"_{site_id}"):
+        return truth[f"{item_id[: -len(site_id) - 1]}/{site_id.split('_')[0]}"]
+    matches = [entry for key, entry in truth.items() if key.rsplit("/", 1)[-1] == item_id]
+    if len(matches) != 1:
+        raise KeyError(f"{item_id}: {len(matches)} scenes of that id in truth/shifts.json")
+    return matches[0]
 
 
 def coregistration_residuals(root: Path, part_records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -20,7 +30,7 @@ def coregistration_residuals(root: Path, part_records: Sequence[Mapping[str, Any
 
     Figures are absolute per-axis values in pixels of the coarser sensor of the pair (the
     resolution the estimate is made at), over the estimates that were applied; flagged ones
-    are counted apart. Only IGN is supported as the reference (the build's default).
+    are counted apart.
     """
     truth = json.loads(layout.shifts_path(root).read_text())["scenes"]
     pairs: dict[str, dict[str, list]] = {}
@@ -28,18 +38,15 @@ def coregistration_residuals(root: Path, part_records: Sequence[Mapping[str, Any
         for record in part["records"]:
             if record["status"] != "ok":
                 continue
-            city = record["site_id"].split("_")[0]
-            year = record["items"]["ign"].split("ORTHOPHOTOS")[1].split("_")[0]
-            reference = truth[f"ign/{year}/{city}"]
+            site_id = record["site_id"]
             for sensor, shift in record["shifts"].items():
-                if shift["reference"] != "ign":
-                    raise ValueError(f"only IGN as the reference is supported, got {shift['reference']!r}")
-                entry = pairs.setdefault(f"{sensor}->ign", {"before": [], "after": [], "flagged": []})
-                true = truth[f"{_TRUTH_COLLECTION[sensor]}/{record['items'][sensor]}"]
+                reference = _truth_of(truth, record["items"][shift["reference"]], site_id)
+                entry = pairs.setdefault(f"{sensor}->{shift['reference']}", {"before": [], "after": [], "flagged": []})
+                true = _truth_of(truth, record["items"][sensor], site_id)
                 gsd = shift["gsd_m"]
                 true_rel = np.array([true["dx_m"] - reference["dx_m"], true["dy_m"] - reference["dy_m"]]) / gsd
                 if not shift["applied"]:
-                    entry["flagged"].append(record["site_id"])
+                    entry["flagged"].append(site_id)
                     continue
                 estimated = np.array([shift["dx_m"], shift["dy_m"]]) / gsd
                 entry["before"] += np.abs(true_rel).tolist()

@@ -10,23 +10,29 @@ Per city the catalogue holds (dates shifted by a few days from one city to the n
   ``platform`` spelled both ways; ``proj:code`` on the 2023 items, ``proj:epsg`` before.
 * Landsat C2 L2: three Landsat-8 and one Landsat-9 acquisitions.
 * ESA WorldCover 2021: the label map at 10 m (EPSG:4326).
-* IGN orthophotos: two campaign years per city, served by the WMS as per-year RGB and IRC layers.
+* WMS layer families (``xstars/demo/sensors.yaml``, data): IGN orthophotos, two campaign years
+  per city, served by the WMS as per-year RGB and IRC layers; each family rendered from the same
+  ground truth at its own resolution.
 
 Every scene carries a known misregistration written to ``truth/shifts.json``.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import rasterio
+import yaml
 from affine import Affine
 from pyproj import Transformer
 from rasterio.enums import Resampling
@@ -87,11 +93,15 @@ LANDSAT_SCHEDULE = [
     ("2023-05-20", "10:41:55", "landsat-8", 0.08),
 ]
 
-#: IGN camera bands (B, G, R, NIR): centre and width in micrometres; written in order R, G, B, NIR.
-IGN_BANDS = {"R": (0.64, 0.08), "G": (0.55, 0.08), "B": (0.46, 0.08), "NIR": (0.84, 0.12)}
-IGN_YEARS = (2021, 2022, 2023)
 S2_PSF_SIGMA_PX, LANDSAT_PSF_SIGMA_PX = 0.45, 0.5
-MAX_SHIFT_PX = {"sentinel-2-l2a": 1.5, "landsat-c2-l2": 1.0, "ign": 2.0}
+MAX_SHIFT_PX = {"sentinel-2-l2a": 1.5, "landsat-c2-l2": 1.0}
+
+
+@functools.cache
+def wms_families() -> tuple[dict[str, Any], ...]:
+    """The demo world's WMS layer families (``xstars/demo/sensors.yaml``)."""
+    text = resources.files("xstars.demo").joinpath("sensors.yaml").read_text(encoding="utf-8")
+    return tuple(yaml.safe_load(text)["wms_families"])
 
 
 @dataclass(frozen=True)
@@ -118,10 +128,11 @@ class City:
         """Approximate Landsat WRS-2 path/row over France."""
         return round(198 - (self.lon - 1.5) / 1.35), round(30 - (self.lat - 43.6) / 1.4)
 
-    def ign_years(self) -> tuple[int, int]:
-        first = IGN_YEARS[self.index % 3]
-        second = IGN_YEARS[(self.index + 2) % 3]
-        return tuple(sorted((first, second)))  # type: ignore[return-value]
+    def years_of(self, family: Mapping[str, Any]) -> list[int]:
+        """The campaign years of a WMS family that cover this city (rotating from city to city)."""
+        years = list(family["years"])
+        count = min(int(family["years_per_city"]), len(years))
+        return sorted({years[(self.index + j * (len(years) - 1)) % len(years)] for j in range(count)})
 
 
 def _rng(seed: int, city: City, *purpose: int) -> np.random.Generator:
@@ -136,9 +147,8 @@ def _sun(lat: float, when: datetime) -> tuple[float, float]:
     return 152.0, round(float(elevation), 3)
 
 
-def _shift(rng: np.random.Generator, key: str, gsd_m: float) -> tuple[float, float]:
-    """A known misregistration of up to MAX_SHIFT_PX pixels, at least 0.2 px in norm."""
-    max_px = MAX_SHIFT_PX[key]
+def _shift(rng: np.random.Generator, max_px: float, gsd_m: float) -> tuple[float, float]:
+    """A known misregistration of up to ``max_px`` pixels, at least 0.2 px in norm."""
     while True:
         dx, dy = rng.uniform(-max_px, max_px, size=2)
         if np.hypot(dx, dy) >= 0.2:
@@ -185,7 +195,7 @@ def _render_s2(root: Path, seed: int, city: City, truth: GroundTruth, cube: Frac
     for k, (day, clock, platform, baselines, cover, proj_key) in enumerate(S2_SCHEDULE):
         when = datetime.fromisoformat(f"{day}T{clock}+00:00") + timedelta(days=city.index * 3)
         rng = _rng(seed, city, 1, k)
-        shift = _shift(rng, "sentinel-2-l2a", 10.0)
+        shift = _shift(rng, MAX_SHIFT_PX["sentinel-2-l2a"], 10.0)
         sun = _sun(city.lat, when)
         grid20 = grid10.with_gsd(20.0)
         clouds20 = make_clouds(rng, grid20.shape, 20.0, cover, *sun)
@@ -235,7 +245,7 @@ def _render_landsat(root: Path, seed: int, city: City, truth: GroundTruth, cube:
         when = datetime.fromisoformat(f"{day}T{clock}+00:00") + timedelta(days=city.index * 2)
         acq = LandsatAcquisition(when, platform, *city.wrs, when + timedelta(days=9))
         rng = _rng(seed, city, 2, k)
-        shift = _shift(rng, "landsat-c2-l2", 30.0)
+        shift = _shift(rng, MAX_SHIFT_PX["landsat-c2-l2"], 30.0)
         sun = _sun(city.lat, when)
         valid = footprint_mask(cube, grid30, shift)
         clouds = make_clouds(rng, grid30.shape, 30.0, cover, *sun)
@@ -287,57 +297,83 @@ def _worldcover(root: Path, city: City, truth: GroundTruth, labels: np.ndarray) 
     return item
 
 
-def _render_ign(root: Path, seed: int, city: City, truth: GroundTruth, shifts: dict[str, Any],
-                texture: np.ndarray) -> list[dict[str, Any]]:
-    """Orthophoto sources (R, G, B, NIR uint8 at the truth's GSD, Lambert-93) per campaign year."""
+def _render_wms_family(root: Path, seed: int, city: City, truth: GroundTruth, shifts: dict[str, Any],
+                       texture: np.ndarray, family: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """A WMS family's sources for one city: per campaign year, one uint8 GeoTIFF in Lambert-93
+    with the camera's bands, at the family's resolution, with a known misregistration."""
+    camera = {band: tuple(value) for band, value in family["camera"].items()}
+    factor = 1 if family["gsd_m"] is None else round(float(family["gsd_m"]) / truth.grid.gsd_m)
+    if factor < 1 or abs(factor * truth.grid.gsd_m - float(family["gsd_m"] or truth.grid.gsd_m)) > 1e-9:
+        raise ValueError(f"demo WMS family {family['name']}: gsd_m {family['gsd_m']} is not a whole multiple "
+                         f"of the ground truth's {truth.grid.gsd_m} m")
+    gsd = truth.grid.gsd_m * factor
+    size = truth.grid.size // factor
+    strip = 512 - 512 % factor  # rows of the truth rendered at once (bounded memory), whole output rows
     sources = []
-    for year in city.ign_years():
-        when = datetime(year, 6, 10, 11, 0, tzinfo=UTC) + timedelta(days=7 * city.index)
-        rng = _rng(seed, city, 3, year)
-        shift = _shift(rng, "ign", truth.grid.gsd_m)
-        bands = np.zeros((len(IGN_BANDS),) + truth.material.shape, dtype=np.uint8)
-        for b, (center, fwhm) in enumerate(IGN_BANDS.values()):
+    for year in city.years_of(family):
+        acquired = family["acquired"]
+        when = (datetime(year, acquired["month"], acquired["day"], 11, 0, tzinfo=UTC)
+                + timedelta(days=acquired["days_per_city"] * city.index))
+        rng = _rng(seed, city, family["rng"], year)
+        shift = _shift(rng, float(family["max_shift_px"]), gsd)
+        bands = np.zeros((len(camera), size, size), dtype=np.uint8)
+        for b, (center, fwhm) in enumerate(camera.values()):
             lut = material_reflectance(_doy(when), center, fwhm)
-            for r0 in range(0, truth.grid.size, 512):  # strips: bounded memory
-                rows = slice(r0, r0 + 512)
-                refl = lut[truth.material[rows]] * truth.brightness[rows] * texture[rows]
-                refl += 0.003 * rng.standard_normal(refl.shape, dtype=np.float32)
-                bands[b, rows] = encode_ortho(refl)
-        declared = Affine.translation(*shift) @ truth.grid.transform
-        path = layout.files_dir(root) / "ign" / f"ortho_{year}" / f"{city.name}.tif"
-        write_cog(path, bands, LAMBERT93, declared, nodata=0, blocksize=512,
-                  band_descriptions=list(IGN_BANDS))
-        shifts[f"ign/{year}/{city.name}"] = _shift_record(shift, truth.grid.gsd_m, LAMBERT93, city)
-        sources.append({"year": year, "city": city.name, "acquired": when.date().isoformat(),
-                        "path": str(path.relative_to(root))})
+            reflectance = np.zeros((size, size), dtype=np.float32) if factor > 1 else None
+            for r0 in range(0, truth.grid.size, strip):  # strips: bounded memory
+                rows = slice(r0, r0 + strip)
+                refl = lut[truth.material[rows]] * truth.brightness[rows]
+                if family["texture"]:
+                    refl = refl * texture[rows]
+                refl += float(family["noise"]) * rng.standard_normal(refl.shape, dtype=np.float32)
+                if factor == 1:
+                    bands[b, rows] = encode_ortho(refl)
+                else:  # each output pixel averages the ground under it
+                    h = refl.shape[0] // factor
+                    reflectance[r0 // factor: r0 // factor + h] = refl.reshape(
+                        h, factor, size, factor).mean(axis=(1, 3))
+            if factor > 1:
+                if family["psf_sigma_px"]:
+                    reflectance = psf_blur(reflectance, float(family["psf_sigma_px"]))
+                bands[b] = encode_ortho(reflectance)
+        transform = Affine(gsd, 0.0, truth.grid.transform.c, 0.0, -gsd, truth.grid.transform.f)
+        declared = Affine.translation(*shift) @ transform
+        path = layout.files_dir(root) / "wms" / family["name"] / str(year) / f"{city.name}.tif"
+        write_cog(path, bands, LAMBERT93, declared, nodata=0, blocksize=512, band_descriptions=list(camera))
+        layer = family["layers"][0]["name"].format(year=year)
+        shifts[f"{layer}/{city.name}"] = _shift_record(shift, gsd, LAMBERT93, city)
+        sources.append({"family": family["name"], "year": year, "city": city.name,
+                        "acquired": when.date().isoformat(), "path": str(path.relative_to(root))})
     return sources
 
 
-def _wms_layers(ign_sources: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per-year RGB and IRC layers, named like the Géoplateforme's, plus the mixed-year mosaic."""
+def _wms_layers(sources: list[dict[str, Any]]) -> dict[str, Any]:
+    """Every family's per-year layers, named like the Géoplateforme's, plus their mixed-year mosaics."""
     layers = []
-    for year in sorted({s["year"] for s in ign_sources}):
-        of_year = [s for s in ign_sources if s["year"] == year]
-        dates = ", ".join(f"{s['city']} {s['acquired']}" for s in of_year)
-        layers.append({"name": f"ORTHOIMAGERY.ORTHOPHOTOS{year}", "title": f"Photographies aériennes {year}",
-                       "abstract": f"BD ORTHO {year} (demo), prises de vue: {dates}", "year": year,
-                       "bands": ["R", "G", "B"],
-                       "sources": [{"path": s["path"], "band_indexes": [1, 2, 3], "acquired": s["acquired"]}
-                                   for s in of_year]})
-        layers.append({"name": f"ORTHOIMAGERY.ORTHOPHOTOS.IRC.{year}",
-                       "title": f"Photographies aériennes infrarouge couleur {year}",
-                       "abstract": f"BD ORTHO IRC {year} (demo), prises de vue: {dates}", "year": year,
-                       "bands": ["NIR", "R", "G"],
-                       "sources": [{"path": s["path"], "band_indexes": [4, 1, 2], "acquired": s["acquired"]}
-                                   for s in of_year]})
-    latest: dict[str, dict[str, Any]] = {}
-    for s in sorted(ign_sources, key=lambda s: s["year"]):
-        latest[s["city"]] = s
-    layers.append({"name": "ORTHOIMAGERY.ORTHOPHOTOS", "title": "Photographies aériennes (mosaïque)",
-                   "abstract": "Mixed-year mosaic: the latest campaign of each area", "year": None,
-                   "bands": ["R", "G", "B"],
-                   "sources": [{"path": s["path"], "band_indexes": [1, 2, 3], "acquired": s["acquired"]}
-                               for s in latest.values()]})
+    for family in wms_families():
+        mine = [s for s in sources if s["family"] == family["name"]]
+        camera = list(family["camera"])
+        for year in sorted({s["year"] for s in mine}):
+            of_year = [s for s in mine if s["year"] == year]
+            dates = ", ".join(f"{s['city']} {s['acquired']}" for s in of_year)
+            for layer in family["layers"]:
+                layers.append({"name": layer["name"].format(year=year), "title": layer["title"].format(year=year),
+                               "abstract": f"{layer['title'].format(year=year)} (demo), prises de vue: {dates}",
+                               "year": year, "bands": list(layer["bands"]),
+                               "sources": [{"path": s["path"], "acquired": s["acquired"],
+                                            "band_indexes": [camera.index(b) + 1 for b in layer["bands"]]}
+                                           for s in of_year]})
+        mosaic = family.get("mosaic")
+        if mosaic:
+            latest: dict[str, dict[str, Any]] = {}
+            for s in sorted(mine, key=lambda s: s["year"]):
+                latest[s["city"]] = s
+            layers.append({"name": mosaic["name"], "title": mosaic["title"],
+                           "abstract": "Mixed-year mosaic: the latest campaign of each area", "year": None,
+                           "bands": list(mosaic["bands"]),
+                           "sources": [{"path": s["path"], "acquired": s["acquired"],
+                                        "band_indexes": [camera.index(b) + 1 for b in mosaic["bands"]]}
+                                       for s in latest.values()]})
     return {"layers": layers}
 
 
@@ -365,7 +401,7 @@ def generate_world(root: Path, demo_cfg: dict[str, Any]) -> dict[str, Any]:
     started = time.perf_counter()
     items: dict[str, list[dict[str, Any]]] = {"sentinel-2-l2a": [], "landsat-c2-l2": [], "esa-worldcover": []}
     shifts: dict[str, Any] = {}
-    ign_sources: list[dict[str, Any]] = []
+    wms_sources: list[dict[str, Any]] = []
     cities_meta = []
     for city in cities_from_config(demo_cfg):
         t0 = time.perf_counter()
@@ -382,11 +418,12 @@ def generate_world(root: Path, demo_cfg: dict[str, Any]) -> dict[str, Any]:
         texture = ndimage.gaussian_filter(tex_rng.standard_normal(truth.material.shape, dtype=np.float32), 0.8)
         texture *= 0.06 / 0.33
         texture += 1.0
-        ign_sources += _render_ign(root, seed, city, truth, shifts, texture)
+        for family in wms_families():
+            wms_sources += _render_wms_family(root, seed, city, truth, shifts, texture, family)
         del truth, cube, texture, labels
         cities_meta.append({"name": city.name, "lon": city.lon, "lat": city.lat, "utm_crs": city.utm_crs,
                             "mgrs_tile": city.mgrs_tile, "wrs_path_row": list(city.wrs),
-                            "ign_years": list(city.ign_years()),
+                            "wms_years": {f["name"]: city.years_of(f) for f in wms_families()},
                             "bounds_l93": list(_city_grid(city, extent_m, gsd_m).bounds)})
         log.info("demo city=%s seconds=%.1f", city.name, time.perf_counter() - t0)
 
@@ -397,7 +434,7 @@ def generate_world(root: Path, demo_cfg: dict[str, Any]) -> dict[str, Any]:
     titles = {"sentinel-2-l2a": "Sentinel-2 Level-2A", "landsat-c2-l2": "Landsat Collection 2 Level-2",
               "esa-worldcover": "ESA WorldCover"}
     _write_json(layout.collections_path(root), [collection(c, titles[c], v) for c, v in items.items()])
-    _write_json(layout.wms_layers_path(root), _wms_layers(ign_sources))
+    _write_json(layout.wms_layers_path(root), _wms_layers(wms_sources))
     _write_json(layout.shifts_path(root), {
         "convention": "a feature truly at ground coordinate (x, y) appears in the scene, read with its "
                       "declared georeferencing, at (x + dx_m, y + dy_m); correct by subtracting (dx_m, dy_m) "
@@ -405,7 +442,7 @@ def generate_world(root: Path, demo_cfg: dict[str, Any]) -> dict[str, Any]:
         "scenes": shifts})
     world = {"version": WORLD_VERSION, "seed": seed, "extent_m": extent_m, "label_gsd_m": gsd_m,
              "cities": cities_meta, "counts": {k: len(v) for k, v in items.items()} | {
-                 "ign_sources": len(ign_sources)}}
+                 "wms_sources": len(wms_sources)}}
     _write_json(layout.world_json(root), world)
     log.info("demo world root=%s items=%d seconds=%.1f", root, len(all_items), time.perf_counter() - started)
     return world
@@ -466,9 +503,12 @@ def render_preview(root: Path, out: Path, footprint_m: float = 960.0) -> Path:
     s2 = clearest("sentinel-2-l2a", "sentinel-2")
     l8 = clearest("landsat-c2-l2", "landsat-8")
     panels = []
-    year = city["ign_years"][-1]
-    ign_path = layout.files_dir(root) / "ign" / f"ortho_{year}" / f"{city['name']}.tif"
-    panels.append((f"IGN orthophoto {year} (1 m)", _stretch(_read_on_footprint(ign_path, [1, 2, 3], bounds, 1.0))))
+    family = wms_families()[0]
+    year = city["wms_years"][family["name"]][-1]
+    ortho = layout.files_dir(root) / "wms" / family["name"] / str(year) / f"{city['name']}.tif"
+    rgb = [list(family["camera"]).index(b) + 1 for b in ("R", "G", "B")]
+    panels.append((f"{family['layers'][0]['name'].format(year=year)} (1 m)",
+                   _stretch(_read_on_footprint(ortho, rgb, bounds, 1.0))))
     s2_rgb = np.concatenate([_read_on_footprint(local(s2["assets"][b]["href"]), [1], bounds, 10.0)
                              for b in ("B04", "B03", "B02")])
     panels.append((f"Sentinel-2 L2A {s2['properties']['datetime'][:10]} (10 m)", _stretch(s2_rgb)))

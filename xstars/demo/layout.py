@@ -5,7 +5,7 @@
 <root>/truth/<city>/landcover.tif       ground truth, Lambert-93, ESA WorldCover codes, 0.5 m
 <root>/truth/shifts.json                known misregistration of every rendered scene
 <root>/files/<collection>/<item_id>/<asset>.tif   COGs served over HTTP (range requests)
-<root>/files/ign/<layer>/<city>.tif     WMS sources (Lambert-93, uint8, bands of the layer)
+<root>/files/wms/<family>/<year>/<city>.tif  WMS sources (Lambert-93, uint8, the camera's bands)
 <root>/stac/items.ndjson                STAC items, hrefs start with FILES_URL_PLACEHOLDER
 <root>/stac/collections.json            STAC collections (list of dicts)
 <root>/wms/layers.json                  WMS layers: name, title, year, bands, sources

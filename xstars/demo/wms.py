@@ -14,7 +14,7 @@ Layers are described by ``<root>/wms/layers.json`` (:func:`xstars.demo.layout.wm
          "year": 2021,                                # acquisition year (optional)
          "bands": ["R", "G", "B"],                    # one name per output band
          "sources": [                                 # one GeoTIFF per city, disjoint in space
-            {"path": "files/ign/ortho_2021/toulouse.tif",   # relative to the world root
+            {"path": "files/wms/bd_ortho/2021/toulouse.tif",   # relative to the world root
              "band_indexes": [1, 2, 3]}                     # 1-based bands of that file
          ]}
     ]}

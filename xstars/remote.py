@@ -1,0 +1,403 @@
+"""The remote-raster layer: every request xstars makes to a service goes through here.
+
+Three kinds of services are read, with one set of rules for all of them:
+
+* STAC APIs (searched by :mod:`xstars.catalog` through pystac-client, whose session is given
+  :func:`http_retry`);
+* Cloud-Optimized GeoTIFFs behind HTTP (Planetary Computer blob storage, Earth Search's S3
+  bucket, the demo world's file server): :func:`read_source` reads only the window a grid needs,
+  GDAL's ``/vsicurl/`` fetching just the blocks that intersect it;
+* OGC WMS (the IGN Géoplateforme): :class:`WmsClient`, GetCapabilities and GetMap, paced to the
+  service's limit.
+
+The rules: single requests answered 429/5xx (or dropped) are retried by urllib3 with backoff,
+honouring Retry-After (:func:`http_retry`); a request whose answer arrived broken, or a COG read
+that failed after the open, is retried whole by :func:`with_retries` (the one retry loop);
+hrefs are signed right before they are opened (:func:`sign_href`) and signed again on 403; and
+every text that may hold a URL goes through :func:`redact` before it reaches a log, an exception
+or a file, so that no SAS token ever leaves this module.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import threading
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
+import numpy as np
+import rasterio
+import requests
+from affine import Affine
+from rasterio.enums import Resampling
+from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+from rasterio.io import MemoryFile
+from rasterio.warp import reproject, transform_bounds
+from rasterio.windows import Window, from_bounds
+from urllib3 import Retry
+
+from xstars.errors import ServiceError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Retried HTTP statuses (throttling and gateway errors of the Planetary Computer and the WMS).
+RETRY_STATUSES = (429, 500, 502, 503, 504)
+
+_QUERY = re.compile(r"(https?://[^\s?'\"]+)\?[^\s'\"]*")
+
+
+# ================================================================================ redaction
+
+
+def redact(text: str) -> str:
+    """``text`` with the query string of every URL replaced by ``?<redacted>``."""
+    return _QUERY.sub(r"\1?<redacted>", text)
+
+
+class RedactingFilter(logging.Filter):
+    """Strips URL query strings (SAS tokens) from log records, e.g. GDAL's HTTP warnings."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = redact(str(record.msg))
+        if record.args:
+            record.args = tuple(redact(a) if isinstance(a, str) else a for a in record.args)
+        return True
+
+
+# GDAL reports HTTP errors with the full URL through rasterio's logger: with a signed href that
+# is a token in the log. Redacted at the source, for every handler.
+for _name in ("rasterio._env", "rasterio._err", "rasterio"):
+    logging.getLogger(_name).addFilter(RedactingFilter())
+
+
+# ================================================================================== retries
+
+
+def http_retry(http_cfg: Mapping[str, Any], *, all_methods: bool = False) -> Retry:
+    """urllib3's retry policy for one request: 429/5xx and dropped connections, with backoff,
+    honouring Retry-After. ``all_methods``: POST too (STAC searches are read-only)."""
+    return Retry(
+        total=int(http_cfg["max_retries"]),
+        backoff_factor=float(http_cfg["backoff_s"]),
+        status_forcelist=RETRY_STATUSES,
+        allowed_methods=None if all_methods else Retry.DEFAULT_ALLOWED_METHODS,
+        respect_retry_after_header=True,
+        raise_on_status=False,  # the last answer reaches the caller, which names its status
+    )
+
+
+def with_retries(call: Callable[[int], T], *, what: str, http_cfg: Mapping[str, Any],
+                 retryable: Callable[[Exception], bool], errors: tuple[type[Exception], ...]) -> T:
+    """``call(attempt)``, retried whole with exponential backoff while it raises a retryable error.
+
+    The one retry loop of xstars, for what urllib3 cannot retry: a STAC answer that arrived
+    truncated, a COG block read that failed after the open. ``errors`` are the exceptions
+    considered at all (others propagate); ``retryable(err)`` says whether one is worth another
+    attempt. The final failure is a :class:`ServiceError` naming ``what``, its text redacted.
+    """
+    attempts = int(http_cfg["max_retries"]) + 1
+    for attempt in range(attempts):
+        try:
+            return call(attempt)
+        except errors as err:
+            message = redact(str(err))[:500]
+            if attempt + 1 == attempts or not retryable(err):
+                status = getattr(err, "status_code", None)
+                detail = f"HTTP {status}: " if status else ""
+                raise ServiceError(f"{what} failed after {attempt + 1} attempt(s): {detail}{message}") from None
+            delay = float(http_cfg["backoff_s"]) * 2**attempt
+            log.warning("%s failed (%s), retry %d/%d in %.1fs", what, message, attempt + 1, attempts - 1, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+# ================================================================================== signing
+
+
+def sign_href(href: str, signing: str, *, fresh: bool = False) -> str:
+    """The href to open: signed by the Planetary Computer SDK (a no-op on other hosts).
+
+    ``fresh`` drops the SDK's token cache first (after a 403: the token expired).
+    """
+    if signing == "none":
+        return href
+    import planetary_computer
+
+    if fresh:
+        planetary_computer.sas.TOKEN_CACHE.clear()
+    return planetary_computer.sign(href)
+
+
+# ============================================================================ windowed reads
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A north-up pixel grid: where a site's pixels are, in ``crs``."""
+
+    crs: str
+    transform: Affine
+    width: int
+    height: int
+
+    @classmethod
+    def from_bounds(cls, bounds: Sequence[float], gsd_m: float, crs: str) -> Grid:
+        """The grid of ``gsd_m`` pixels whose outer edges are ``bounds`` (xmin, ymin, xmax, ymax)."""
+        xmin, ymin, xmax, ymax = bounds
+        width, height = round((xmax - xmin) / gsd_m), round((ymax - ymin) / gsd_m)
+        if not math.isclose(width * gsd_m, xmax - xmin) or not math.isclose(height * gsd_m, ymax - ymin):
+            raise ValueError(f"bounds {tuple(bounds)} are not a whole number of {gsd_m} m pixels")
+        return cls(crs, Affine(gsd_m, 0.0, xmin, 0.0, -gsd_m, ymax), width, height)
+
+    @property
+    def bounds(self) -> tuple[float, float, float, float]:
+        t = self.transform
+        return (t.c, t.f + t.e * self.height, t.c + t.a * self.width, t.f)
+
+
+def gdal_options(http_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """GDAL settings for reading COGs over HTTP: few requests, retries on 429/5xx."""
+    return {
+        "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",  # no directory listing per open
+        "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": ".tif,.tiff,.TIF",
+        "GDAL_HTTP_MERGE_CONSECUTIVE_RANGES": "YES",
+        "GDAL_HTTP_MAX_RETRY": int(http_cfg["max_retries"]),
+        "GDAL_HTTP_RETRY_DELAY": float(http_cfg["backoff_s"]),
+        "GDAL_HTTP_TIMEOUT": int(http_cfg["timeout_s"]),
+        "VSI_CACHE": "TRUE",
+    }
+
+
+@dataclass(frozen=True)
+class SourceWindow:
+    """Pixels read from a raster in its own grid: the part of it that a site needs."""
+
+    data: np.ndarray  # (bands, rows, cols)
+    transform: Affine
+    crs: str
+
+    def warp(self, grid: Grid, resampling: Resampling = Resampling.nearest,
+             shift_m: tuple[float, float] = (0.0, 0.0), coverage: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Resample onto ``grid``: (data (bands, h, w), covered (h, w) bool).
+
+        ``shift_m`` = (dx, dy) in metres (dy northwards) is a known displacement of the source
+        content: it is corrected by moving the source's georeferencing back by that much.
+        ``covered`` is False where the grid falls outside the source window (all True without
+        ``coverage``, for bands whose no-data value already tells it: a second warp saved).
+        """
+        out = np.zeros((self.data.shape[0], grid.height, grid.width), dtype=self.data.dtype)
+        if self.data.size == 0:
+            return out, np.zeros((grid.height, grid.width), dtype=bool)
+        dx, dy = shift_m
+        transform = Affine.translation(-dx, -dy) * self.transform
+        reproject(self.data, out, src_transform=transform, src_crs=self.crs, dst_transform=grid.transform,
+                  dst_crs=grid.crs, resampling=resampling)
+        if not coverage:
+            return out, np.ones((grid.height, grid.width), dtype=bool)
+        covered = np.zeros((grid.height, grid.width), dtype=np.uint8)
+        reproject(np.ones(self.data.shape[1:], dtype=np.uint8), covered, src_transform=transform, src_crs=self.crs,
+                  dst_transform=grid.transform, dst_crs=grid.crs, resampling=Resampling.nearest, dst_nodata=0)
+        return out, covered.astype(bool)
+
+
+def read_on_grid(
+    href: str,
+    grid: Grid,
+    *,
+    catalog_cfg: Mapping[str, Any],
+    http_cfg: Mapping[str, Any],
+    what: str,
+    indexes: Sequence[int] | None = None,
+    resampling: Resampling = Resampling.nearest,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Read an asset resampled onto ``grid``: (data (bands, h, w), covered (h, w) bool)."""
+    source = read_source(href, grid, catalog_cfg=catalog_cfg, http_cfg=http_cfg, what=what, indexes=indexes)
+    return source.warp(grid, resampling)
+
+
+def read_source(
+    href: str,
+    grid: Grid,
+    *,
+    catalog_cfg: Mapping[str, Any],
+    http_cfg: Mapping[str, Any],
+    what: str,
+    indexes: Sequence[int] | None = None,
+    margin_px: int = 2,
+) -> SourceWindow:
+    """Read the window of an asset that covers ``grid`` (plus ``margin_px`` source pixels).
+
+    Only the blocks of the COG intersecting that window are fetched. The window is read with a
+    plain ``read`` rather than through a WarpedVRT: GDAL's warper turns a failed block read (a
+    truncated HTTP answer) into no-data with only a warning, while a direct read raises, and
+    is retried (:func:`with_retries`), refetching (GDAL caches what it fetched, a truncated
+    answer included); on 403 the href is signed again with a fresh token. The href is signed
+    as its catalogue says (``catalog_cfg['signing']``). ``what`` names the read in errors (item
+    id and asset key). A grid outside the raster gives an empty (0-pixel) window.
+    """
+    state = {"fresh": False}
+
+    def attempt(number: int) -> SourceWindow:
+        url = sign_href(href, catalog_cfg["signing"], fresh=state["fresh"])
+        options = gdal_options(http_cfg)
+        if number > 0:
+            options["CPL_VSIL_CURL_NON_CACHED"] = f"/vsicurl/{url}"
+        try:
+            with rasterio.Env(**options), rasterio.open(url) as src:
+                if src.crs is None or src.transform.is_identity:
+                    # GDAL ignores a GeoTIFF tag it could not read (a truncated answer) with a
+                    # warning only: a header without georeferencing is a failed read.
+                    raise RasterioIOError(f"no georeferencing in the header of {redact(href)} (partial read?)")
+                bands = list(indexes or range(1, src.count + 1))
+                window = _source_window(src, grid, margin_px)
+                if window is None:  # the grid does not touch the raster
+                    window = Window(0, 0, 0, 0)
+                    data = np.zeros((len(bands), 0, 0), dtype=src.dtypes[bands[0] - 1])
+                else:
+                    data = src.read(bands, window=window)
+                return SourceWindow(data, src.window_transform(window), src.crs.to_string())
+        except RasterioIOError as err:
+            state["fresh"] = "403" in str(err)
+            raise
+
+    return with_retries(attempt, what=f"reading {what} from {redact(href)}", http_cfg=http_cfg,
+                        retryable=lambda err: "404" not in str(err),  # a missing file stays missing
+                        errors=(RasterioIOError,))
+
+
+def _source_window(src, grid: Grid, margin_px: int) -> Window | None:
+    """The window of ``src`` covering ``grid`` plus a margin, clipped to the raster (None: outside)."""
+    left, bottom, right, top = transform_bounds(grid.crs, src.crs, *grid.bounds, densify_pts=21)
+    window = from_bounds(left, bottom, right, top, transform=src.transform)
+    col0 = max(math.floor(window.col_off) - margin_px, 0)
+    row0 = max(math.floor(window.row_off) - margin_px, 0)
+    col1 = min(math.ceil(window.col_off + window.width) + margin_px, src.width)
+    row1 = min(math.ceil(window.row_off + window.height) + margin_px, src.height)
+    if col1 <= col0 or row1 <= row0:
+        return None
+    return Window(col0, row0, col1 - col0, row1 - row0)
+
+
+# ====================================================================================== WMS
+
+
+@dataclass(frozen=True)
+class WmsLayer:
+    name: str
+    bounds_l93: tuple[float, float, float, float] | None
+
+
+class WmsClient:
+    """A minimal WMS 1.3.0 client: GetCapabilities and GetMap with retries and a rate limit.
+
+    ``wms_cfg`` is the catalogue entry of the service (``catalogs.<name>``: ``url``, ``format``,
+    ``max_requests_per_s``, ``max_concurrent_jobs``).
+    """
+
+    def __init__(self, wms_cfg: Mapping[str, Any], http_cfg: Mapping[str, Any]) -> None:
+        self.url = wms_cfg["url"]
+        self.cfg = wms_cfg
+        self.timeout = float(http_cfg["timeout_s"])
+        self.session = requests.Session()
+        adapter = requests.adapters.HTTPAdapter(max_retries=http_retry(http_cfg))
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+        # The service's limit is shared by every job that may run at once (the workflow lets at
+        # most max_concurrent_jobs of them query it: a Snakemake resource), so each takes its share.
+        self.min_interval_s = float(wms_cfg["max_concurrent_jobs"]) / float(wms_cfg["max_requests_per_s"])
+        self._next_slot = 0.0
+        self._lock = threading.Lock()  # one client is shared by a build job's read threads
+
+    def get(self, params: Mapping[str, str], what: str, url: str | None = None):
+        """GET on the WMS (or on ``url``: a manifest's request keeps the endpoint it was made for)."""
+        url = url or self.url
+        with self._lock:  # requests of this job start at least min_interval_s apart
+            now = time.monotonic()
+            slot = max(now, self._next_slot)
+            self._next_slot = slot + self.min_interval_s
+        if slot > now:
+            time.sleep(slot - now)
+        try:
+            response = self.session.get(url, params=params, timeout=self.timeout)
+        except requests.RequestException as err:
+            raise ServiceError(f"WMS {url} is unreachable ({what}): {redact(str(err))[:300]}") from None
+        content_type = response.headers.get("Content-Type", "")
+        # A WMS may answer an error with status 200 and an XML exception report.
+        if response.status_code != 200 or ("xml" in content_type and params.get("REQUEST") == "GetMap"):
+            raise ServiceError(f"{what} at {url}: HTTP {response.status_code} {_exception_text(response)}")
+        return response
+
+    def layers(self) -> dict[str, WmsLayer]:
+        """Layers of GetCapabilities with their EPSG:2154 bounding box when declared."""
+        import xml.etree.ElementTree as ET
+
+        response = self.get({"SERVICE": "WMS", "VERSION": "1.3.0", "REQUEST": "GetCapabilities"},
+                            "GetCapabilities")
+        try:
+            root = ET.fromstring(response.content)
+        except ET.ParseError as err:
+            raise ServiceError(f"GetCapabilities at {self.url} is not XML: {err}") from None
+        ns = {"w": "http://www.opengis.net/wms"}
+        out = {}
+        for layer in root.iter("{http://www.opengis.net/wms}Layer"):
+            name = layer.findtext("w:Name", namespaces=ns)
+            if not name:
+                continue
+            bounds = None
+            for bbox in layer.findall("w:BoundingBox", ns):
+                if bbox.get("CRS") == "EPSG:2154":
+                    bounds = tuple(float(bbox.get(k)) for k in ("minx", "miny", "maxx", "maxy"))
+            out[name] = WmsLayer(name, bounds)
+        return out
+
+    def getmap_params(self, layer: str, bounds: Sequence[float], width: int, height: int) -> dict[str, str]:
+        return {"SERVICE": "WMS", "VERSION": "1.3.0", "REQUEST": "GetMap", "LAYERS": layer, "STYLES": "",
+                "CRS": "EPSG:2154", "BBOX": ",".join(f"{v:.2f}" for v in bounds), "WIDTH": str(width),
+                "HEIGHT": str(height), "FORMAT": self.cfg["format"], "TRANSPARENT": "TRUE"}
+
+    def getmap_url(self, layer: str, bounds: Sequence[float], width: int, height: int) -> str:
+        return f"{self.url}?{urlencode(self.getmap_params(layer, bounds, width, height))}"
+
+    def image(self, params: Mapping[str, str], what: str, url: str | None = None) -> np.ndarray:
+        """A GetMap answer decoded: (bands, height, width) uint8."""
+        response = self.get(params, what, url)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)  # a PNG carries no georeferencing
+            with MemoryFile(response.content) as memfile, memfile.open() as image:
+                return image.read()
+
+    def nodata_fraction(self, layer: str, bounds: Sequence[float], size_px: int = 16) -> float:
+        """Fraction of a small GetMap thumbnail of ``bounds`` that is empty (all zero or transparent)."""
+        pixels = self.image(self.getmap_params(layer, bounds, size_px, size_px), f"GetMap {layer}")
+        empty = (pixels[:3] == 0).all(axis=0)
+        if pixels.shape[0] == 4:
+            empty |= pixels[3] == 0
+        return round(float(empty.mean()), 6)
+
+
+def _exception_text(response) -> str:
+    text = response.text[:400] if "xml" in response.headers.get("Content-Type", "") else ""
+    return redact(" ".join(text.split()))
+
+
+def read_wms(href: str, grid: Grid, margin_m: float, client: WmsClient, what: str) -> SourceWindow:
+    """A GetMap request (the manifest's asset) redone over ``grid``'s bounds grown by ``margin_m``."""
+    parts = urlsplit(href)
+    params = dict(parse_qsl(parts.query, keep_blank_values=True))
+    xmin, ymin, xmax, ymax = grid.bounds
+    gsd = grid.transform.a
+    bounds = (xmin - margin_m, ymin - margin_m, xmax + margin_m, ymax + margin_m)
+    width, height = round((bounds[2] - bounds[0]) / gsd), round((bounds[3] - bounds[1]) / gsd)
+    params.update(BBOX=",".join(f"{v:.2f}" for v in bounds), WIDTH=str(width), HEIGHT=str(height), CRS=grid.crs)
+    data = client.image(params, f"GetMap {what}", url=parts._replace(query="").geturl())
+    # PNG with TRANSPARENT=TRUE may add an alpha band: keep the colour bands.
+    return SourceWindow(data[:3] if data.shape[0] == 4 else data, Affine(gsd, 0.0, bounds[0], 0.0, -gsd, bounds[3]),
+                        grid.crs)
