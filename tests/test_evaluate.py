@@ -12,7 +12,8 @@ import torch
 from tests.synthetic_store import write_store
 from tests.test_pretrain import tiny_settings
 from xstars import evaluate, train
-from xstars.config import load_config
+from xstars.config import load_config, validate
+from xstars.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,13 +96,15 @@ def test_a_model_without_the_sensor_is_refused(store: Path, tmp_path: Path) -> N
         evaluate.evaluate_model(backbone, description, store, settings(), "s2-only")
 
 
-def test_finetuning_and_an_external_benchmark_folder(store: Path, tmp_path: Path) -> None:
+def test_finetuning_and_a_benchmark_folder_of_classes(store: Path, tmp_path: Path) -> None:
     import numpy as np
     import rasterio
     from rasterio.transform import from_origin
 
-    # A EuroSAT-like folder: two classes of 4-band uint16 GeoTIFFs (reflectance x 10^4),
-    # bright and dark, written and read through rasterio.
+    from xstars.benchmarks import evaluate_benchmark
+
+    # A folder of two classes of 4-band uint16 GeoTIFFs (reflectance x 10^4), bright and dark,
+    # written and read through rasterio.
     for k, (name, level) in enumerate((("Forest", 600), ("Industrial", 2400))):
         (tmp_path / "bench" / name).mkdir(parents=True)
         for i in range(10):
@@ -110,18 +113,22 @@ def test_finetuning_and_an_external_benchmark_folder(store: Path, tmp_path: Path
                                count=4, dtype="uint16", crs="EPSG:32631", transform=from_origin(0, 160, 10, 10)) as dst:
                 dst.write(pixels)
     backbone, description = evaluate.random_model(store, tiny_settings(), ["s2", "l8", "ign"], seed=0)
-    external = [{"name": "eurosat", "path": str(tmp_path / "bench"), "sensor": "s2", "bands": [1, 2, 3, 4],
-                 "scale_factor": 1e-4, "test_fraction": 0.2}]
+    benchmarks = validate({"evaluate": {"benchmarks": [
+        {"name": "bench", "layout": "class_folders", "path": str(tmp_path / "bench"), "sensor": "s2",
+         "bands": ["B02", "B03", "B04", "B08"]}]}})["evaluate"]["benchmarks"]
     result = evaluate.evaluate_model(backbone, description, store, settings(
-        label_fractions=[1.0], external=external, finetune={"enabled": True, "epochs": 1, "lr": 1e-4, "batch_size": 4}),
-        "random")
+        label_fractions=[1.0], benchmarks=benchmarks, finetune={"enabled": True, "epochs": 1, "lr": 1e-4,
+                                                                "batch_size": 4}), "random")
     tuned = [r for r in result["records"] if r["task"] == "finetune"]
     assert {r["train_sensor"] for r in tuned} == {"s2", "l8", "ign"} and all(0 <= r["value"] <= 1 for r in tuned)
-    bench = [r for r in result["records"] if r["task"] == "external:eurosat"]
+    bench = [r for r in result["records"] if r["task"] == "benchmark:bench"]
     assert {(r["metric"], r["seed"]) for r in bench} == {(m, s) for m in ("knn_accuracy", "linear_accuracy")
                                                          for s in (0, 1)}
     # Bright against dark tiles: even random features separate them.
     assert min(r["value"] for r in bench) >= 0.75
-    with pytest.raises(Exception, match=r"eurosat: 3 bands given, the model's s2 patch embedding takes 4"):
-        evaluate.evaluate_external(backbone, description, {**external[0], "bands": [1, 2, 3]},
-                                   settings(), 32, "random")
+    info = result["benchmarks"][0]
+    assert info["layout"] == "class_folders" and info["fake"] is False and info["dropped_bands"] == []
+    assert (info["train"], info["test"], info["input_px"], info["gsd_m"]) == (16, 4, 16, 10.0)
+    with pytest.raises(DataError, match=r"4 bands, evaluate.benchmarks bench.bands names 3"):
+        evaluate_benchmark(backbone, description, {**benchmarks[0], "bands": ["B02", "B03", "B04"]},
+                           settings(), store, "random")

@@ -6,6 +6,7 @@
     xstars demo generate [--root DIR] [--config config.yaml | --demo-json JSON]
     xstars demo up|down|status [--root DIR] [--config config.yaml]
     xstars demo preview --root DIR --out preview.png
+    xstars demo benchmarks --out DIR [--seed N] [--layouts eurosat_ms,flair]
     xstars catalog sites --out sites.parquet
     xstars catalog search --sites sites.parquet --shard I --out candidates-I.jsonl
     xstars catalog manifest --sites sites.parquet --out manifest.parquet candidates-*.jsonl
@@ -141,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
         demo_cmds.add_parser(name, parents=[config_opts, root_opt], help=text).set_defaults(
             func=func
         )
+    benchmarks = demo_cmds.add_parser("benchmarks", help="fake copies of the public benchmarks, in their layouts")
+    benchmarks.add_argument("--out", type=Path, required=True, help="folder of the copies (benchmarks.json lists them)")
+    benchmarks.add_argument("--seed", type=int, default=0, help="seed of the pixels (default: %(default)s)")
+    benchmarks.add_argument("--layouts", default="", help="comma-separated layouts (default: all)")
+    benchmarks.set_defaults(func=cmd_demo_benchmarks)
     preview = demo_cmds.add_parser("preview", help="render a PNG overview of a generated world")
     preview.add_argument("--root", type=Path, required=True, help="demo world folder")
     preview.add_argument("--out", type=Path, required=True, help="PNG to write")
@@ -592,6 +598,19 @@ def cmd_evaluate_report(args: argparse.Namespace) -> int:
     plot_label_efficiency(results, args.out_dir / "label_efficiency.png")
     plot_retrieval_examples(results, args.store, args.out_dir / "retrieval_examples.png")
     print((args.out_dir / "results.md").read_text())
+    return 0
+
+
+def cmd_demo_benchmarks(args: argparse.Namespace) -> int:
+    """Fake EuroSAT, BigEarthNet, FLAIR and generic copies, for the demo's evaluation and tests."""
+    from xstars.demo.benchmarks import WRITERS, write_benchmarks
+
+    layouts = [name for name in args.layouts.split(",") if name]
+    unknown = [name for name in layouts if name not in WRITERS]
+    if unknown:
+        raise ConfigError(f"--layouts: {unknown} are not layouts ({', '.join(WRITERS)})")
+    paths = write_benchmarks(args.out, args.seed, layouts or None)
+    log.info("demo benchmarks %s", json.dumps(paths, sort_keys=True))
     return 0
 
 

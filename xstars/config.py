@@ -91,7 +91,8 @@ def resolve_config(config: Mapping[str, Any], overrides: Mapping[str, Any] | Non
 
 
 def expand_demo_address(config: dict) -> dict:
-    """Replace ``{demo.host}`` and ``{demo.port}`` in the endpoint URLs by the demo's values.
+    """Replace ``{demo.host}`` and ``{demo.port}`` in the endpoint URLs by the demo's values, and
+    ``{demo.root}`` in the paths of ``evaluate.benchmarks``.
 
     The demo overlay writes its URLs this way, so that moving the demo servers to another port
     (``--config demo.port=9000``, as the tests do) moves every endpoint with them.
@@ -102,6 +103,9 @@ def expand_demo_address(config: dict) -> dict:
         for placeholder, value in values.items():
             url = url.replace(placeholder, value)
         catalog["url"] = url
+    # The demo's benchmark copies are generated under its root (xstars demo benchmarks).
+    for spec in config.get("evaluate", {}).get("benchmarks", []):
+        spec["path"] = spec["path"].replace("{demo.root}", str(config["demo"]["root"]))
     return config
 
 
@@ -521,12 +525,19 @@ def _named_sensor_errors(section: str) -> Callable[[dict], Iterator[_Error]]:
                     named += [(("pretrain", "runs", run, key, i), s) for i, s in enumerate(overlay.get(key, []))]
         else:
             named += [(("evaluate", "sensors", i), s) for i, s in enumerate(cfg["sensors"])]
-            named += [(("evaluate", "external", i, "sensor"), e["sensor"]) for i, e in enumerate(cfg["external"])]
+            named += [(("evaluate", "benchmarks", i, "sensor"), e["sensor"]) for i, e in enumerate(cfg["benchmarks"])]
         for parts, name in named:
             if name not in images:
                 yield parts, f"{name!r} is not an image sensor of sensors ({', '.join(images)})"
 
     return check
+
+
+def _benchmark_errors(config: dict) -> Iterator[_Error]:
+    if config["evaluate"]["benchmarks"]:
+        from xstars.benchmarks import spec_errors
+
+        yield from spec_errors(config["evaluate"]["benchmarks"], list(config["sensors"]))
 
 
 #: (sections involved, check): a check runs when all its sections are given.
@@ -538,6 +549,7 @@ _CHECKS: tuple[tuple[tuple[str, ...], Callable[[dict], Iterator[_Error]]], ...] 
     (("sensors", "build"), _coregister_errors),
     (("sensors", "pretrain"), _named_sensor_errors("pretrain")),
     (("sensors", "evaluate"), _named_sensor_errors("evaluate")),
+    (("sensors", "evaluate"), _benchmark_errors),
     (("world", "demo", "sites"), _demo_city_errors),
     (("dates",), _date_errors),
     (("pretrain",), _run_config_errors),

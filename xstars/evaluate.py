@@ -11,7 +11,8 @@ classes):
   (linear probe, mean average precision), per sensor;
 * segmentation: a linear layer on the patch tokens, upsampled to the label grid (mIoU);
 * label efficiency: the probes trained on fractions of the training tiles;
-* cross-sensor transfer: a probe trained on sensor A's features, tested on sensor B's.
+* cross-sensor transfer: a probe trained on sensor A's features, tested on sensor B's;
+* public benchmarks in their published layouts (``evaluate.benchmarks``, :mod:`xstars.benchmarks`).
 
 Every probe runs for each of ``probe_seeds`` (its initialisation and, below 100 %, its subset
 of training tiles); the records keep the seed so that the report gives mean and spread.
@@ -292,72 +293,6 @@ def finetune_accuracy(backbone: ViT, sensor: str, train_x: torch.Tensor, train_y
     return float((predicted == test_y).float().mean())
 
 
-# ======================================================================= external benchmarks
-
-
-def read_image_folder(root: Path | str, bands: Sequence[int], scale: float) -> tuple[list[torch.Tensor], list[int],
-                                                                                     list[str]]:
-    """An image-classification folder (``root/<class>/*.tif``, e.g. EuroSAT MS) read with rasterio:
-    the 1-based ``bands`` of each file times ``scale`` (physical units). Returns images, labels
-    (class index) and class names, sorted by name."""
-    import rasterio
-
-    root = Path(root)
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    if not classes:
-        raise DataError(f"{root}: no class folder (expected {root}/<class>/*.tif)")
-    images, labels = [], []
-    for k, name in enumerate(classes):
-        files = sorted((root / name).glob("*.tif")) + sorted((root / name).glob("*.tiff"))
-        for path in files:
-            with rasterio.open(path) as src:
-                if max(bands) > src.count:
-                    raise DataError(f"{path}: has {src.count} bands, evaluate.external asks for band {max(bands)}")
-                images.append(torch.from_numpy(src.read(list(bands)).astype("float32") * scale))
-            labels.append(k)
-    return images, labels, classes
-
-
-def evaluate_external(backbone: ViT, description: Mapping[str, Any], spec: Mapping[str, Any],
-                      settings: Mapping[str, Any], px: int, name: str, device: torch.device | None = None,
-                      ) -> list[dict[str, Any]]:
-    """k-NN and linear probe on a user's benchmark folder, through the model's ``spec["sensor"]``
-    patch embedding and normalisation; a stratified split per probe seed."""
-    sensor = spec["sensor"]
-    if sensor not in description["sensors"]:
-        raise DataError(f"evaluate.external {spec['name']}: the model was not trained on {sensor!r}")
-    wanted = description["sensors"][sensor]
-    if len(spec["bands"]) != len(wanted["bands"]):
-        raise DataError(f"evaluate.external {spec['name']}: {len(spec['bands'])} bands given, the model's {sensor} "
-                        f"patch embedding takes {len(wanted['bands'])} ({wanted['bands']})")
-    images, labels, classes = read_image_folder(spec["path"], spec["bands"], spec["scale_factor"])
-    mean = torch.tensor(wanted["mean"])[:, None, None]
-    std = torch.tensor(wanted["std"])[:, None, None]
-    views = torch.stack([F.interpolate(((x - mean) / std)[None], size=(px, px), mode="bilinear",
-                                       antialias=True, align_corners=False)[0] for x in images])
-    features = embed_views(backbone, views, sensor, settings["batch_size"], device).tile_features(settings["feature"])
-    y = torch.tensor(labels)
-    records = []
-    for seed in settings["probe_seeds"]:
-        rng = np.random.default_rng([seed, 29])
-        test = np.concatenate([rng.permutation(np.nonzero(y.numpy() == k)[0])[: max(1, round(
-            spec["test_fraction"] * int((y == k).sum())))] for k in range(len(classes))])
-        is_test = np.zeros(len(y), dtype=bool)
-        is_test[test] = True
-        train_index, test_index = torch.from_numpy(~is_test), torch.from_numpy(is_test)
-        x_train, x_test = standardise(features[train_index], features[test_index])
-        knn = knn_accuracy(features[train_index], y[train_index], features[test_index], y[test_index], len(classes),
-                           settings["knn_k"])
-        probe = fit_linear(x_train, y[train_index], len(classes), seed)
-        with torch.no_grad():
-            linear = float((probe(x_test).argmax(dim=1) == y[test_index]).float().mean())
-        for metric, value in (("knn_accuracy", knn), ("linear_accuracy", linear)):
-            records.append({"model": name, "task": f"external:{spec['name']}", "metric": metric,
-                            "value": round(value, 6), "train_sensor": sensor, "test_sensor": sensor, "fraction": 1.0,
-                            "seed": seed})
-    return records
-
-
 # ================================================================================ evaluate
 
 
@@ -431,10 +366,16 @@ def evaluate_model(backbone: ViT, description: Mapping[str, Any], store: Path | 
                                          n_classes, settings["probe_seeds"][0], tune["epochs"], tune["lr"],
                                          tune["batch_size"], device)
             record("finetune", "accuracy", accuracy, a, a, 1.0, settings["probe_seeds"][0])
-    for spec in settings["external"]:
-        records.extend(evaluate_external(backbone, description, spec, settings, px, name, device))
+    from xstars.benchmarks import evaluate_benchmark  # public benchmarks, beside the store's tasks
+
+    benchmarks = []
+    for spec in settings["benchmarks"]:
+        found, info = evaluate_benchmark(backbone, description, spec, settings, store, name, device)
+        records.extend(found)
+        benchmarks.append(info)
     return {"model": name, "classes": classes, "train_tiles": len(train_ids), "test_tiles": len(test_ids),
-            "test_ids": test_ids.tolist(), "input_px": px, "records": records, "retrieval_examples": examples}
+            "test_ids": test_ids.tolist(), "input_px": px, "records": records, "retrieval_examples": examples,
+            "benchmarks": benchmarks}
 
 
 def random_model(store: Path | str, pretrain: Mapping[str, Any], sensors: Sequence[str], seed: int,
@@ -521,7 +462,9 @@ def write_tables(results: Sequence[Mapping[str, Any]], csv_path: Path, markdown_
         f"{first['train_tiles']} training tiles, {first['test_tiles']} test tiles, classes {first['classes']}. "
         "Every value per sensor, pair, label fraction and seed is in the CSV."),
     ]
-    markdown_path.write_text("\n".join(lines + notes) + "\n")
+    from xstars.benchmarks import benchmark_lines
+
+    markdown_path.write_text("\n".join(lines + notes + benchmark_lines(results)) + "\n")
     return table
 
 

@@ -1,4 +1,5 @@
-"""The offline demo world: generate it, then render an overview figure for the report."""
+"""The offline demo world: generate it, render an overview figure for the report, and write fake
+copies of the public benchmarks for the evaluation."""
 
 
 rule demo_world:
@@ -32,3 +33,19 @@ rule demo_preview:
         "../../envs/xstars.yaml"
     shell:
         "xstars demo preview --root {params.root} --out {output} > {log} 2>&1"
+
+
+# Fake copies of EuroSAT, BigEarthNet, FLAIR and the generic layouts, in their published layouts,
+# that the demo world's evaluate.benchmarks point at (xstars/demo/benchmarks.py).
+rule demo_benchmarks:
+    output:
+        DEMO_BENCHMARKS / "benchmarks.json",
+    params:
+        out=output_folder,
+        seed=config["demo"]["seed"],
+    log:
+        "logs/demo/demo_benchmarks.log",
+    conda:
+        "../../envs/xstars.yaml"
+    shell:
+        "xstars demo benchmarks --out {params.out} --seed {params.seed} > {log} 2>&1"

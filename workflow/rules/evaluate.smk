@@ -1,7 +1,8 @@
 """Evaluate stage: downstream tasks on frozen features, every model in the same run (xstars/evaluate.py).
 
 One job per model (each pretraining run, and `random`, a randomly initialised backbone as the
-floor) embeds the store and runs every probe with every probe seed; `evaluate_report` makes
+floor) embeds the store and the public benchmarks of evaluate.benchmarks and runs every probe
+with every probe seed; `evaluate_report` makes
 the table (CSV + Markdown) and the figures of the report.
 """
 
@@ -10,6 +11,7 @@ rule evaluate_model:
     input:
         summary=DATASET / "summary.json",
         backbone=evaluate_backbone_input,
+        benchmarks=evaluate_benchmarks_input,
     output:
         EVALUATE / "models" / "{model}.json",
     params:
