@@ -246,8 +246,9 @@ class BigEarthNetV2(Reader):
     def __init__(self, spec: Mapping[str, Any]) -> None:
         super().__init__(spec)
         metadata, images = self.path / "metadata.parquet", self.path / "BigEarthNet-S2"
-        if not metadata.is_file() or not images.is_dir():
-            raise self.wrong_folder(f"{self.path} has no {'metadata.parquet' if images.is_dir() else 'BigEarthNet-S2'}")
+        missing = [p.name for p, found in ((metadata, metadata.is_file()), (images, images.is_dir())) if not found]
+        if missing:
+            raise self.wrong_folder(f"{self.path} has no {' and no '.join(missing)}")
         import pyarrow.parquet as pq
 
         table = pq.read_table(metadata, columns=["patch_id", "labels", "split"]).to_pydict()
