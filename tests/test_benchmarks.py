@@ -201,7 +201,7 @@ def test_flair_as_published(fakes, store: Path) -> None:
                                                                                   (0.2, 0.2), 2154)
     assert reader.bands == ("R", "G", "B", "NIR", "elevation") and len(reader.classes) == 13
     splits = [s.split for s in reader.samples]
-    assert (splits.count("train"), splits.count("test")) == (8, 4)
+    assert (splits.count("train"), splits.count("test")) == (4, 2)
     # The challenge's 13 classes: values above 12 (swimming pool 13, greenhouse 18...) are "other".
     values = np.concatenate([np.unique(bm._read_mask_values(s.files[1])) for s in reader.samples])
     assert {13, 18} <= set(values.tolist()) and set(values.tolist()) <= set(range(1, 20))
@@ -318,3 +318,8 @@ def test_the_demo_command_writes_the_copies(tmp_path: Path) -> None:
     listed = json.loads((tmp_path / "benchmarks.json").read_text())
     assert list(listed) == ["class_folders"] and (Path(listed["class_folders"]) / bm.FAKE_MARKER).is_file()
     assert main(["demo", "benchmarks", "--out", str(tmp_path), "--layouts", "imagenet"]) == 2
+    # A rerun replaces the copy whole; a folder that is not a fake copy is never overwritten.
+    assert main(["demo", "benchmarks", "--out", str(tmp_path), "--layouts", "class_folders"]) == 0
+    (tmp_path / "mine" / "flair").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"flair exists and is not a fake copy"):
+        write_benchmarks(tmp_path / "mine", layouts=["flair"])

@@ -27,6 +27,7 @@ from xstars.benchmarks import BIGEARTHNET_BANDS, EUROSAT_BANDS, EUROSAT_CLASSES,
 from xstars.demo.items import S2_BANDS
 from xstars.demo.render import encode_ortho
 from xstars.demo.spectra import MATERIAL_ID, material_reflectance
+from xstars.errors import DataError
 
 #: Sentinel-2 band centre and width (um); B10 (cirrus) is not among the demo world's L2A bands.
 S2_CENTRES = {band: (centre, fwhm) for band, (_, _, centre, fwhm, _) in S2_BANDS.items()} | {"B10": (1.375, 0.021)}
@@ -230,7 +231,7 @@ def write_bigearthnet_v2(root: Path, seed: int = 0, patches: int = 16) -> Path:
     return root
 
 
-def write_flair(root: Path, seed: int = 0, per_zone: int = 2) -> Path:
+def write_flair(root: Path, seed: int = 0, per_zone: int = 1) -> Path:
     """FLAIR #1's unpacked archives: ``flair_aerial_train`` / ``flair_labels_train`` and
     ``flair_1_aerial_test`` / ``flair_1_labels_test``, each ``<domain>/<zone>/img/IMG_<n>.tif`` (R, G,
     B, NIR, elevation; uint8, 512 px of 0.2 m, Lambert-93) with ``<domain>/<zone>/msk/MSK_<n>.tif``
@@ -325,10 +326,17 @@ WRITERS = {"eurosat_ms": ("eurosat", write_eurosat_ms), "bigearthnet_v1": ("bige
 def write_benchmarks(out: Path, seed: int = 0, layouts: Sequence[str] | None = None) -> dict[str, str]:
     """Every fake copy (or those of ``layouts``) under ``out``; returns layout -> the path a config
     points at, also written to ``out/benchmarks.json``."""
+    import shutil
+
     out = Path(out)
     paths = {}
     for layout in layouts or WRITERS:
         folder, write = WRITERS[layout]
-        paths[layout] = str(write(out / folder, seed))
+        root = out / folder
+        if root.exists():  # a previous copy: replaced whole, so that no stale file stays
+            if not (root / FAKE_MARKER).is_file():
+                raise DataError(f"{root} exists and is not a fake copy (no {FAKE_MARKER}): not overwriting it")
+            shutil.rmtree(root)
+        paths[layout] = str(write(root, seed))
     (out / "benchmarks.json").write_text(json.dumps(paths, indent=1) + "\n")
     return paths
