@@ -39,9 +39,13 @@ def snakemake_dry_run(*args: str) -> subprocess.CompletedProcess[str]:
 def test_dry_run_of_the_demo_world_lists_its_jobs() -> None:
     result = snakemake_dry_run("all", "--config", "world=demo")
     assert result.returncode == 0, result.stderr + result.stdout
-    for rule in ("demo_world", "demo_preview", "sites", "search_shard", "manifest", "all"):
+    for rule in ("demo_world", "demo_preview", "demo_benchmarks", "sites", "search_shard", "manifest", "all"):
         assert f"rule {rule}:" in result.stdout, rule
     assert "xstars demo generate --root demo_world --demo-json" in result.stdout
+    # The evaluation reads the fake benchmark copies: they are its input.
+    assert "xstars demo benchmarks --out demo_world/benchmarks" in result.stdout
+    evaluate_jobs = [job for job in result.stdout.split("\nrule ")[1:] if job.startswith("evaluate_model:")]
+    assert evaluate_jobs and all("demo_world/benchmarks/benchmarks.json" in job for job in evaluate_jobs)
 
 
 def test_dry_run_of_the_real_build_parses() -> None:

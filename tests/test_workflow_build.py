@@ -65,5 +65,11 @@ def test_pretrain_and_evaluate_rules_on_the_built_store(demo_build: WorkflowRun)
     assert "| random |" in table and "| xstars_dense |" in table and "probe seeds [0, 1, 2]" in table
     for figure in ("label_efficiency.png", "retrieval_examples.png"):
         assert (results / "evaluate" / figure).stat().st_size > 10_000
+    # The demo world's public benchmarks, on the fake copies the workflow generated.
+    assert " demo_benchmarks:\n" in out
+    for row in ("| eurosat (fake) | xstars_dense | linear acc. |", "| bigearthnet (fake) | random | mAP |",
+                "| flair (fake) | random | mIoU |"):
+        assert row in table, row
+    assert "FAKE copy" in table and "benchmark:flair (fake)" in (results / "evaluate" / "results.csv").read_text()
     metrics = (results / "pretrain" / "xstars_dense" / "metrics.jsonl").read_text().splitlines()
     assert json.loads(metrics[-1])["msad"] > 0
