@@ -19,7 +19,7 @@ from tests.test_evaluate import settings
 from tests.test_pretrain import tiny_settings
 from xstars import benchmarks as bm
 from xstars import evaluate
-from xstars.config import load_config, validate
+from xstars.config import load_config
 from xstars.demo.benchmarks import write_benchmarks
 from xstars.errors import ConfigError, DataError
 from xstars.model import ViT
@@ -51,10 +51,15 @@ def model(s2_bands=S2_BANDS, s2_gsd=10.0, ign_gsd=1.0) -> tuple[ViT, dict]:
     return backbone, description
 
 
+def with_benchmarks(entries: list[dict]) -> dict:
+    """The project's config with these evaluate.benchmarks entries (validated, defaults filled)."""
+    return load_config(ROOT / "config.yaml", {"evaluate": {"benchmarks": entries}})
+
+
 def spec(name: str, layout: str, path: Path, sensor: str, **extra) -> dict:
     """One evaluate.benchmarks entry, validated (defaults filled) as the config would give it."""
     entry = {"name": name, "layout": layout, "path": str(path), "sensor": sensor, **extra}
-    return validate({"evaluate": {"benchmarks": [entry]}})["evaluate"]["benchmarks"][0]
+    return with_benchmarks([entry])["evaluate"]["benchmarks"][0]
 
 
 def probe_settings(**overrides) -> dict:
@@ -295,16 +300,16 @@ def test_rows_in_results_md_and_the_csv(fakes, store: Path, tmp_path: Path) -> N
 
 def test_benchmark_config_keys(tmp_path: Path) -> None:
     entry = {"name": "e", "layout": "eurosat_ms", "path": "/data/EuroSAT_MS", "sensor": "s2"}
-    filled = validate({"evaluate": {"benchmarks": [entry]}})["evaluate"]["benchmarks"][0]
+    filled = with_benchmarks([entry])["evaluate"]["benchmarks"][0]
     assert (filled["resolution"], filled["test_fraction"], filled["max_per_split"]) == ("sensor_gsd", 0.2, 0)
     with pytest.raises(ConfigError, match=r"benchmarks.*bands.*fixes its bands, units and classes"):
-        validate({"evaluate": {"benchmarks": [{**entry, "bands": ["B02"]}]}})
-    with pytest.raises(ConfigError, match=r"'spot' is not a sensor of the config"):
-        validate({"evaluate": {"benchmarks": [{**entry, "sensor": "spot"}]}})
+        with_benchmarks([{**entry, "bands": ["B02"]}])
+    with pytest.raises(ConfigError, match=r"'evaluate\.benchmarks\[0\]\.sensor': 'modis' is not an image sensor"):
+        with_benchmarks([{**entry, "sensor": "modis"}])
     with pytest.raises(ConfigError, match=r"'e' names two benchmarks"):
-        validate({"evaluate": {"benchmarks": [entry, entry]}})
+        with_benchmarks([entry, entry])
     with pytest.raises(ConfigError, match=r"layout"):
-        validate({"evaluate": {"benchmarks": [{**entry, "layout": "eurosat"}]}})
+        with_benchmarks([{**entry, "layout": "eurosat"}])
     # The demo world's copies are generated under demo.root.
     demo = load_config(ROOT / "config.yaml", {"world": "demo", "demo": {"root": str(tmp_path / "w")}})
     paths = [b["path"] for b in demo["evaluate"]["benchmarks"]]

@@ -115,7 +115,7 @@ def test_finetuning_and_a_benchmark_folder_of_classes(store: Path, tmp_path: Pat
     backbone, description = evaluate.random_model(store, tiny_settings(), ["s2", "l8", "ign"], seed=0)
     benchmarks = validate({"evaluate": {"benchmarks": [
         {"name": "bench", "layout": "class_folders", "path": str(tmp_path / "bench"), "sensor": "s2",
-         "bands": ["B02", "B03", "B04", "B08"]}]}})["evaluate"]["benchmarks"]
+         "bands": ["B02", "B03", "B04", "B08"]}]}}, sections=["evaluate"])["evaluate"]["benchmarks"]
     result = evaluate.evaluate_model(backbone, description, store, settings(
         label_fractions=[1.0], benchmarks=benchmarks, finetune={"enabled": True, "epochs": 1, "lr": 1e-4,
                                                                 "batch_size": 4}), "random")

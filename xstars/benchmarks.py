@@ -394,15 +394,14 @@ def open_benchmark(spec: Mapping[str, Any]) -> Reader:
 
 
 def spec_errors(benchmarks: Sequence[Mapping[str, Any]], sensors: Sequence[str]):
-    """Config rules the schema cannot state: unique names, a configured sensor, generic options
-    only on generic layouts. Yields (key path, message)."""
+    """Config rules the schema cannot state: unique names, generic options only on generic
+    layouts (that the sensor is an image sensor of the config is checked with the other sensor
+    names, in xstars.config). Yields (key path, message)."""
     names = [b["name"] for b in benchmarks]
     for i, spec in enumerate(benchmarks):
         where = ("evaluate", "benchmarks", i)
         if names.count(spec["name"]) > 1:
             yield where + ("name",), f"{spec['name']!r} names two benchmarks"
-        if spec["sensor"] not in sensors:
-            yield where + ("sensor",), f"{spec['sensor']!r} is not a sensor of the config ({', '.join(sensors)})"
         if spec["layout"] not in ("class_folders", "image_mask_pairs"):
             for key in GENERIC_OPTIONS:
                 if spec.get(key) not in (None, [], 0):
