@@ -80,7 +80,9 @@ def write_store(data: np.ndarray, path: Path, shard: int) -> None:
 
     n, _, c, px, _ = data.shape
     root = zarr.open_group(str(path), mode="w", zarr_format=3)
-    root.attrs["xstars"] = {"samples": n, "samples_per_shard": shard}
+    from xstars.layout import LAYOUT_VERSION
+
+    root.attrs["xstars"] = {"layout_version": LAYOUT_VERSION, "samples": n, "samples_per_shard": shard}
     for s, sensor in enumerate(SENSORS):
         group = root.create_group(sensor)
         array = group.create_array("data", shape=(n, c, px, px), dtype="uint8", chunks=(1, c, px, px),

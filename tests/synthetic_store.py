@@ -11,10 +11,20 @@ from pathlib import Path
 
 import numpy as np
 
+from xstars.layout import LAYOUT_VERSION
+
+#: Cities of the samples: the first half around the first (site ids are ``<region>_<col>_<row>``,
+#: in sample order as in a built store).
+REGIONS = ("bordeaux", "toulouse")
+
 #: Sensor -> (gsd_m, bands, stored dtype, scale_factor), as xstars.sensors stores their unit rules.
 SENSORS = {"s2": (10.0, ["B02", "B03", "B04", "B08"], "int16", 1e-4),
            "l8": (30.0, ["blue", "green", "red"], "int16", 1e-4),
            "ign": (2.0, ["R", "G", "B", "NIR"], "uint8", 1 / 255)}
+
+
+def region(sample: int, samples: int) -> str:
+    return REGIONS[0] if sample < samples // 2 else REGIONS[1]
 
 
 def ground_field(x: np.ndarray, y: np.ndarray, sample: int, band: int) -> np.ndarray:
@@ -31,8 +41,8 @@ def write_store(path: Path, samples: int = 12, footprint_m: float = 480.0, sampl
     import zarr
 
     root = zarr.open_group(str(path), mode="w", zarr_format=3)
-    root.attrs["xstars"] = {"samples": samples, "samples_per_shard": samples_per_shard, "crs": "EPSG:2154",
-                            "footprint_m": footprint_m,
+    root.attrs["xstars"] = {"layout_version": LAYOUT_VERSION, "samples": samples,
+                            "samples_per_shard": samples_per_shard, "crs": "EPSG:2154", "footprint_m": footprint_m,
                             "sensors": {**{name: {"role": "image", "gsd_m": gsd, "bands": bands}
                                            for name, (gsd, bands, _, _) in SENSORS.items()},
                                         "labels": {"role": "labels", "gsd_m": 10.0, "bands": ["class"]}}}
@@ -65,7 +75,9 @@ def write_store(path: Path, samples: int = 12, footprint_m: float = 480.0, sampl
         group.create_array("split", shape=(samples,), dtype=str)[:] = np.array(splits, dtype=object)
         group.create_array("status", shape=(samples,), dtype=str)[:] = np.array(["ok"] * samples, dtype=object)
         group.create_array("site_id", shape=(samples,), dtype=str)[:] = np.array(
-            [f"site-{i:03d}" for i in range(samples)], dtype=object)
+            [f"{region(i, samples)}_{i:03d}_0" for i in range(samples)], dtype=object)
+        group.create_array("region", shape=(samples,), dtype=str)[:] = np.array(
+            [region(i, samples) for i in range(samples)], dtype=object)
         group.create_array("transform", shape=(samples, 6), dtype="float64")[:] = transforms
         train = [i for i, s in enumerate(splits) if s == "train"]
         physical = values[train].transpose(1, 0, 2, 3).reshape(len(bands), -1)

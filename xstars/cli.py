@@ -533,8 +533,14 @@ def cmd_pretrain_run(args: argparse.Namespace) -> int:
 
     from xstars.config import run_settings
 
+    from xstars.layout import open_store
+
     config = config_from_args(args)
     settings = run_settings(config, args.run)
+    if args.init is not None and settings["mode"] != "continual":
+        raise ConfigError(f"--init {args.init}: run {args.run!r} is not continual (pretrain.runs.{args.run}.mode is "
+                          f"{settings['mode']!r}): --init gives the source weights of a continual run")
+    open_store(args.store)  # a bad --store ends here in one line, before any process is started
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         import torch
 

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch.utils.data import IterableDataset, get_worker_info
 
 from xstars.errors import DataError
+from xstars.layout import open_store
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +62,7 @@ def sensor_infos(path: Path | str, sensors: Sequence[str], bands: Mapping[str, S
                  ) -> dict[str, SensorInfo]:
     """Sensor descriptions from the store's attributes; ``bands`` selects a subset per sensor
     (e.g. RGB only). Raises DataError naming the sensor or band that the store lacks."""
-    import zarr
-
-    root = zarr.open_group(str(path), mode="r")
+    root = open_store(path)
     infos = {}
     for sensor in sensors:
         if sensor not in root:
@@ -89,9 +88,7 @@ def sensor_infos(path: Path | str, sensors: Sequence[str], bands: Mapping[str, S
 
 def usable_samples(path: Path | str, sensors: Sequence[str], splits: Sequence[str]) -> np.ndarray:
     """Sample indices of ``splits`` whose status is ``ok`` for every sensor, sorted."""
-    import zarr
-
-    root = zarr.open_group(str(path), mode="r")
+    root = open_store(path)
     keep = np.isin(root[sensors[0]]["split"][:], list(splits))
     for sensor in sensors:
         keep &= root[sensor]["status"][:] == "ok"
@@ -131,9 +128,7 @@ class StoreReader:
     @property
     def root(self):
         if self._root is None:
-            import zarr
-
-            self._root = zarr.open_group(self.path, mode="r")
+            self._root = open_store(self.path)
             for sensor in self.infos:
                 group = self._root[sensor]
                 self._arrays[sensor] = (group["data"], group["valid"])

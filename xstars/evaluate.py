@@ -40,8 +40,8 @@ from xstars.data import (
     usable_samples,
 )
 from xstars.errors import DataError
+from xstars.layout import labels_sensor, open_store
 from xstars.model import ViT
-from xstars.sensors import store_label_group
 
 log = logging.getLogger(__name__)
 
@@ -131,10 +131,7 @@ class Labels:
 
 def read_labels(store: Path | str, samples: Sequence[int], classes: Sequence[int],
                 presence_threshold: float = 0.05) -> Labels:
-    import zarr
-
-    root = zarr.open_group(str(store), mode="r")
-    group = root[store_label_group(root)]
+    group = _label_group(store)
     codes = np.stack([group["data"][int(i)][0] for i in samples])
     valid = np.stack([group["valid"][int(i)] for i in samples]).astype(bool)
     lookup = np.full(256, NO_LABEL, dtype=np.int64)
@@ -149,10 +146,7 @@ def read_labels(store: Path | str, samples: Sequence[int], classes: Sequence[int
 
 def store_classes(store: Path | str, samples: Sequence[int]) -> list[int]:
     """The label codes that occur in ``samples`` (sorted): the classes of every task."""
-    import zarr
-
-    root = zarr.open_group(str(store), mode="r")
-    group = root[store_label_group(root)]
+    group = _label_group(store)
     present: set[int] = set()
     for i in samples:
         values = group["data"][int(i)][0][group["valid"][int(i)].astype(bool)]
@@ -161,6 +155,14 @@ def store_classes(store: Path | str, samples: Sequence[int]) -> list[int]:
     if not present:
         raise DataError(f"{store}: no labelled pixel in the evaluation tiles")
     return sorted(present)
+
+
+def _label_group(store: Path | str):
+    root = open_store(store)
+    name = labels_sensor(root)
+    if name is None:
+        raise DataError(f"{store}: no label group (no sensor with role `labels`)")
+    return root[name]
 
 
 # ================================================================================== probes
@@ -310,9 +312,16 @@ def evaluate_model(backbone: ViT, description: Mapping[str, Any], store: Path | 
     backbone = backbone.to(device or torch.device("cpu")).eval()
     train = embed(backbone, store, infos, train_ids, px, settings["batch_size"], device)
     test = embed(backbone, store, infos, test_ids, px, settings["batch_size"], device)
-    classes = store_classes(store, np.concatenate([train_ids, test_ids]))
-    train_y = read_labels(store, train_ids, classes, settings["presence_threshold"])
-    test_y = read_labels(store, test_ids, classes, settings["presence_threshold"])
+    # A store without labels (e.g. imported from the released MSC-France images) still measures
+    # cross-sensor retrieval; the probes need label maps.
+    labelled = labels_sensor(open_store(store)) is not None
+    if labelled:
+        classes = store_classes(store, np.concatenate([train_ids, test_ids]))
+        train_y = read_labels(store, train_ids, classes, settings["presence_threshold"])
+        test_y = read_labels(store, test_ids, classes, settings["presence_threshold"])
+    else:
+        classes = []
+        log.info("%s has no label group: retrieval only (the probes need label maps)", store)
     kind = settings["feature"]
     records: list[dict[str, Any]] = []
 
@@ -332,7 +341,7 @@ def evaluate_model(backbone: ViT, description: Mapping[str, Any], store: Path | 
             examples[f"{a}->{b}"] = ranking[: settings["examples"], :3].tolist()
 
     n_classes = len(classes)
-    for seed in settings["probe_seeds"]:
+    for seed in settings["probe_seeds"] if labelled else ():
         for fraction in settings["label_fractions"]:
             index = subset(len(train_ids), fraction, seed)
             for a in sensors:
@@ -357,7 +366,7 @@ def evaluate_model(backbone: ViT, description: Mapping[str, Any], store: Path | 
                     record(task, "presence_map", average_precision, a, b, fraction, seed)
                     record("segmentation" if b == a else "transfer", "miou",
                            mean_iou(seg, test[b].patches, test_y.maps, n_classes), a, b, fraction, seed)
-    if settings["finetune"]["enabled"]:
+    if settings["finetune"]["enabled"] and labelled:
         tune = settings["finetune"]
         train_views = footprint_views(store, infos, train_ids, px)
         test_views = footprint_views(store, infos, test_ids, px)
@@ -503,11 +512,10 @@ def plot_retrieval_examples(results: Sequence[Mapping[str, Any]], store: Path | 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import zarr
 
     from xstars.store import rgb_image, store_rgb_bands
 
-    root = zarr.open_group(str(store), mode="r")
+    root = open_store(store)
     rgb = store_rgb_bands(root)
     pair = pair or next(iter(results[0]["retrieval_examples"]))
     a, b = pair.split("->")

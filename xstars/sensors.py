@@ -270,30 +270,3 @@ def label_sensor(config: Mapping[str, Any]) -> Sensor | None:
     """The labels sensor (None when the config has none)."""
     return next((s for s in sensors_of(config).values() if not s.is_image), None)
 
-
-# ==================================================================== reading a built store
-
-
-def store_sensors(root) -> dict[str, str]:
-    """Sensor name -> role (``image`` or ``labels``) of an opened store, in store order.
-
-    From the root attribute ``xstars.sensors`` the build writes; for stores built before it
-    did, from the groups (a group whose ``data`` declares ``flag_values`` holds labels).
-    """
-    recorded = root.attrs.get("xstars", {}).get("sensors")
-    if recorded:
-        return {name: entry["role"] for name, entry in recorded.items()}
-    out = {}
-    for name in sorted(root.group_keys()):
-        out[name] = "labels" if "flag_values" in root[name]["data"].attrs else "image"
-    return dict(sorted(out.items(), key=lambda kv: kv[1] == "labels"))
-
-
-def store_label_group(root) -> str:
-    """Name of the store's labels group; DataError when it has none."""
-    from xstars.errors import DataError
-
-    for name, role in store_sensors(root).items():
-        if role == "labels":
-            return name
-    raise DataError(f"{root.store}: the store has no labels group (sensors: {', '.join(store_sensors(root))})")

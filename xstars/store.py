@@ -9,7 +9,7 @@ role in the root attribute ``xstars.sensors``), each with::
                                       its scale (aerial images: 1/255), uint8 class (labels)
     valid       (sample, y, x)        uint8, 1 where the pixel is usable (not cloud, shadow, no data)
     band        (band,)               band names
-    site_id, split, status, date, item_id (sample,) strings; transform (sample, 6) of the
+    site_id, region (city), split, status, date, item_id (sample,) strings; transform (sample, 6) of the
     footprint grid in ``crs``; cloud_fraction (invalid fraction of the footprint);
     shift_x_m, shift_y_m, shift_confidence, shift_applied, shift_flag: the co-registration
     spatial_ref                       CF grid mapping (crs_wkt): what rioxarray reads
@@ -40,11 +40,12 @@ from typing import Any
 import numpy as np
 
 from xstars.errors import DataError, ServiceError
-from xstars.sensors import Sensor, image_sensors, sensors_of, store_sensors
+from xstars.layout import LAYOUT_VERSION, open_store, store_sensors
+from xstars.sensors import Sensor, image_sensors, sensors_of
 
 log = logging.getLogger(__name__)
 
-PER_SAMPLE_STRINGS = ("site_id", "split", "status", "date", "item_id", "shift_flag")
+PER_SAMPLE_STRINGS = ("site_id", "region", "split", "status", "date", "item_id", "shift_flag")
 PER_SAMPLE_FLOATS = ("cloud_fraction", "shift_x_m", "shift_y_m", "shift_confidence")
 
 
@@ -82,7 +83,7 @@ def init_store(path: Path, manifest, config: Mapping[str, Any]) -> int:
     per_shard = int(config["build"]["samples_per_shard"])
     sensors = sensors_of(config)
     root = zarr.open_group(str(path), mode="w", zarr_format=3)
-    root.attrs["xstars"] = {"samples": n, "samples_per_shard": per_shard, "parts": n_parts(n, per_shard),
+    root.attrs["xstars"] = {"layout_version": LAYOUT_VERSION, "samples": n, "samples_per_shard": per_shard, "parts": n_parts(n, per_shard),
                             "crs": config["sites"]["crs"], "footprint_m": config["sites"]["footprint_m"],
                             "coregister_reference": config["build"]["coregister_reference"],
                             "sensors": {name: {"role": s.role, "kind": s.kind, "gsd_m": s.gsd_m, "bands": s.bands,
@@ -124,7 +125,6 @@ def build_part(path: Path, manifest, config: Mapping[str, Any], part: int) -> di
     A site whose chosen scene and fallbacks are all unusable for a sensor is stored as
     ``dropped: <reason>`` with no valid pixel.
     """
-    import zarr
     from tqdm import tqdm
 
     from xstars.remote import WmsClient
@@ -134,7 +134,7 @@ def build_part(path: Path, manifest, config: Mapping[str, Any], part: int) -> di
     first, last = part * per_shard, min((part + 1) * per_shard, len(sites))
     if not 0 <= part < n_parts(len(sites), per_shard):
         raise DataError(f"part {part} is not in 0..{n_parts(len(sites), per_shard) - 1}")
-    root = zarr.open_group(str(path), mode="r+")
+    root = open_store(path, mode="r+")
     count = last - first
     sensors = sensors_of(config)
     buffers = {name: _empty_buffers(sensor, count, config) for name, sensor in sensors.items()}
@@ -166,7 +166,7 @@ def build_part(path: Path, manifest, config: Mapping[str, Any], part: int) -> di
                 else:
                     tiles[name] = tile
             _store_site(buffers, records, offset, site_id, rows.split.iloc[0], tiles, reason, tried, config,
-                        dropped_by)
+                        dropped_by, rows.region.iloc[0])
     for sensor in sensors:
         group = root[sensor]
         for name, values in buffers[sensor].items():
@@ -202,7 +202,7 @@ def file_sha256(path: Path) -> str:
 
 
 def _store_site(buffers: dict, records: list, offset: int, site_id: str, split: str, tiles: dict, reason: str,
-                tried: dict, config: Mapping[str, Any], dropped_by: str = "build") -> None:
+                tried: dict, config: Mapping[str, Any], dropped_by: str = "build", region: str = "") -> None:
     """Co-register one site's tiles and put them, with their metadata, at ``offset`` of the buffers.
 
     With a ``reason``, the site is stored as dropped (by the ``catalog``, or at ``build`` time)."""
@@ -211,7 +211,7 @@ def _store_site(buffers: dict, records: list, offset: int, site_id: str, split: 
     shifts = coregister_site(tiles, config) if not reason else {}
     for sensor in buffers:
         b = buffers[sensor]
-        b["site_id"][offset], b["split"][offset] = site_id, split
+        b["site_id"][offset], b["split"][offset], b["region"][offset] = site_id, split, region
         b["status"][offset] = f"dropped: {reason}" if reason else "ok"
         tile = tiles.get(sensor)
         if tile is None or reason:
@@ -297,7 +297,7 @@ def finalize(path: Path, manifest, part_records: Sequence[Mapping[str, Any]], co
     """
     import zarr
 
-    root = zarr.open_group(str(path), mode="r+")
+    root = open_store(path, mode="r+")
     n = int(root.attrs["xstars"]["samples"])
     covered = sorted(i for r in part_records for i in range(r["first"], r["last"]))
     if covered != list(range(n)):
@@ -390,8 +390,8 @@ def store_rgb_bands(root) -> dict[str, list[str]]:
     build recorded them, else its first three bands (a single band thrice)."""
     recorded = root.attrs["xstars"].get("sensors", {})
     out = {}
-    for name, role in store_sensors(root).items():
-        if role != "image":
+    for name, entry in store_sensors(root).items():
+        if entry["role"] != "image":
             continue
         rgb = (recorded.get(name) or {}).get("rgb_bands")
         bands = [str(b) for b in root[name]["band"][:]]
@@ -431,7 +431,7 @@ def plot_samples(path: Path, out: Path, count: int = 4) -> Path:
     from matplotlib.colors import ListedColormap
 
     root = zarr.open_group(str(path), mode="r")
-    roles = store_sensors(root)
+    roles = {name: entry["role"] for name, entry in store_sensors(root).items()}
     rgb = store_rgb_bands(root)
     reference = root.attrs["xstars"].get("coregister_reference")
     columns = sorted(rgb, key=lambda name: name != reference)
@@ -481,7 +481,7 @@ def plot_shifts(path: Path, summary: Mapping[str, Any], out: Path) -> Path:
 
     root = zarr.open_group(str(path), mode="r")
     reference = root.attrs["xstars"].get("coregister_reference", "the reference")
-    moved = [name for name, role in store_sensors(root).items() if role == "image" and name != reference]
+    moved = [name for name, entry in store_sensors(root).items() if entry["role"] == "image" and name != reference]
     fig, axes = plt.subplots(1, len(moved) + 1, figsize=(4.7 * (len(moved) + 1), 4), squeeze=False)
     for ax, sensor in zip(axes[0][:-1], moved, strict=True):
         group = root[sensor]

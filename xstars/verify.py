@@ -10,27 +10,24 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from xstars.sensors import store_sensors
+from xstars.layout import open_store, store_sensors
 from xstars.store import _shard_file, file_sha256, stored_sites
 
 
 def verify_store(path: Path | str, manifest) -> dict[str, Any]:
     """The problems found (empty when the store is whole) and what was checked."""
-    import zarr
-
     path = Path(path)
-    root = zarr.open_group(str(path), mode="r")
+    root = open_store(path)
     meta = root.attrs["xstars"]
+    sensors = list(store_sensors(root))
     problems: list[str] = []
     expected = stored_sites(manifest)
-    sensors = list(store_sensors(root))
-    first = root[sensors[0]]  # every group holds the same samples
-    stored = [str(s) for s in first["site_id"][:]]
+    stored = [str(s) for s in root[sensors[0]]["site_id"][:]]
     if stored != expected:
         missing = sorted(set(expected) - set(stored))
         extra = sorted(set(stored) - set(expected))
         problems.append(f"site ids differ from the manifest's sites: missing {missing[:10]}, unexpected {extra[:10]}")
-    status = dict(zip(stored, first["status"][:], strict=True))
+    status = dict(zip(stored, root[sensors[0]]["status"][:], strict=True))
     for site, state in status.items():
         if state != "ok" and not (str(state).startswith("dropped: ") and len(str(state)) > len("dropped: ")):
             problems.append(f"{site}: status {state!r} gives no reason")
