@@ -65,6 +65,7 @@ rule build_dataset:
         RESULTS / "catalog" / "catalog.png",
         RESULTS / "dataset" / "samples.png",
         RESULTS / "dataset" / "verify.json",
+        RESULTS / "dataset" / "DATASET.md",
 
 
 # The demo world's servers are started by the first rule that needs them (xstars catalog

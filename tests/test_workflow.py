@@ -79,7 +79,7 @@ def test_dry_run_of_all_of_france_plans_every_job_per_rule() -> None:
     assert sites == 12 * 80 + 30000
     runs = len(config["pretrain"]["runs"])
     expected = {"sites": 1, "search_shard": 64, "manifest": 1, "catalog_figure": 1, "store_init": 1,
-                "build_part": -(-sites // 64), "dataset": 1, "dataset_figures": 1, "verify_dataset": 1,
+                "build_part": -(-sites // 64), "dataset": 1, "dataset_figures": 1, "verify_dataset": 1, "publish_dataset": 1,
                 "pretrain_run": runs, "pretrain_figure": 1, "evaluate_model": runs + 1, "evaluate_report": 1, "all": 1}
     assert job_counts(result.stdout) == expected
     assert expected["build_part"] == 484  # hundreds of jobs, not one per tile

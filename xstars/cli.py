@@ -15,6 +15,7 @@
     xstars build part --manifest M --store dataset.zarr --part K --out part-K.json
     xstars build finalize --manifest M --store dataset.zarr --out summary.json part-*.json
     xstars build verify --manifest M --store dataset.zarr --out verify.json
+    xstars build publish --manifest M --store dataset.zarr --out-dir DIR   # card, STAC, Croissant
     xstars pretrain run --store dataset.zarr --run NAME --out-dir DIR [--nproc N] [--max-steps K]
     xstars pretrain figure --out losses.png RUN/metrics.jsonl...
     xstars evaluate model --store dataset.zarr --model NAME --runs-dir results/pretrain --out NAME.json
@@ -198,6 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
     verify = build_cmds.add_parser("verify", parents=[store_opts],
                                    help="check a store against its manifest and its recorded shard checksums")
     verify.set_defaults(func=cmd_build_verify)
+    publish = build_cmds.add_parser("publish", parents=[config_opts],
+                                    help="dataset card, STAC collection and Croissant metadata of a built store")
+    publish.add_argument("--manifest", type=Path, required=True, help="manifest.parquet")
+    publish.add_argument("--store", type=Path, required=True, help="the Zarr store (a folder)")
+    publish.add_argument("--out-dir", type=Path, required=True,
+                         help="folder of DATASET.md, stac/, croissant.json, samples.csv (beside the store)")
+    publish.set_defaults(func=cmd_build_publish)
     figures = build_cmds.add_parser("figures", help="report figures of the store (PNG)")
     figures.add_argument("--store", type=Path, required=True)
     figures.add_argument("--summary", type=Path, required=True, help="summary.json of finalize")
@@ -515,6 +523,15 @@ def cmd_build_verify(args: argparse.Namespace) -> int:
     if not report["ok"]:
         raise DataError(f"{args.store} does not verify:\n  " + "\n  ".join(report["problems"]))
     log.info("build verify %s: %d sites, %d shards checked", args.store, report["sites"], report["shards_checked"])
+    return 0
+
+
+def cmd_build_publish(args: argparse.Namespace) -> int:
+    """Write the dataset card, build config, sample table, STAC (validated offline) and Croissant."""
+    from xstars.publish import publish
+
+    written = publish(args.store, args.manifest, config_from_args(args), args.out_dir)
+    log.info("build publish %s", json.dumps(written, sort_keys=True))
     return 0
 
 

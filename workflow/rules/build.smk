@@ -3,8 +3,11 @@
 `store_init` creates the arrays; one `build_part` job per part (a shard of samples, i.e. of
 sites: their number is known from the config, so the whole DAG is planned at parse time) reads,
 co-registers and writes its shard of every array; `dataset` checks completeness, adds the
-normalisation statistics and consolidates the metadata.
+normalisation statistics and consolidates the metadata; `publish_dataset` writes the dataset
+card, the STAC collection and the Croissant metadata beside the store.
 """
+
+from xstars.publish import BUILD_SECTIONS as PUBLISH_SECTIONS
 
 rule store_init:
     input:
@@ -115,3 +118,27 @@ rule verify_dataset:
         "../../envs/xstars.yaml"
     shell:
         "xstars build verify --manifest {input.manifest} --store {params.store} --out {output} > {log} 2>&1"
+
+
+rule publish_dataset:
+    input:
+        manifest=RESULTS / "catalog" / "manifest.parquet",
+        summary=DATASET / "summary.json",
+    output:
+        card=DATASET / "DATASET.md",
+        stac=DATASET / "stac" / "collection.json",
+        croissant=DATASET / "croissant.json",
+        samples=DATASET / "samples.csv",
+        build_config=DATASET / "build_config.yaml",
+    params:
+        # What the build read (its hash goes into the card) and how to present it.
+        cfg=config_json(*PUBLISH_SECTIONS, "publish"),
+        store=STORE,
+        out_dir=output_folder,
+    log:
+        "logs/build/publish_dataset.log",
+    conda:
+        "../../envs/xstars.yaml"
+    shell:
+        "xstars build publish --config-json {params.cfg:q} --manifest {input.manifest}"
+        " --store {params.store} --out-dir {params.out_dir} > {log} 2>&1"

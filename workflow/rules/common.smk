@@ -48,6 +48,7 @@ def get_final_output():
         RESULTS / "catalog" / "catalog.png",
         DATASET / "samples.png",
         DATASET / "verify.json",
+        DATASET / "DATASET.md",
         *pretrain,
         *evaluate,
     ]
