@@ -20,6 +20,8 @@
     xstars pretrain figure --out losses.png RUN/metrics.jsonl...
     xstars evaluate model --store dataset.zarr --model NAME --runs-dir results/pretrain --out NAME.json
     xstars evaluate report --store dataset.zarr --out-dir results/evaluate MODEL.json...
+    xstars import msc-france DIR [--out dataset.zarr]    # the released layout -> a store
+    xstars export msc-france STORE DIR                   # a store -> the released layout
 
 Every command that reads the configuration takes ``--config FILE [--world W] [--set K=V]`` or
 ``--config-json JSON`` (the resolved config, or the sections a rule needs, as the workflow
@@ -109,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="logging threshold (logs go to stderr; default: %(default)s)",
     )
-    groups = parser.add_subparsers(dest="group", required=True, metavar="{config,demo,catalog,build,pretrain,evaluate}")
+    groups = parser.add_subparsers(dest="group", required=True, metavar="{config,demo,catalog,build,pretrain,evaluate,import,export}")
 
     config_opts = _config_options()
     config_cmds = groups.add_parser("config", help="inspect the configuration").add_subparsers(
@@ -245,6 +247,21 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--seeds", default="", help="probe seeds, listed in the table's notes (comma-separated)")
     report.add_argument("results", type=Path, nargs="+", help="the models' JSON results")
     report.set_defaults(func=cmd_evaluate_report)
+
+    import_cmds = groups.add_parser("import", help="datasets in other layouts -> a store").add_subparsers(
+        dest="command", required=True)
+    msc_in = import_cmds.add_parser("msc-france", parents=[config_opts],
+                                    help="the released MSC-France folder (<Sensor>/<City>/<tile> images) -> a store")
+    msc_in.add_argument("source", type=Path, help="folder of the released dataset (holds SPOT/, Sentinel/, ...)")
+    msc_in.add_argument("--out", type=Path, help="the store to write (default: <results_dir>/msc_france/dataset.zarr)")
+    msc_in.set_defaults(func=cmd_import_msc_france)
+    export_cmds = groups.add_parser("export", help="a store -> other layouts").add_subparsers(
+        dest="command", required=True)
+    msc_out = export_cmds.add_parser("msc-france", parents=[config_opts],
+                                     help="a store -> the released MSC-France layout (8-bit RGB per sensor and city)")
+    msc_out.add_argument("store", type=Path, help="the Zarr store (a folder)")
+    msc_out.add_argument("out", type=Path, help="folder to write <Sensor>/<City>/<tile> images, tiles.csv, README.md")
+    msc_out.set_defaults(func=cmd_export_msc_france)
 
     check = demo_cmds.add_parser("check-coregistration", parents=[root_opt],
                                  help="co-registration residuals against the demo world's known shifts")
@@ -549,7 +566,6 @@ def cmd_pretrain_run(args: argparse.Namespace) -> int:
     import subprocess
 
     from xstars.config import run_settings
-
     from xstars.layout import open_store
 
     config = config_from_args(args)
@@ -634,6 +650,27 @@ def cmd_demo_benchmarks(args: argparse.Namespace) -> int:
         raise ConfigError(f"--layouts: {unknown} are not layouts ({', '.join(WRITERS)})")
     paths = write_benchmarks(args.out, args.seed, layouts or None)
     log.info("demo benchmarks %s", json.dumps(paths, sort_keys=True))
+    return 0
+
+
+def cmd_import_msc_france(args: argparse.Namespace) -> int:
+    """The released MSC-France folder -> a store that pretraining and evaluation read."""
+    from xstars.msc_france import import_folder
+
+    config = config_from_args(args)
+    out = args.out or Path(config["results_dir"]) / "msc_france" / "dataset.zarr"
+    summary = import_folder(args.source, out, config["msc_france"])
+    print(json.dumps(summary, indent=1, sort_keys=True))
+    return 0
+
+
+def cmd_export_msc_france(args: argparse.Namespace) -> int:
+    """A store -> the released MSC-France layout."""
+    from xstars.msc_france import export_store
+
+    summary = export_store(args.store, args.out, config_from_args(args)["msc_france"])
+    print(json.dumps({k: v for k, v in summary.items() if k != "folders"} |
+                     {"folders": {f: v["sensor"] for f, v in summary["folders"].items()}}, sort_keys=True))
     return 0
 
 
