@@ -533,8 +533,10 @@ def cmd_build_verify(args: argparse.Namespace) -> int:
     """Write the verification report; exit 2 naming the problems when the store is not whole."""
     from xstars.catalog import read_manifest
     from xstars.errors import DataError
+    from xstars.layout import open_store
     from xstars.verify import verify_store
 
+    open_store(args.store)  # a path that is not a store is named before the manifest is read
     report = verify_store(args.store, read_manifest(args.manifest))
     _write_json(args.out, report)
     if not report["ok"]:
