@@ -115,10 +115,16 @@ def test_the_dataset_refuses_a_bad_store_in_one_line(tmp_path: Path, good: Path)
 
 def test_sensors_and_roles_from_the_groups_or_from_the_root_attributes(tmp_path: Path) -> None:
     good = write_store(tmp_path / "dataset.zarr", samples=3, samples_per_shard=3)
-    root = open_store(good)
-    # The synthetic store records no roles: a group whose data declares no flag_values holds images.
-    assert store_sensors(root) == {name: {"role": "image"} for name in ("ign", "l8", "labels", "s2")}
     root = zarr.open_group(str(good), mode="r+")
+    # A store built before stores recorded their sensors: the groups, by name; a group whose
+    # data declares flag_values (class codes) holds labels, any other images.
+    meta = dict(root.attrs["xstars"])
+    meta.pop("sensors")
+    root.attrs["xstars"] = meta
+    assert store_sensors(open_store(good)) == {name: {"role": "labels" if name == "labels" else "image"}
+                                               for name in ("ign", "l8", "labels", "s2")}
+    del root["labels"]["data"].attrs["flag_values"]
+    assert labels_sensor(open_store(good)) is None
     root["labels"]["data"].attrs["flag_values"] = [10, 50, 80]
     root = open_store(good)
     assert image_sensors(root) == ["ign", "l8", "s2"] and labels_sensor(root) == "labels"

@@ -46,7 +46,7 @@ from typing import Any
 import yaml
 
 from xstars import __version__
-from xstars.config import deep_merge, expand_demo_address, load_config, parse_override, validate
+from xstars.config import BUILD_SECTIONS, deep_merge, expand_demo_address, load_config, parse_override, validate
 from xstars.errors import ConfigError, XstarsError
 
 log = logging.getLogger("xstars.cli")
@@ -74,6 +74,9 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "build init": ("sites", "catalogs", "sensors", "build", "catalog"),
     "build part": (*_SERVICES, "sites", "sensors", "build", "catalog"),
     "build finalize": ("sites", "catalogs", "sensors", "build", "catalog"),
+    "build publish": (*BUILD_SECTIONS, "publish"),
+    "import msc-france": ("results_dir", "msc_france"),
+    "export msc-france": ("msc_france",),
     "pretrain run": ("seed", "pretrain"),
     "evaluate model": ("seed", "pretrain", "evaluate"),
 }

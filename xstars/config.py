@@ -90,6 +90,12 @@ def resolve_config(config: Mapping[str, Any], overrides: Mapping[str, Any] | Non
     return expand_demo_address(validate(resolved, overlay=overlay, overrides=overrides))
 
 
+#: The config sections a dataset build reads (catalog and build stages): a rebuild with the same
+#: values stores the same bytes; the dataset card hashes them.
+BUILD_SECTIONS: tuple[str, ...] = ("world", "seed", "results_dir", "http", "catalogs", "sensors", "sites", "catalog",
+                                   "build", "dates", "demo")
+
+
 def expand_demo_address(config: dict) -> dict:
     """Replace ``{demo.host}`` and ``{demo.port}`` in the endpoint URLs by the demo's values, and
     ``{demo.root}`` in the paths of ``evaluate.benchmarks``.

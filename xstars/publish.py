@@ -35,14 +35,12 @@ import numpy as np
 import yaml
 
 from xstars import __version__
+from xstars.config import BUILD_SECTIONS
 from xstars.errors import DataError
 from xstars.layout import LAYOUT_VERSION, open_store, store_sensors
 
 log = logging.getLogger(__name__)
 
-#: The config sections a build reads: a rebuild with the same values stores the same bytes.
-BUILD_SECTIONS = ("world", "seed", "results_dir", "stac", "ign", "sensors", "sites", "catalog", "build", "dates",
-                  "demo")
 #: Media type of a Zarr store, as STAC and GeoZarr use it.
 ZARR_MEDIA_TYPE = "application/vnd+zarr"
 STAC_EXTENSIONS = {"projection": "https://stac-extensions.github.io/projection/v2.0.0/schema.json",
@@ -522,6 +520,18 @@ def build_config_of(config: Mapping[str, Any]) -> dict[str, Any]:
     return {**sections, "worlds": {config["world"]: {}}}
 
 
+def source_item_links(config: Mapping[str, Any], catalogs: Mapping[str, Mapping[str, Any]],
+                      searched: set[str]) -> dict[str, str]:
+    """Collection -> URL template (``{id}``) of its items, for the collections searched through a
+    STAC API (the catalogue URLs as the manifest recorded them)."""
+    links = {}
+    for sensor in config["sensors"].values():
+        catalog = catalogs.get(sensor["catalog"], {})
+        if catalog.get("kind") == "stac" and sensor["collection"] in searched:
+            links[sensor["collection"]] = f"{catalog['url'].rstrip('/')}/collections/{sensor['collection']}/items/{{id}}"
+    return links
+
+
 def publish(store: Path | str, manifest_path: Path | str, config: Mapping[str, Any], out_dir: Path | str,
             validate: bool = True) -> dict[str, Any]:
     """Write the card, build config, samples table, STAC and Croissant of ``store`` in ``out_dir``.
@@ -561,8 +571,7 @@ def publish(store: Path | str, manifest_path: Path | str, config: Mapping[str, A
         shutil.rmtree(stac_dir)
     provenance = manifest_provenance(manifest_path)
     searched = {s["collection"] for s in provenance.get("searches", [])}
-    source_links = {c: f"{provenance['stac_url'].rstrip('/')}/collections/{c}/items/{{id}}" for c in searched
-                    if provenance.get("stac_url")}
+    source_links = source_item_links(config, provenance.get("catalogs", {}), searched)
     collection, items = build_stac(meta, sensors, rows, licences, config, source_links,
                                    _relative(store, stac_dir))
     collection.add_items(items)

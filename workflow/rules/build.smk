@@ -7,8 +7,6 @@ normalisation statistics and consolidates the metadata; `publish_dataset` writes
 card, the STAC collection and the Croissant metadata beside the store.
 """
 
-from xstars.publish import BUILD_SECTIONS as PUBLISH_SECTIONS
-
 rule store_init:
     input:
         manifest=RESULTS / "catalog" / "manifest.parquet",
@@ -132,7 +130,7 @@ rule publish_dataset:
         build_config=DATASET / "build_config.yaml",
     params:
         # What the build read (its hash goes into the card) and how to present it.
-        cfg=config_json(*PUBLISH_SECTIONS, "publish"),
+        cfg=config_json("build publish"),
         store=STORE,
         out_dir=output_folder,
     log:
