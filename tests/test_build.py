@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.conftest import free_port
 from tests.test_catalog import build_manifest, small_world_config
 from xstars import store
 from xstars.catalog import read_manifest
@@ -254,3 +255,92 @@ def test_a_site_dropped_by_the_catalog_is_stored_with_its_reason(built: dict, tm
     assert verify_store(path, manifest)["ok"]
     # A store that kept it anyway is named by verify.
     assert not verify_store(built["path"], manifest)["ok"]
+
+
+# ------------------------------------------------------- one collection from another catalogue
+
+
+#: Earth Search's asset keys for the Sentinel-2 bands (tests/test_earth_search.py checks them
+#: against the recorded real items).
+EARTH_SEARCH_KEYS = {"B01": "coastal", "B02": "blue", "B03": "green", "B04": "red", "B05": "rededge1",
+                     "B06": "rededge2", "B07": "rededge3", "B08": "nir", "B8A": "nir08", "B09": "nir09",
+                     "B11": "swir16", "B12": "swir22", "SCL": "scl", "visual": "visual"}
+
+
+def as_earth_search(item: dict, sequence: int) -> dict:
+    """A demo Sentinel-2 item as Earth Search would serve it: its asset keys, its id scheme
+    (``S2A_31TCJ_20210712_0_L2A``, the sequence telling reprocessed copies apart), the tile as
+    ``mgrs:*`` and ``grid:code`` (no ``s2:mgrs_tile``), a lower-case platform, the offset
+    declared in ``raster:bands``."""
+    import copy
+
+    from xstars import items as stac_items
+
+    es = copy.deepcopy(item)
+    props = es["properties"]
+    tile = props.pop("s2:mgrs_tile")
+    baseline = stac_items.processing_baseline(item)
+    es["id"] = f"{item['id'][:3]}_{tile}_{props['datetime'][:10].replace('-', '')}_{sequence}_L2A"
+    props.update({"platform": props["platform"].lower(), "mgrs:utm_zone": int(tile[:2]), "mgrs:latitude_band": tile[2],
+                  "mgrs:grid_square": tile[3:], "grid:code": f"MGRS-{tile}", "s2:sequence": str(sequence),
+                  "earthsearch:boa_offset_applied": baseline >= "04.00"})
+    offset = stac_items.s2_offset_for_baseline(baseline) / 10000
+    es["assets"] = {}
+    for key, asset in item["assets"].items():
+        if key in EARTH_SEARCH_KEYS:
+            if key.startswith("B"):
+                asset = {**asset, "raster:bands": [{"nodata": 0, "data_type": "uint16", "scale": 1e-4, "offset": offset}]}
+            es["assets"][EARTH_SEARCH_KEYS[key]] = asset
+    return es
+
+
+def acquisition(item_id: str) -> tuple[str, str]:
+    """(date, MGRS tile) of a Planetary Computer or Earth Search Sentinel-2 id."""
+    parts = item_id.split("_")
+    return (parts[2][:8], parts[4][1:]) if parts[1] == "MSIL2A" else (parts[2], parts[1])
+
+
+@pytest.fixture(scope="module")
+def earth_search_world(demo_root: Path, tmp_path_factory):
+    """The demo world's Sentinel-2 items, alone and in Earth Search's form, on a second server
+    (the same files): the Planetary Computer's collection as Earth Search serves it."""
+    root = tmp_path_factory.mktemp("earth_search_world")
+    (root / "files").symlink_to(demo_root / "files")
+    (root / "stac").mkdir()
+    items = [json.loads(line) for line in (demo_root / "stac" / "items.ndjson").read_text().splitlines() if line]
+    s2 = sorted((i for i in items if i["collection"] == "sentinel-2-l2a"), key=lambda i: i["id"])
+    seen: dict[tuple[str, str], int] = {}
+    es = []
+    for item in s2:
+        key = acquisition(item["id"])
+        seen[key] = seen.get(key, -1) + 1
+        es.append(as_earth_search(item, seen[key]))
+    assert len({i["id"] for i in es}) == len(es)
+    (root / "stac" / "items.ndjson").write_text("".join(json.dumps(i) + "\n" for i in es))
+    info = server.start(root, port=free_port(), backend_port=free_port())
+    yield info
+    server.stop(root)
+
+
+def test_sentinel2_from_earth_search_builds_the_same_store(built: dict, demo_root: Path, demo_server, earth_search_world,
+                                                          tmp_path: Path) -> None:
+    import zarr
+
+    from xstars.catalog import manifest_provenance
+
+    # The catalogue of one sensor switched in config: nothing else changes.
+    config = small_world_config(demo_root, demo_server,
+                                build=built["config"]["build"],
+                                catalogs={"earth_search": {"url": earth_search_world.stac_url}},
+                                sensors={"s2": {"catalog": "earth_search"}})
+    es = build_store(config, tmp_path)
+    pc_rows, es_rows = (b["manifest"][b["manifest"].sensor == "s2"] for b in (built, es))
+    assert len(es_rows) == len(pc_rows) and (es_rows.status == "ok").sum() == (pc_rows.status == "ok").sum()
+    # The same scenes, by acquisition (the ids differ by scheme).
+    assert [acquisition(i) for i in es_rows.item_id] == [acquisition(i) for i in pc_rows.item_id]
+    provenance = manifest_provenance(tmp_path / "manifest.parquet")
+    assert provenance["catalogs"]["earth_search"]["url"] == earth_search_world.stac_url
+    a, b = (zarr.open_group(str(x["path"]), mode="r") for x in (built, es))
+    for sensor in config_sensors(built):
+        for name in ("data", "valid", "cloud_fraction", "shift_x_m", "shift_y_m"):
+            np.testing.assert_array_equal(a[sensor][name][:], b[sensor][name][:], err_msg=f"{sensor}/{name}")

@@ -120,6 +120,14 @@ def test_the_clearest_scene_over_the_footprint_wins(clean_manifest) -> None:
 
 def test_manifest_is_identical_under_injected_faults(clean_manifest, demo_root: Path, served, tmp_path: Path) -> None:
     path, _ = clean_manifest
+    # While the pages link to the next one, searches keep the server's own order (no sortby:
+    # the Planetary Computer's fast path).
+    server.set_faults(served, {})
+    server.reset_stats(served)
+    _, searches = build_manifest(small_world_config(demo_root, served), tmp_path / "natural.parquet")
+    requests = server.get_stats(served)["requests"]
+    assert requests["stac_search"] >= len(searches) and requests["stac_search_sorted"] == 0
+    assert not any(s["continuations"] for s in searches)
     # Small pages so that paging (and its failures) happens on every search.
     config = small_world_config(demo_root, served, catalogs={"planetary_computer": {"page_limit": 1}},
                                 http={"backoff_s": 0.01, "max_retries": 8})
@@ -140,6 +148,8 @@ def test_manifest_is_identical_under_injected_faults(clean_manifest, demo_root: 
     _, searches = build_manifest(config, by_id)
     assert server.get_stats(served)["faults"]["omit_next"] > 0
     assert any(c.startswith("after id") for s in searches for c in s["continuations"])
+    assert any(c == "again, sorted by id" for s in searches for c in s["continuations"])
+    assert server.get_stats(served)["requests"]["stac_search_sorted"] > 0
     assert_same_manifest(path, by_id)
     # ...and, on an API without sort and filter, by splitting the date window.
     server.set_faults(served, {"omit_next": True, "no_sort_filter": True})

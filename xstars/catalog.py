@@ -239,8 +239,8 @@ class StacSearcher:
         if self.conforms_query:
             if max_cloud_cover is not None:
                 query["eo:cloud_cover"] = {"lte": max_cloud_cover}
-            if platforms:
-                query["platform"] = {"in": list(platforms)}
+            if platforms:  # an exact comparison on the server: every spelling of each platform
+                query["platform"] = {"in": sorted({s for p in platforms for s in stac_items.platform_spellings(p)})}
         entry = SearchLog(collection, window.name if window else "-", group_id,
                           {"collections": [collection], "bbox": [round(v, 7) for v in bbox] if bbox else None,
                            "datetime": window.interval if window else None, "query": query or None,
@@ -258,8 +258,14 @@ class StacSearcher:
         return sorted(kept, key=lambda i: i["id"])
 
     def _search_range(self, entry: SearchLog, collection: str, bbox, start: datetime | None,
-                      end: datetime | None, query: dict, after_id: str | None = None) -> list[dict]:
-        """One search; continued by id or by halving the window when a full page has no next link."""
+                      end: datetime | None, query: dict, after_id: str | None = None,
+                      by_id: bool = False) -> list[dict]:
+        """One search; continued by id or by halving the window when a full page has no next link.
+
+        The first request keeps the server's own order (the Planetary Computer's fast path);
+        only when a continuation is needed is the search asked again sorted by id (``by_id``),
+        so that it can be resumed after the last id seen.
+        """
         limit = int(self.cfg["page_limit"])
         params: dict[str, Any] = {"collections": [collection], "limit": limit}
         if bbox is not None:
@@ -268,7 +274,7 @@ class StacSearcher:
             params["datetime"] = f"{_iso(start)}/{_iso(end)}"
         if query:
             params["query"] = query
-        if self.conforms_sort_filter:
+        if by_id:
             # Sorted by id, the search can be resumed after the last id seen.
             params["sortby"] = [{"field": "id", "direction": "asc"}]
             if after_id is not None:
@@ -283,12 +289,18 @@ class StacSearcher:
         truncated = len(new_on_last) >= limit and not any(link.get("rel") == "next" for link in last.get("links", []))
         if not truncated:
             return found
+        if self.conforms_sort_filter and not by_id:
+            entry.continuations.append("again, sorted by id")
+            log.warning("search %s %s: full page without next link, searching again sorted by id", collection,
+                        entry.window)
+            return self._search_range(entry, collection, bbox, start, end, query, by_id=True)
         if self.conforms_sort_filter:
             last_id = max(new_on_last)
             entry.continuations.append(f"after id {last_id}")
             log.warning("search %s %s: full page without next link, continuing after id %s", collection,
                         entry.window, last_id)
-            return found + self._search_range(entry, collection, bbox, start, end, query, after_id=last_id)
+            return found + self._search_range(entry, collection, bbox, start, end, query, after_id=last_id,
+                                              by_id=True)
         if start is None or (end - start) <= timedelta(seconds=1):
             # Nothing left to split: either the page was the last one and happened to be full
             # (then nothing is missing), or more than page_limit items share one second here.

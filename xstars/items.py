@@ -1,15 +1,18 @@
-"""Small pure functions over STAC item dicts (as the Planetary Computer serves them).
+"""Small pure functions over STAC item dicts (as the Planetary Computer and Earth Search serve them).
 
 Every rule the pipeline applies to a STAC item lives here, once: which CRS it is in (both
-``proj:epsg`` and the projection extension 2.0 ``proj:code``), which platform (``Sentinel-2A``
-and ``sentinel-2a`` both occur), which processing baseline and hence which reflectance offset,
-and how reprocessed duplicates of one acquisition are resolved.
+``proj:epsg`` and the projection extension 2.0 ``proj:code``), which platform (``Sentinel-2A``,
+``sentinel-2a``, ``SENTINEL_2A``, ``Landsat 8`` all occur), which MGRS tile (``s2:mgrs_tile`` on
+the Planetary Computer, ``mgrs:*`` and ``grid:code`` on Earth Search), which processing baseline
+and hence which reflectance offset, and how reprocessed duplicates of one acquisition are resolved.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import itertools
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -81,12 +84,44 @@ def parse_time(text: str) -> datetime:
     return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
 
 
+def normalise_platform(name: str) -> str:
+    """One spelling per platform: ``Sentinel-2A``, ``SENTINEL_2A`` -> ``sentinel-2a``;
+    ``LANDSAT_8``, ``Landsat 8`` -> ``landsat-8``."""
+    return "-".join(part for part in re.split(r"[-_\s]+", str(name).strip().lower()) if part)
+
+
+def platform_spellings(name: str) -> list[str]:
+    """The spellings a catalogue may use for a platform (for a server-side ``in`` filter, which
+    compares exactly): each of ``-``, ``_`` and a space between the parts, in lower, upper and
+    title case (``sentinel-2a``, ``SENTINEL_2A``, ``Sentinel-2A``, ``Landsat 8``...)."""
+    parts = normalise_platform(name).split("-")
+    cases = (str.lower, str.upper, lambda part: part[:1].upper() + part[1:].upper() if part[:1].isdigit()
+             else part.capitalize())
+    spellings = {sep.join(case(part) for part in parts) for sep, case in itertools.product(("-", "_", " "), cases)}
+    return sorted(spellings)
+
+
 def platform_matches(item: Mapping[str, Any], platforms: Sequence[str] | None) -> bool:
-    """Whether the item's ``platform`` is one of ``platforms`` (case-insensitive; None: all)."""
+    """Whether the item's ``platform`` is one of ``platforms`` in any spelling (None: all)."""
     if not platforms:
         return True
-    platform = str(item["properties"].get("platform", "")).lower()
-    return platform in {p.lower() for p in platforms}
+    return normalise_platform(item["properties"].get("platform", "")) in {normalise_platform(p) for p in platforms}
+
+
+def mgrs_tile(item: Mapping[str, Any]) -> str | None:
+    """The item's MGRS tile (``31TCJ``): ``s2:mgrs_tile`` (Planetary Computer), ``mgrs:utm_zone``
+    + ``mgrs:latitude_band`` + ``mgrs:grid_square`` or ``grid:code`` ``MGRS-31TCJ`` (Earth
+    Search); None when the item names none."""
+    props = item["properties"]
+    if props.get("s2:mgrs_tile"):
+        return str(props["s2:mgrs_tile"]).upper()
+    parts = [props.get(f"mgrs:{key}") for key in ("utm_zone", "latitude_band", "grid_square")]
+    if all(part not in (None, "") for part in parts):
+        return f"{int(parts[0]):02d}{parts[1]}{parts[2]}".upper()
+    code = str(props.get("grid:code", ""))
+    if code.upper().startswith("MGRS-"):
+        return code[5:].upper()
+    return None
 
 
 def cloud_cover(item: Mapping[str, Any]) -> float | None:
@@ -96,11 +131,16 @@ def cloud_cover(item: Mapping[str, Any]) -> float | None:
 
 
 def processing_baseline(item: Mapping[str, Any]) -> str:
-    """``s2:processing_baseline`` ("02.12", "05.09"); raises DataError naming the item if absent."""
-    baseline = item["properties"].get("s2:processing_baseline")
-    if not baseline:
-        raise DataError(f"item {item.get('id')!r}: no s2:processing_baseline")
-    return str(baseline)
+    """``s2:processing_baseline`` ("02.12", "05.09"), else the ``_Nxxyy_`` of ``s2:product_uri``;
+    raises DataError naming the item if neither says."""
+    props = item["properties"]
+    baseline = props.get("s2:processing_baseline")
+    if baseline:
+        return str(baseline)
+    found = re.search(r"_N(\d{2})(\d{2})_", str(props.get("s2:product_uri", "")))
+    if found and found.group(1) != "99":  # N9999: not a real baseline
+        return f"{found.group(1)}.{found.group(2)}"
+    raise DataError(f"item {item.get('id')!r}: no s2:processing_baseline (nor one in s2:product_uri)")
 
 
 def _baseline_key(baseline: str) -> tuple[int, ...]:
@@ -124,24 +164,34 @@ def dedupe_by_id(items: Iterable[Item]) -> list[Item]:
     return list(seen.values())
 
 
-def dedupe_s2_reprocessed(items: Iterable[Item]) -> list[Item]:
-    """One item per Sentinel-2 acquisition: on (datetime, ``s2:mgrs_tile``) the highest baseline.
+#: Reprocessed copies of one acquisition carry the same sensing time, give or take rounding.
+SAME_ACQUISITION_S = 1.0
 
-    Items without ``s2:mgrs_tile`` (another provider's schema) are kept as they are. Ties on the
-    baseline go to the latest ``s2:generation_time``, then the largest id, so the choice does
-    not depend on the order the server returned them in.
+
+def dedupe_s2_reprocessed(items: Iterable[Item], tolerance_s: float = SAME_ACQUISITION_S) -> list[Item]:
+    """One item per Sentinel-2 acquisition: of the items on one MGRS tile (:func:`mgrs_tile`)
+    whose datetimes are within ``tolerance_s`` of each other, the highest baseline.
+
+    Items that name no tile are kept as they are. Ties on the baseline go to the latest
+    ``s2:generation_time``, then the largest id, so the choice does not depend on the order the
+    server returned them in.
     """
-    best: dict[tuple[str, str], Item] = {}
+    by_tile: dict[str, list[Item]] = {}
     others: list[Item] = []
     for item in items:
-        tile = item["properties"].get("s2:mgrs_tile")
-        if not tile:
-            others.append(item)
-            continue
-        key = (item_datetime(item).isoformat(), tile)
-        if key not in best or _s2_rank(item) > _s2_rank(best[key]):
-            best[key] = item
-    return sorted([*best.values(), *others], key=lambda i: i["id"])
+        tile = mgrs_tile(item)
+        (by_tile.setdefault(tile, []) if tile else others).append(item)
+    kept: list[Item] = []
+    for tile_items in by_tile.values():
+        tile_items.sort(key=lambda i: (item_datetime(i), i["id"]))
+        acquisition: list[Item] = []
+        for item in tile_items:
+            if acquisition and (item_datetime(item) - item_datetime(acquisition[0])).total_seconds() > tolerance_s:
+                kept.append(max(acquisition, key=_s2_rank))
+                acquisition = []
+            acquisition.append(item)
+        kept.append(max(acquisition, key=_s2_rank))
+    return sorted([*kept, *others], key=lambda i: i["id"])
 
 
 def _s2_rank(item: Mapping[str, Any]) -> tuple:

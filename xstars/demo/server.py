@@ -98,6 +98,7 @@ FAULT_ROUTES: tuple[str, ...] = ("stac", "files", "wms")
 #: Keys of the per-route request counters in the stats.
 STAT_ROUTES: tuple[str, ...] = (
     "stac_search",
+    "stac_search_sorted",  # of stac_search: those asking a sortby (counted twice)
     "stac_other",
     "files",
     "wms_getmap",
@@ -763,6 +764,8 @@ class GatewayHandler(BaseHTTPRequestHandler):
         except (ValueError, TypeError) as exc:
             self._send_json(400, {"code": "BadRequest", "description": f"invalid search: {exc}"})
             return
+        if params.get("sortby"):
+            self.state.count_request("stac_search_sorted")
         if stac_sort.wants_emulation(params) and not self.state.faults.no_sort_filter:
             doc = self._sorted_search(params)
             if doc is None:
