@@ -93,8 +93,8 @@ def test_a_sensor_is_checked_against_its_kind_and_catalogue() -> None:
         validate({"catalogs": real["catalogs"], "sensors": {
             "ign": {**real["sensors"]["ign"], "bands": ["R", "G", "B", "NIR", "SWIR"]}}}, sections=both)
     # Every key that names a sensor names one of `sensors`.
-    with pytest.raises(ConfigError, match=r"'evaluate\.sensors\[0\]': 'spot' is not an image sensor"):
-        load_config(CONFIG, {"evaluate": {"sensors": ["spot"]}})
+    with pytest.raises(ConfigError, match=r"'evaluate\.sensors\[0\]': 'modis' is not an image sensor"):
+        load_config(CONFIG, {"evaluate": {"sensors": ["modis"]}})
     with pytest.raises(ConfigError, match=r"'catalog\.anchor_sensor': 'ign' is not a stac_raster sensor"):
         load_config(CONFIG, {"catalog": {"anchor_sensor": "ign"}})
     with pytest.raises(ConfigError, match=r"'build\.coregister_reference': 'labels' is not an image sensor"):

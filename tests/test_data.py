@@ -191,7 +191,7 @@ def test_reads_whole_shards_once_per_epoch(store: Path, monkeypatch: pytest.Monk
 def test_bad_input_names_the_problem(store: Path, tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"pretrain bands of s2: \['B99'\] not in the store's bands"):
         data.sensor_infos(store, ["s2"], {"s2": ["B99"]})
-    with pytest.raises(DataError, match="no group 'spot'"):
-        data.sensor_infos(store, ["spot"])
+    with pytest.raises(DataError, match="no group 'modis'"):
+        data.sensor_infos(store, ["modis"])
     with pytest.raises(DataError, match=r"no sample of splits \['val'\]"):
         batches(store, splits=["val"])

@@ -103,8 +103,8 @@ def test_dino_loss_matches_its_definition() -> None:
 
 
 def test_run_settings_are_validated_by_name() -> None:
-    with pytest.raises(ConfigError, match=r"'pretrain\.runs\.test\.dino_sensors\[0\]': 'spot' is not one of"):
-        tiny_settings(dino_sensors=["spot"])
+    with pytest.raises(ConfigError, match=r"'pretrain\.runs\.test\.dino_sensors\[0\]': 'modis' is not one of"):
+        tiny_settings(dino_sensors=["modis"])
     with pytest.raises(ConfigError, match=r"'pretrain\.runs\.test\.continual': give exactly one of checkpoint"):
         tiny_settings(mode="continual", dino_sensors=["ign"])
 

@@ -308,6 +308,7 @@ def _render_wms_family(root: Path, seed: int, city: City, truth: GroundTruth, sh
                          f"of the ground truth's {truth.grid.gsd_m} m")
     gsd = truth.grid.gsd_m * factor
     size = truth.grid.size // factor
+    used = size * factor  # truth pixels under whole output pixels (a 1.5 m family on 0.5 m: a multiple of 3)
     strip = 512 - 512 % factor  # rows of the truth rendered at once (bounded memory), whole output rows
     sources = []
     for year in city.years_of(family):
@@ -320,11 +321,11 @@ def _render_wms_family(root: Path, seed: int, city: City, truth: GroundTruth, sh
         for b, (center, fwhm) in enumerate(camera.values()):
             lut = material_reflectance(_doy(when), center, fwhm)
             reflectance = np.zeros((size, size), dtype=np.float32) if factor > 1 else None
-            for r0 in range(0, truth.grid.size, strip):  # strips: bounded memory
-                rows = slice(r0, r0 + strip)
-                refl = lut[truth.material[rows]] * truth.brightness[rows]
+            for r0 in range(0, used, strip):  # strips: bounded memory
+                rows = slice(r0, min(r0 + strip, used))
+                refl = lut[truth.material[rows, :used]] * truth.brightness[rows, :used]
                 if family["texture"]:
-                    refl = refl * texture[rows]
+                    refl = refl * texture[rows, :used]
                 refl += float(family["noise"]) * rng.standard_normal(refl.shape, dtype=np.float32)
                 if factor == 1:
                     bands[b, rows] = encode_ortho(refl)
