@@ -81,6 +81,10 @@ def test_coregistration_meets_the_targets_on_known_shifts(built, demo_root: Path
 
     figures = coregistration_residuals(demo_root, built["parts"])
     print(json.dumps(figures, indent=1))
+    from xstars.sensors import image_sensors
+
+    reference = built["config"]["build"]["coregister_reference"]
+    assert set(figures) == {f"{name}->{reference}" for name in image_sensors(built["config"]) if name != reference}
     assert set(figures) == {"s2->ign", "l8->ign"}
     for pair, f in figures.items():
         # The tests' world is small (1.28 km cities, 8-pixel Landsat tiles): a few estimates are
@@ -344,3 +348,82 @@ def test_sentinel2_from_earth_search_builds_the_same_store(built: dict, demo_roo
     for sensor in config_sensors(built):
         for name in ("data", "valid", "cloud_fraction", "shift_x_m", "shift_y_m"):
             np.testing.assert_array_equal(a[sensor][name][:], b[sensor][name][:], err_msg=f"{sensor}/{name}")
+
+
+# ------------------------------------------------------------- labels on a WorldCover tile edge
+
+
+@pytest.fixture(scope="module")
+def split_worldcover_world(demo_root: Path, demo_server: server.ServerInfo, tmp_path_factory):
+    """The demo world with toulouse's WorldCover map cut into two items at a meridian through a
+    site (as a site on the edge of two 3-degree tiles sees it): the same pixels, two files."""
+    import rasterio
+    from rasterio.windows import Window
+
+    from tests.test_catalog import small_world_config as config_of
+    from xstars.sites import reproject_geometry, sample_sites
+
+    root = tmp_path_factory.mktemp("split_worldcover")
+    (root / "files").mkdir()
+    for entry in (demo_root / "files").iterdir():
+        (root / "files" / entry.name).symlink_to(entry)
+    items = [json.loads(line) for line in (demo_root / "stac" / "items.ndjson").read_text().splitlines() if line]
+    whole = next(i for i in items if i["collection"] == "esa-worldcover" and "E000" in i["id"])
+    site = next(s for s in sample_sites(config_of(demo_root, demo_server)) if s.region == "toulouse")
+    from shapely.geometry import box as shapely_box
+
+    lon = reproject_geometry(shapely_box(*site.bounds), "EPSG:2154", "EPSG:4326").centroid.x
+    source = demo_root / "files" / "esa-worldcover" / whole["id"] / "map.tif"
+    halves = []
+    with rasterio.open(source) as src:
+        cut = round((lon - src.transform.c) / src.transform.a)
+        for name, window in (("w", Window(0, 0, cut, src.height)), ("e", Window(cut, 0, src.width - cut, src.height))):
+            item_id = f"{whole['id']}{name}"
+            path = root / "files" / "esa-worldcover-split" / item_id / "map.tif"
+            path.parent.mkdir(parents=True)
+            profile = src.profile | {"driver": "GTiff", "width": window.width, "height": window.height,
+                                     "transform": src.window_transform(window)}
+            with rasterio.open(path, "w", **profile) as dst:
+                dst.write(src.read(window=window))
+            x0, y1 = src.window_transform(window) * (0, 0)
+            x1, y0 = src.window_transform(window) * (window.width, window.height)
+            half = json.loads(json.dumps(whole))
+            half["id"], half["bbox"] = item_id, [x0, y0, x1, y1]
+            half["geometry"] = {"type": "Polygon", "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]}
+            half["assets"]["map"]["href"] = half["assets"]["map"]["href"].replace(
+                f"esa-worldcover/{whole['id']}", f"esa-worldcover-split/{item_id}")
+            for key in ("proj:shape", "proj:transform", "proj:bbox"):
+                half["assets"]["map"].pop(key, None)
+            halves.append(half)
+    kept = [i for i in items if i["id"] != whole["id"]]
+    (root / "stac").mkdir()
+    (root / "stac" / "items.ndjson").write_text("".join(json.dumps(i) + "\n" for i in [*kept, *halves]))
+    info = server.start(root, port=free_port(), backend_port=free_port())
+    yield info, site, whole
+    server.stop(root)
+
+
+def test_a_footprint_on_a_label_tile_edge_is_labelled_from_both_tiles(demo_root: Path, demo_server,
+                                                                      split_worldcover_world) -> None:
+    from xstars import catalog
+    from xstars.acquire import acquire_tile
+    from xstars.sensors import sensors_of
+
+    info, site, whole = split_worldcover_world
+    config = small_world_config(demo_root, demo_server, catalogs={"planetary_computer": {"url": info.stac_url}})
+    labels = sensors_of(config)["labels"]
+    rows = catalog.label_candidates(labels, catalog.SearchGroup("g", (site,)), catalog.Services(config))
+    by_id = {r["item_id"]: r for r in rows}
+    assert sorted(by_id) == sorted([f"{whole['id']}e", f"{whole['id']}w", f"{whole['id']}e+{whole['id']}w"])
+    assert all(0 < by_id[i]["invalid_fraction"] < 1 for i in (f"{whole['id']}e", f"{whole['id']}w"))
+    mosaic = by_id[f"{whole['id']}e+{whole['id']}w"]
+    assert mosaic["invalid_fraction"] == 0 and labels.eligible(0.0, config["catalog"]["max_invalid_fraction"])
+    # Read through the build's own path: the same classes as from the whole map.
+    tile = acquire_tile(labels, json.loads(mosaic["item_json"]), site.bounds, config)
+    plain = small_world_config(demo_root, demo_server)
+    plain_labels = sensors_of(plain)["labels"]
+    served_whole = next(i for i in catalog.Services(plain).searcher(plain_labels).search(
+        plain_labels.collection, None, None, group_id="all") if i["id"] == whole["id"])
+    reference = acquire_tile(plain_labels, served_whole, site.bounds, plain)
+    assert tile.valid.all() and reference.valid.all()
+    np.testing.assert_array_equal(tile.data, reference.data)

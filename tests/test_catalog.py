@@ -283,10 +283,17 @@ def pc_server(tmp_path_factory):
     reprocessed["properties"]["s2:generation_time"] = "2023-03-01T10:10:10.000000Z"
     reprocessed["properties"]["proj:code"] = f"EPSG:{reprocessed['properties'].pop('proj:epsg')}"
     features.append(reprocessed)
+    # A Landsat scene served without its quality mask (seen on real catalogues mid-ingestion).
+    landsat = next(f for f in features if f["id"] == "LC08_L2SP_033032_20231008_02_T1")
+    no_mask = copy.deepcopy(landsat)
+    no_mask["id"] = landsat["id"].replace("20231008", "20190615")
+    no_mask["properties"]["datetime"] = "2019-06-15T17:30:00Z"
+    del no_mask["assets"]["qa_pixel"]
+    features.append(no_mask)
     (root / "stac").mkdir()
     (root / "stac" / "items.ndjson").write_text("".join(json.dumps(f) + "\n" for f in features))
     info = server.start(root, port=free_port(), backend_port=free_port())
-    yield info, original, reprocessed
+    yield info, original, reprocessed, no_mask
     server.stop(root)
 
 
@@ -297,7 +304,7 @@ def pc_searcher(info: server.ServerInfo) -> catalog.StacSearcher:
 
 
 def test_real_sentinel2_items_reprocessing_and_projection(pc_server) -> None:
-    info, original, reprocessed = pc_server
+    info, original, reprocessed, _ = pc_server
     searcher = pc_searcher(info)
     window = catalog.SearchWindow("2019-01", catalog.stac_items.parse_time("2018-12-31T00:00:00Z"),
                                   catalog.stac_items.parse_time("2019-01-02T00:00:00Z"))
@@ -314,7 +321,7 @@ def test_real_sentinel2_items_reprocessing_and_projection(pc_server) -> None:
 
 
 def test_real_items_every_spelling(pc_server) -> None:
-    info, _, _ = pc_server
+    info, _, _, _ = pc_server
     searcher = pc_searcher(info)
     everything = catalog.SearchWindow("all", catalog.stac_items.parse_time("2018-01-01T00:00:00Z"),
                                       catalog.stac_items.parse_time("2026-01-01T00:00:00Z"))
@@ -337,6 +344,29 @@ def test_real_items_every_spelling(pc_server) -> None:
     assert not searcher.conforms_query
     clear = searcher.search("sentinel-2-l2a", [-180, -90, 180, 90], everything, group_id="world", max_cloud_cover=30)
     assert clear and all(i["properties"]["eo:cloud_cover"] <= 30 for i in clear)
+
+
+def test_an_item_without_a_configured_asset_is_skipped_not_fatal(pc_server) -> None:
+    from shapely.geometry import shape
+
+    from xstars.sensors import sensors_of
+
+    info, _, _, no_mask = pc_server
+    crs = catalog.stac_items.item_crs(no_mask)
+    config = load_config(REPO / "config.yaml", {
+        "catalogs": {"planetary_computer": {"url": info.stac_url}}, "http": {"backoff_s": 0.01},
+        "sites": {"crs": crs, "footprint_m": 2240},
+        "dates": {"start": "2019-06-01", "end": "2019-06-30", "seasons": [{"name": "june", "months": [6]}]}})
+    centre = catalog.reproject_geometry(shape(no_mask["geometry"]).centroid, "EPSG:4326", crs)
+    site = Site("s", "test", int(centre.x // 2240), int(centre.y // 2240), 2240.0, "train")
+    services = catalog.Services(config)
+    l8 = sensors_of(config)["l8"]
+    rows = catalog.raster_candidates(l8, catalog.SearchGroup("g", (site,)), services)
+    assert rows == []
+    [entry] = services.search_log()
+    assert entry["kept"] == 1 and entry["skipped"] == [f"{no_mask['id']}: no asset qa_pixel (sensors.l8)"]
+    counted = catalog.summary([], [entry])
+    assert counted["items_skipped"] == 1
 
 
 def test_unsigned_strips_sas_tokens() -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.synthetic_store import write_store
+from tests.synthetic_store import SENSORS, write_store
 from tests.test_pretrain import tiny_settings
 from xstars import evaluate, train
 from xstars.config import load_config, validate
@@ -25,7 +25,7 @@ def store(tmp_path_factory) -> Path:
 
 def settings(**overrides) -> dict:
     config = load_config(ROOT / "config.yaml")
-    return config["evaluate"] | {"probe_seeds": [0, 1], "label_fractions": [0.5, 1.0], "segmentation_epochs": 5,
+    return config["evaluate"] | {"sensors": list(SENSORS), "probe_seeds": [0, 1], "label_fractions": [0.5, 1.0], "segmentation_epochs": 5,
                                  "input_px": 32} | overrides
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.synthetic_store import write_store
+from tests.synthetic_store import SENSORS, write_store
 from xstars import train
 from xstars.config import deep_merge, load_config, run_settings
 from xstars.errors import ConfigError, DataError
@@ -27,6 +27,8 @@ TINY = {
     "msad": {"original": {"proj_dim": 32}, "dense": {"proj_dim": 16, "tokens_per_tile": 3}},
     "loader": {"num_workers": 0, "shuffle_buffer": 3},
     "checkpoint_every_steps": 2,
+    "sensors": list(SENSORS),  # those of the synthetic store
+    "dino_sensors": list(SENSORS),
 }
 
 

@@ -48,6 +48,31 @@ def test_dry_run_of_the_demo_world_lists_its_jobs() -> None:
     assert evaluate_jobs and all("demo_world/benchmarks/benchmarks.json" in job for job in evaluate_jobs)
 
 
+def test_every_rule_passes_the_config_sections_its_command_reads() -> None:
+    """Each job's `xstars <group> <command> --config-json JSON` carries exactly the sections
+    that command declares (xstars.cli.SECTIONS): no more (a change to another section would
+    rerun it for nothing), no fewer (the command refuses a missing section)."""
+    import shlex
+
+    from xstars.cli import SECTIONS
+
+    result = snakemake_dry_run("all", "--printshellcmds", "--config", "world=demo")
+    assert result.returncode == 0, result.stderr + result.stdout
+    seen = set()
+    for line in result.stdout.splitlines():
+        if "--config-json" not in line:
+            continue
+        words = shlex.split(line.strip())
+        start = words.index("xstars")
+        command = f"{words[start + 1]} {words[start + 2]}"
+        given = json.loads(words[words.index("--config-json") + 1])
+        assert command in SECTIONS, command
+        assert set(given) == set(SECTIONS[command]), (command, sorted(given), sorted(SECTIONS[command]))
+        seen.add(command)
+    assert seen >= {"catalog sites", "catalog search", "catalog manifest", "build init", "build part",
+                    "build finalize", "build publish", "pretrain run", "evaluate model"}
+
+
 def test_dry_run_of_the_real_build_parses() -> None:
     result = snakemake_dry_run("all")
     assert result.returncode == 0, result.stderr + result.stdout
@@ -86,8 +111,8 @@ def test_dry_run_of_all_of_france_plans_every_job_per_rule() -> None:
 
 
 def test_jobs_querying_the_wms_share_its_rate_limit() -> None:
-    from xstars.remote import WmsClient
     from xstars.config import load_config
+    from xstars.remote import WmsClient
 
     config = load_config(REPO / "config.yaml", {"catalogs": {"geoplateforme": {"max_concurrent_jobs": 4}}})
     assert WmsClient(config["catalogs"]["geoplateforme"], config["http"]).min_interval_s == 4 / 40  # 10/s each

@@ -97,6 +97,9 @@ def read_sources(sensor: Sensor, item: Mapping[str, Any], grid: Grid, config: Ma
             out[context_key(key)] = read_wms(item["assets"][key]["href"], context_grid, margin_m, wms,
                                              what=f"{item['id']}/{context_key(key)}")
         return out
+    if "xstars:mosaic" in item:  # class maps read together (catalog.mosaic_item), in their order
+        return {f"{key}#{i}": source for i, member in enumerate(item["xstars:mosaic"])
+                for key, source in read_sources(sensor, member, grid, config, margin_m, wms).items()}
     out = {}
     for key in sensor.assets():
         asset = item["assets"].get(key)
@@ -128,15 +131,24 @@ def render(sensor: Sensor, item: Mapping[str, Any], sources: Mapping[str, Source
     """
     bands = list(bands or sensor.bands)
     if sensor.kind == "stac_labels":
-        classes, covered = sources[sensor.assets()[0]].warp(grid, Resampling.nearest, shift_m)
-        return classes.astype(np.uint8), covered & sensor.valid_pixels(classes[0])
+        key = sensor.assets()[0]
+        members = sorted((k for k in sources if k.startswith(f"{key}#")), key=lambda k: int(k.split("#")[1])) or [key]
+        classes = np.zeros((1, grid.height, grid.width), dtype=np.uint8)
+        labelled = np.zeros((grid.height, grid.width), dtype=bool)
+        for member in members:  # a mosaic: the first map that labels a pixel labels it
+            codes, covered = sources[member].warp(grid, Resampling.nearest, shift_m)
+            new = covered & sensor.valid_pixels(codes[0]) & ~labelled
+            classes[0][new] = codes[0][new]
+            labelled |= new
+        return classes, labelled
     if sensor.kind == "wms_layers":
         return _render_wms(sensor, sources, grid, shift_m, resampling, bands)
     mask, covered = sources[sensor.asset_key(sensor.mask_band)].warp(grid, Resampling.nearest, shift_m)
     valid = covered & ~sensor.invalid_from_mask(mask[0])
     layers = []
     for band in bands:
-        dn, _ = sources[sensor.asset_key(band)].warp(grid, resampling, shift_m, coverage=False)  # outside -> fill
+        dn, _ = sources[sensor.asset_key(band)].warp(grid, resampling, shift_m, coverage=False,  # outside -> fill
+                                                     nodata=sensor.fill_value)
         dn = dn[0]
         valid &= sensor.valid_pixels(dn)
         layers.append(sensor.to_physical(dn.astype(np.float32), item, band))

@@ -174,6 +174,7 @@ class SearchLog:
     kept: int = 0
     attempts: int = 0
     continuations: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # "<item id>: <why>", items found but not usable
 
 
 class StacSearcher:
@@ -521,31 +522,74 @@ def raster_candidates(sensor: Sensor, group: SearchGroup, services: Services) ->
             max_cloud_cover=sensor.cfg["max_scene_cloud_cover"], platforms=sensor.cfg.get("platforms"))
         if sensor.cfg["dedupe_reprocessed"]:
             found = stac_items.dedupe_s2_reprocessed(found)
-        found.sort(key=lambda i: (stac_items.cloud_cover(i) or 0.0, i["id"]))
+        found = [item for item in found if _usable(sensor, item, services.searcher(sensor).logs[-1])]
+        # Items an item rule ranks last come after every other (Landsat Tier 2), then the clearest.
+        found.sort(key=lambda i: (sensor.item_rule(i) == "rank_last", stac_items.cloud_cover(i) or 0.0, i["id"]))
         for item in found[:per_window]:
             covering = [s for s in group.sites if footprint_coverage(item, s, sites_crs) > 0]
             if not covering:
                 continue
             fractions = footprint_fractions(item, sensor, covering, sites_crs, config["http"])
             for site in covering:
-                rows.append(_candidate(site, sensor.name, item, window.name, fractions[site.site_id]))
+                rows.append(_candidate(site, sensor.name, item, window.name, fractions[site.site_id],
+                                       rank_last=sensor.item_rule(item) == "rank_last"))
     return rows
+
+
+def _usable(sensor: Sensor, item: Mapping[str, Any], entry: SearchLog) -> bool:
+    """Whether a found item can be a candidate: not excluded by an item rule, and serving every
+    asset the sensor reads. An item that is not is logged and recorded with why (a search
+    shard does not die of one odd item)."""
+    missing = [key for key in sensor.assets() if key not in item["assets"]]
+    why = (f"no asset {', '.join(missing)} (sensors.{sensor.name})" if missing
+           else f"excluded by sensors.{sensor.name}.item_rules" if sensor.item_rule(item) == "exclude"
+           else "")
+    if why:
+        log.warning("item %s skipped: %s", item["id"], why)
+        entry.skipped.append(f"{item['id']}: {why}")
+    return not why
 
 
 def label_candidates(sensor: Sensor, group: SearchGroup, services: Services) -> list[dict]:
     """A STAC collection of class maps: every item over the group, no date window; a site's
-    no-data fraction is the share of its footprint outside the item."""
+    no-data fraction is the share of its footprint outside the item. A footprint that no single
+    item covers (on the edge of ESA WorldCover's 3-degree tiles) also gets the mosaic of the
+    items that cover it (:func:`mosaic_item`)."""
     sites_crs = services.config["sites"]["crs"]
     bbox = to_wgs84(box(*group.bounds), sites_crs).bounds
+    searcher = services.searcher(sensor)
+    found = searcher.search(sensor.collection, bbox, None, group_id=group.group_id)
+    found = [item for item in found if _usable(sensor, item, searcher.logs[-1])]
     rows = []
-    for item in services.searcher(sensor).search(sensor.collection, bbox, None, group_id=group.group_id):
-        for site in group.sites:
-            coverage = footprint_coverage(item, site, sites_crs)
-            if coverage > 0:
-                rows.append(_candidate(site, sensor.name, item, "-", {
-                    "nodata_fraction": round(1 - coverage, 6), "cloud_fraction": 0.0,
-                    "invalid_fraction": round(1 - coverage, 6)}))
+    for site in group.sites:
+        covering = [(item, footprint_coverage(item, site, sites_crs)) for item in found]
+        covering = [(item, coverage) for item, coverage in covering if coverage > 0]
+        for item, coverage in covering:
+            rows.append(_candidate(site, sensor.name, item, "-", _label_fractions(coverage)))
+        if len(covering) > 1 and max(coverage for _, coverage in covering) < 1:
+            mosaic = mosaic_item([item for item, _ in covering])
+            rows.append(_candidate(site, sensor.name, mosaic, "-",
+                                   _label_fractions(footprint_coverage(mosaic, site, sites_crs))))
     return rows
+
+
+def _label_fractions(coverage: float) -> dict[str, float]:
+    return {"nodata_fraction": round(1 - coverage, 6), "cloud_fraction": 0.0, "invalid_fraction": round(1 - coverage, 6)}
+
+
+def mosaic_item(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One STAC-like item for several class maps read together: the union of their geometries,
+    the first item's properties and assets, and the items themselves (``xstars:mosaic``, by
+    id), which the build reads in that order (the first that labels a pixel labels it)."""
+    from shapely.ops import unary_union
+
+    members = sorted((stac_items.unsigned(item) for item in items), key=lambda i: i["id"])
+    union = unary_union([shape(item["geometry"]) for item in members])
+    first = members[0]
+    return {"type": "Feature", "stac_version": first.get("stac_version", "1.0.0"),
+            "id": "+".join(item["id"] for item in members), "collection": first.get("collection", ""),
+            "geometry": mapping(union), "bbox": list(union.bounds), "properties": dict(first["properties"]),
+            "assets": first["assets"], "xstars:mosaic": members}
 
 
 def wms_candidates(sensor: Sensor, group: SearchGroup, services: Services) -> list[dict]:
@@ -563,7 +607,8 @@ def wms_candidates(sensor: Sensor, group: SearchGroup, services: Services) -> li
 CANDIDATES = {"stac_raster": raster_candidates, "stac_labels": label_candidates, "wms_layers": wms_candidates}
 
 
-def _candidate(site: Site, sensor: str, item: Mapping[str, Any], window: str, fractions: Mapping[str, float]) -> dict:
+def _candidate(site: Site, sensor: str, item: Mapping[str, Any], window: str, fractions: Mapping[str, float],
+               rank_last: bool = False) -> dict:
     clean = stac_items.unsigned(item)
     return {
         "site_id": site.site_id,
@@ -575,6 +620,7 @@ def _candidate(site: Site, sensor: str, item: Mapping[str, Any], window: str, fr
         "eo_cloud_cover": stac_items.cloud_cover(item),
         **{key: float(value) for key, value in fractions.items()},
         "item_json": json.dumps(clean, sort_keys=True, separators=(",", ":")),
+        **({"rank_last": True} if rank_last else {}),
     }
 
 
@@ -638,12 +684,14 @@ def select(config: Mapping[str, Any], sites: Sequence[Site], candidates: Sequenc
                 chosen[name] = []
                 continue
             if name == anchor:
-                ranked = sorted(eligible, key=lambda r: (r["invalid_fraction"], r["datetime"], r["item_id"]))
+                ranked = sorted(eligible, key=lambda r: (r.get("rank_last", False), r["invalid_fraction"],
+                                                         r["datetime"], r["item_id"]))
                 anchor_time = stac_items.parse_time(ranked[0]["datetime"])
             elif not sensor.is_image:  # labels: the most recent map
                 ranked = sorted(eligible, key=lambda r: (-stac_items.parse_time(r["datetime"]).timestamp(), r["item_id"]))
             else:
                 ranked = sorted(eligible, key=lambda r: (
+                    r.get("rank_last", False),
                     math.floor(r["invalid_fraction"] / step + 1e-9),
                     abs((stac_items.parse_time(r["datetime"]) - anchor_time).total_seconds()) if anchor_time else 0,
                     r["invalid_fraction"], r["item_id"]))
@@ -796,12 +844,13 @@ def provenance(config: Mapping[str, Any], searches: Sequence[dict]) -> dict[str,
         "catalog": {k: v for k, v in config["catalog"].items() if k != "manifest"},
         "seed": config["seed"],
         "searches": sorted(({k: s[k] for k in ("collection", "window", "group_id", "body", "kept")}
-                            for s in searches), key=lambda s: (s["group_id"], s["collection"], s["window"])),
+                            | ({"skipped": s["skipped"]} if s.get("skipped") else {}) for s in searches), key=lambda s: (s["group_id"], s["collection"], s["window"])),
     }
 
 
-def summary(rows: Sequence[dict]) -> dict[str, Any]:
-    """Counts of sites kept and dropped by reason (for logs and the report)."""
+def summary(rows: Sequence[dict], searches: Sequence[dict] = ()) -> dict[str, Any]:
+    """Counts of sites kept and dropped by reason, and of the items found but skipped (for logs
+    and the report)."""
     sites = {}
     for row in rows:
         sites[row["site_id"]] = (row["status"], row["reason"], row["split"])
@@ -812,7 +861,8 @@ def summary(rows: Sequence[dict]) -> dict[str, Any]:
             reasons[reason.split(":")[0] + ": " + reason.split(":", 1)[1].split("(")[0].strip()] += 1
     return {"sites": len(sites), "kept": len(kept),
             "kept_by_split": {split: sum(s[2] == split for s in kept) for split in ("train", "val", "test")},
-            "dropped_by_reason": dict(sorted(reasons.items()))}
+            "dropped_by_reason": dict(sorted(reasons.items())),
+            "items_skipped": len({entry for s in searches for entry in s.get("skipped", [])})}
 
 
 # ==================================================================================== figure

@@ -46,7 +46,14 @@ from typing import Any
 import yaml
 
 from xstars import __version__
-from xstars.config import BUILD_SECTIONS, deep_merge, expand_demo_address, load_config, parse_override, validate
+from xstars.config import (
+    BUILD_SECTIONS,
+    deep_merge,
+    expand_demo_address,
+    load_config,
+    parse_override,
+    validate,
+)
 from xstars.errors import ConfigError, XstarsError
 
 log = logging.getLogger("xstars.cli")
@@ -453,7 +460,7 @@ def cmd_catalog_manifest(args: argparse.Namespace) -> int:
     rows = select(config, sites, read_candidates(args.candidates))
     searches = [s for path in args.candidates for s in json.loads(searches_path(path).read_text())]
     write_manifest(rows, args.out, config["sites"]["crs"], provenance(config, searches))
-    _write_summary(summary(rows), args.summary)
+    _write_summary(summary(rows, searches), args.summary)
     return 0
 
 

@@ -471,8 +471,8 @@ def _sensor_errors(config: dict) -> Iterator[_Error]:
             yield ("sensors", name, "catalog"), f"{sensor['catalog']!r} is not one of catalogs ({', '.join(catalogs)})"
         elif catalog["kind"] != _CATALOG_KIND[sensor["kind"]]:
             yield (("sensors", name, "catalog"),
-                   f"a {sensor['kind']} sensor is read from a {_CATALOG_KIND[sensor['kind']]} catalogue, "
-                   f"{sensor['catalog']!r} is {catalog['kind']}")
+                   (f"a {sensor['kind']} sensor is read from a {_CATALOG_KIND[sensor['kind']]} catalogue, "
+                    f"{sensor['catalog']!r} is {catalog['kind']}"))
         if sensor["kind"] == "stac_raster":
             given = [k for k in ("invalid_classes", "invalid_bits") if k in sensor["mask"]]
             if len(given) != 1:

@@ -49,14 +49,20 @@ def item_crs(item: Mapping[str, Any]) -> str:
 
 
 def asset_gsd_m(item: Mapping[str, Any], asset: Mapping[str, Any]) -> float | None:
-    """Pixel size of an asset in metres: its ``gsd``, else its ``proj:transform`` when the item's
-    CRS is projected (a geographic transform is in degrees); None when neither tells."""
+    """Pixel size of an asset in metres, from the asset (its ``gsd``, its ``raster:bands``
+    ``spatial_resolution``, its ``proj:transform``), else from the item (its ``proj:transform``,
+    its ``gsd``: the Planetary Computer's Landsat assets say nothing themselves); a transform
+    counts only in a projected CRS (a geographic one is in degrees). None when nothing tells."""
     if asset.get("gsd"):
         return float(asset["gsd"])
-    transform = asset.get("proj:transform")
-    if transform and _is_projected(item_epsg(item)):
-        return abs(float(transform[0]))
-    return None
+    bands = asset.get("raster:bands") or [{}]
+    if bands[0].get("spatial_resolution"):
+        return float(bands[0]["spatial_resolution"])
+    props = item.get("properties", {})
+    for transform in (asset.get("proj:transform"), props.get("proj:transform")):
+        if transform and _is_projected(item_epsg(item)):
+            return abs(float(transform[0]))
+    return float(props["gsd"]) if props.get("gsd") else None
 
 
 @functools.cache

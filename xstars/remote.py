@@ -185,21 +185,25 @@ class SourceWindow:
     crs: str
 
     def warp(self, grid: Grid, resampling: Resampling = Resampling.nearest,
-             shift_m: tuple[float, float] = (0.0, 0.0), coverage: bool = True) -> tuple[np.ndarray, np.ndarray]:
+             shift_m: tuple[float, float] = (0.0, 0.0), coverage: bool = True,
+             nodata: float | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Resample onto ``grid``: (data (bands, h, w), covered (h, w) bool).
 
         ``shift_m`` = (dx, dy) in metres (dy northwards) is a known displacement of the source
         content: it is corrected by moving the source's georeferencing back by that much.
         ``covered`` is False where the grid falls outside the source window (all True without
         ``coverage``, for bands whose no-data value already tells it: a second warp saved).
+        ``nodata``: the source's fill value, left out of the resampling kernel (a bilinear
+        pixel beside the fill takes its valid neighbours only) and written where none is.
         """
-        out = np.zeros((self.data.shape[0], grid.height, grid.width), dtype=self.data.dtype)
+        out = np.full((self.data.shape[0], grid.height, grid.width), 0 if nodata is None else nodata,
+                      dtype=self.data.dtype)
         if self.data.size == 0:
             return out, np.zeros((grid.height, grid.width), dtype=bool)
         dx, dy = shift_m
         transform = Affine.translation(-dx, -dy) * self.transform
         reproject(self.data, out, src_transform=transform, src_crs=self.crs, dst_transform=grid.transform,
-                  dst_crs=grid.crs, resampling=resampling)
+                  dst_crs=grid.crs, resampling=resampling, src_nodata=nodata, dst_nodata=nodata)
         if not coverage:
             return out, np.ones((grid.height, grid.width), dtype=bool)
         covered = np.zeros((grid.height, grid.width), dtype=np.uint8)

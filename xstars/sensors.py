@@ -213,8 +213,27 @@ class Sensor:
         return _any_bit(mask, rule["fill_bits"])
 
     def valid_pixels(self, dn: np.ndarray) -> np.ndarray:
-        """Pixels of one band's digital numbers (or class codes) that hold data: not a fill value."""
-        return ~np.isin(dn, np.asarray(self.cfg["fill_values"], dtype=dn.dtype))
+        """Pixels of one band's digital numbers (or class codes) that hold data: not a fill
+        value, and inside the valid range where the sensor has one."""
+        valid = ~np.isin(dn, np.asarray(self.cfg["fill_values"], dtype=dn.dtype))
+        if self.cfg.get("valid_range"):
+            low, high = self.cfg["valid_range"]
+            valid &= (dn >= low) & (dn <= high)
+        return valid
+
+    @property
+    def fill_value(self) -> float | None:
+        """The source no-data value given to the warper, so that fill never blends into the
+        edge pixels of a bilinear resampling."""
+        values = self.cfg.get("fill_values") or []
+        return float(values[0]) if values else None
+
+    def item_rule(self, item: Mapping[str, Any]) -> str | None:
+        """What ``item_rules`` say of an item: ``exclude``, ``rank_last`` or None."""
+        for rule in self.cfg.get("item_rules", []):
+            if item["properties"].get(rule["property"]) in rule["values"]:
+                return str(rule["action"])
+        return None
 
     def fill_colour_pixels(self, image: np.ndarray) -> np.ndarray:
         """Pixels of a WMS image (bands, h, w) painted in one of the layer's fill colours."""

@@ -209,8 +209,7 @@ def _store_site(buffers: dict, records: list, offset: int, site_id: str, split: 
     from xstars.coregister import coregister_site
 
     shifts = coregister_site(tiles, config) if not reason else {}
-    for sensor in buffers:
-        b = buffers[sensor]
+    for sensor, b in buffers.items():
         b["site_id"][offset], b["split"][offset], b["region"][offset] = site_id, split, region
         b["status"][offset] = f"dropped: {reason}" if reason else "ok"
         tile = tiles.get(sensor)

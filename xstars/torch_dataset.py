@@ -103,7 +103,7 @@ class StoreDataset(Dataset):
                 entry["mask"] = torch.from_numpy(data[0].astype(np.int64))
             else:
                 scale, offset = self._decode[sensor]
-                entry["image"] = torch.from_numpy((data.astype(np.float32) * np.float32(scale) + np.float32(offset)))
+                entry["image"] = torch.from_numpy(data.astype(np.float32) * np.float32(scale) + np.float32(offset))
             sample[sensor] = entry
         return self.transforms(sample) if self.transforms is not None else sample
 

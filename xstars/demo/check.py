@@ -11,6 +11,7 @@ import numpy as np
 
 from xstars.demo import layout
 
+
 def _truth_of(truth: Mapping[str, Any], item_id: str, site_id: str) -> dict[str, Any]:
     """The known shift of the scene an item was read from.
 
