@@ -33,7 +33,7 @@ SMALL_DEMO = {
 #: so the same config serves the build and the pretraining). It fits a 2-CPU node, no GPU.
 TINY_PRETRAIN = {
     # The demo world's dense run pairs at its own sizes (64 px): here every view is 32 px.
-    "runs": {"xstars_dense": {"msad": {"variant": "dense"}, "views": {"paired_px": {"s2": 32, "l8": 32, "ign": 32}}}},
+    "runs": {"xstars_dense": {"msad": {"variant": "dense"}, "views": {"paired_px": {"s2": 32, "l8": 32, "ign": 32, "spot": 32}}}},
     "model": {"arch": "vit_tiny", "dino_out_dim": 256, "dino_hidden_dim": 64, "dino_bottleneck_dim": 32},
     "views": {"global_px": 32, "local_px": 16, "local_crops": 2, "paired_px": {}},
     "msad": {"dense": {"proj_dim": 16, "tokens_per_tile": 0}},

@@ -85,7 +85,7 @@ def test_coregistration_meets_the_targets_on_known_shifts(built, demo_root: Path
 
     reference = built["config"]["build"]["coregister_reference"]
     assert set(figures) == {f"{name}->{reference}" for name in image_sensors(built["config"]) if name != reference}
-    assert set(figures) == {"s2->ign", "l8->ign"}
+    assert set(figures) == {"s2->ign", "l8->ign", "spot->ign"}
     for pair, f in figures.items():
         # The tests' world is small (1.28 km cities, 8-pixel Landsat tiles): a few estimates are
         # not trusted and are flagged; the demo world's figures are in BENCHMARKS.md.

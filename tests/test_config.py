@@ -41,7 +41,7 @@ def test_real_world_is_the_top_level_of_the_file() -> None:
         assert config[section] == raw[section] | ({} if section != "catalogs" else config[section]), section
     assert config["catalogs"]["planetary_computer"]["url"] == "https://planetarycomputer.microsoft.com/api/stac/v1"
     assert config["catalogs"]["geoplateforme"]["url"] == "https://data.geopf.fr/wms-r"
-    assert list(config["sensors"]) == list(raw["sensors"]) == ["s2", "l8", "ign", "labels"]
+    assert list(config["sensors"]) == list(raw["sensors"]) == ["s2", "l8", "ign", "spot", "labels"]
     assert len(config["sites"]["cities"]) == 12
 
 

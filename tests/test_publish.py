@@ -109,7 +109,7 @@ def test_the_card_quotes_every_sources_licence_and_attribution(built: dict) -> N
 
 def test_a_source_without_a_licence_is_not_published(built: dict, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(publish, "load_licences", lambda: {"sentinel-2-l2a": {}})
-    with pytest.raises(DataError, match=r"\['esa-worldcover', 'ign-bdortho', 'landsat-c2-l2'\] have no licence"):
+    with pytest.raises(DataError, match=r"\['esa-worldcover', 'ign-bdortho', 'ign-ortho-sat-spot', 'landsat-c2-l2'\] have no licence"):
         publish.publish(built["path"], built["folder"] / "manifest.parquet", built["config"], tmp_path)
 
 
@@ -236,8 +236,8 @@ def test_export_writes_the_released_layout(built: dict, tmp_path: Path) -> None:
     settings = load_config(REPO / "config.yaml")["msc_france"]
     out = tmp_path / "MSC-France"
     summary = export_store(built["path"], out, settings)
-    # A built store has no spot sensor: IGN orthophotos stand in for SPOT, and the README says so.
-    assert {f: v["sensor"] for f, v in summary["folders"].items()} == {"SPOT": "ign", "Sentinel": "s2",
+    # The built store's SPOT 6/7 goes to SPOT/ (IGN orthophotos stand in for it in a store without).
+    assert {f: v["sensor"] for f, v in summary["folders"].items()} == {"SPOT": "spot", "Sentinel": "s2",
                                                                        "Landsat": "l8"}
     root = open_store(built["path"])
     kept = [i for i, s in enumerate(root["s2"]["status"][:]) if s == "ok"]
@@ -256,10 +256,10 @@ def test_export_writes_the_released_layout(built: dict, tmp_path: Path) -> None:
     bands = list(root["s2"]["band"][:])
     reflectance = root["s2"]["data"][i][[bands.index(b) for b in ("B04", "B03", "B02")]] * 1e-4
     assert np.array_equal(rgb, np.clip(np.round(reflectance / 0.3 * 255), 0, 255).astype(np.uint8).transpose(1, 2, 0))
-    assert np.asarray(Image.open(out / "SPOT" / path)).shape == (240, 240, 3)
+    assert np.asarray(Image.open(out / "SPOT" / path)).shape == (150, 150, 3)
     # The README: which sensor each folder holds, and the normalisation measured on the images.
     readme = (out / "README.md").read_text()
-    assert "| SPOT/ | `ign`: orthophoto DN / 255 | R G B | 0 to 1 | 1 m | 240 px |" in readme
+    assert "| SPOT/ | `spot`: SPOT 6/7 mosaic DN / 255 | R G B | 0 to 1 | 1.6 m | 150 px |" in readme
     images = np.stack([np.asarray(Image.open(p)) for p in sorted((out / "Landsat").rglob("*.png"))]) / 255.0
     mean = images.reshape(-1, 3).mean(axis=0)
     assert summary["folders"]["Landsat"]["normalization"]["mean"] == pytest.approx(mean, abs=1e-6)

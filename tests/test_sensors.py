@@ -25,7 +25,7 @@ def test_no_module_outside_sensors_names_a_sensor() -> None:
     # The configured sensor names (the demo world, which plays the services, may know its own
     # collections; "labels" is also the name of a role, which modules may test).
     names = set(load_config(REPO / "config.yaml")["sensors"]) - {"labels"}
-    assert names >= {"s2", "l8", "ign"}
+    assert names >= {"s2", "l8", "ign", "spot"}
     found = []
     for path in sorted((REPO / "xstars").rglob("*.py")):
         if path.name == "sensors.py" or "demo" in path.relative_to(REPO / "xstars").parts:
