@@ -92,8 +92,10 @@ def test_a_sensor_is_checked_against_its_kind_and_catalogue() -> None:
     with pytest.raises(ConfigError, match=r"'sensors\.ign\.bands\[4\]': 'SWIR' is in none of the layers' bands"):
         validate({"catalogs": real["catalogs"], "sensors": {
             "ign": {**real["sensors"]["ign"], "bands": ["R", "G", "B", "NIR", "SWIR"]}}}, sections=both)
-    # Every key that names a sensor names one of `sensors`.
-    with pytest.raises(ConfigError, match=r"'evaluate\.sensors\[0\]': 'modis' is not an image sensor"):
+    # Every key that names a sensor names one of `sensors` (a built store's) or of
+    # msc_france.import_sensors (an imported store's); the message names both lists.
+    with pytest.raises(ConfigError, match=r"'evaluate\.sensors\[0\]': 'modis' is not an image sensor of sensors "
+                                          r"\(.*\) nor of msc_france\.import_sensors \(spot, sentinel, landsat\)"):
         load_config(CONFIG, {"evaluate": {"sensors": ["modis"]}})
     with pytest.raises(ConfigError, match=r"'catalog\.anchor_sensor': 'ign' is not a stac_raster sensor"):
         load_config(CONFIG, {"catalog": {"anchor_sensor": "ign"}})

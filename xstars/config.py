@@ -518,10 +518,13 @@ def _coregister_errors(config: dict) -> Iterator[_Error]:
 
 
 def _named_sensor_errors(section: str) -> Callable[[dict], Iterator[_Error]]:
-    """Every key of ``section`` (pretrain, evaluate) that names a sensor must name an image sensor."""
+    """Every key of ``section`` (pretrain, evaluate) that names a sensor must name an image sensor:
+    one of ``sensors`` (a built store's groups) or of ``msc_france.import_sensors`` (an imported
+    store's, named apart since they hold 8-bit RGB); which of them the store has, its reader checks."""
 
     def check(config: dict) -> Iterator[_Error]:
         images, cfg = _images(config), config[section]
+        imported = [entry["sensor"] for entry in config["msc_france"]["import_sensors"].values()]
         named: list[tuple[tuple, str]] = []
         if section == "pretrain":
             named += [(("pretrain", "sensors", i), s) for i, s in enumerate(cfg["sensors"])]
@@ -533,8 +536,9 @@ def _named_sensor_errors(section: str) -> Callable[[dict], Iterator[_Error]]:
             named += [(("evaluate", "sensors", i), s) for i, s in enumerate(cfg["sensors"])]
             named += [(("evaluate", "benchmarks", i, "sensor"), e["sensor"]) for i, e in enumerate(cfg["benchmarks"])]
         for parts, name in named:
-            if name not in images:
-                yield parts, f"{name!r} is not an image sensor of sensors ({', '.join(images)})"
+            if name not in images and name not in imported:
+                yield parts, (f"{name!r} is not an image sensor of sensors ({', '.join(images)}) nor of "
+                              f"msc_france.import_sensors ({', '.join(imported)})")
 
     return check
 
@@ -553,8 +557,8 @@ _CHECKS: tuple[tuple[tuple[str, ...], Callable[[dict], Iterator[_Error]]], ...] 
     (("sensors", "catalogs"), _sensor_errors),
     (("sensors", "catalog"), _anchor_errors),
     (("sensors", "build"), _coregister_errors),
-    (("sensors", "pretrain"), _named_sensor_errors("pretrain")),
-    (("sensors", "evaluate"), _named_sensor_errors("evaluate")),
+    (("sensors", "msc_france", "pretrain"), _named_sensor_errors("pretrain")),
+    (("sensors", "msc_france", "evaluate"), _named_sensor_errors("evaluate")),
     (("sensors", "evaluate"), _benchmark_errors),
     (("world", "demo", "sites"), _demo_city_errors),
     (("dates",), _date_errors),

@@ -216,15 +216,27 @@ def _city_splits(cities: Sequence[str], settings: Mapping[str, Any]) -> dict[str
 
 
 def _tile_size(folder: str, tiles: Sequence[Tile]) -> int:
-    """Pixels per side of a sensor's tiles (all must be square and of one size)."""
-    from PIL import Image
+    """Pixels per side of a sensor's tiles (all must be square and of one size).
 
-    first = next(t.files[folder] for t in tiles if folder in t.files)
-    with Image.open(first) as image:
-        width, height = image.size
-    if width != height:
-        raise DataError(f"{first}: {width} x {height} pixels; xstars stores square tiles")
-    return width
+    Every file's header is read here, before the store is created: a tile of another size or
+    a file that is not an image stops the import without leaving a half-written store."""
+    from PIL import Image, UnidentifiedImageError
+
+    first, px = None, 0
+    for path in (t.files[folder] for t in tiles if folder in t.files):
+        try:
+            with Image.open(path) as image:
+                width, height = image.size
+        except (OSError, UnidentifiedImageError) as err:
+            raise DataError(f"{path}: not a readable image ({err})") from None
+        if first is None:
+            if width != height:
+                raise DataError(f"{path}: {width} x {height} pixels; xstars stores square tiles")
+            first, px = path, width
+        elif (width, height) != (px, px):
+            raise DataError(f"{path}: {width} x {height} pixels, the other tiles of {folder}/ are {px} x {px} "
+                            f"(as {first})")
+    return px
 
 
 def _read_rgb(path: Path, px: int) -> np.ndarray:
