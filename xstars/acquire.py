@@ -105,7 +105,7 @@ def read_sources(sensor: Sensor, item: Mapping[str, Any], grid: Grid, config: Ma
         gsd = stac_items.asset_gsd_m(item, asset) or sensor.gsd_m
         margin_px = math.ceil(margin_m / gsd) + 2
         out[key] = read_source(asset["href"], grid, catalog_cfg=sensor.catalog_cfg, http_cfg=http_cfg,
-                               what=f"{item['id']}/{key}", indexes=[1], margin_px=margin_px)
+                               what=f"{sensor.collection}/{item['id']}/{key}", indexes=[1], margin_px=margin_px)
     return out
 
 

@@ -357,7 +357,7 @@ def footprint_fractions(item: Mapping[str, Any], sensor: Sensor, sites: Sequence
                math.ceil(union[2] / gsd) * gsd, math.ceil(union[3] / gsd) * gsd)
     grid = Grid.from_bounds(snapped, gsd, sites_crs)
     data, covered = read_on_grid(asset["href"], grid, catalog_cfg=sensor.catalog_cfg, http_cfg=http_cfg,
-                                 what=f"{item['id']}/{asset_key}", indexes=[1])
+                                 what=f"{sensor.collection}/{item['id']}/{asset_key}", indexes=[1])
     mask = data[0]
     invalid = sensor.invalid_from_mask(mask)
     fill = ~covered | sensor.fill_from_mask(mask)

@@ -30,7 +30,8 @@ passes them). Each command declares the sections it reads (:data:`SECTIONS`): a
 servers first if they are not up (``xstars demo down`` stops them).
 
 Errors raised on purpose (:class:`~xstars.errors.XstarsError`) print ``error: <message>`` and exit
-with status 2, without a traceback; anything else is a bug and keeps its traceback.
+with status 2, without a traceback; anything else is a bug and keeps its traceback (exit 1). Both are
+redacted (:mod:`xstars.redaction`): no SAS token reaches stderr, the Snakemake job logs.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from typing import Any
 
 import yaml
 
-from xstars import __version__
+from xstars import __version__, redaction
 from xstars.config import BUILD_SECTIONS, deep_merge, expand_demo_address, load_config, parse_override, validate
 from xstars.errors import ConfigError, XstarsError
 
@@ -94,11 +95,20 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # stderr is what Snakemake keeps as the job's log: no SAS token may reach it, from any
+    # logger at any level, from a warning, the error line or a bug's traceback.
+    redaction.install()
+    logging.captureWarnings(True)
     try:
         return args.func(args) or 0
     except XstarsError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {redaction.redact(str(err))}", file=sys.stderr)
         return EXIT_USAGE
+    except Exception:  # noqa: BLE001 - a bug: its traceback, redacted, and the status Python gives one
+        import traceback
+
+        sys.stderr.write(redaction.redact(traceback.format_exc()))
+        return 1
 
 
 def build_parser() -> argparse.ArgumentParser:

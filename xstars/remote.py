@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import threading
 import time
 import warnings
@@ -43,6 +42,8 @@ from rasterio.windows import Window, from_bounds
 from urllib3 import Retry
 
 from xstars.errors import ServiceError
+from xstars.redaction import install as install_redaction
+from xstars.redaction import redact
 
 log = logging.getLogger(__name__)
 
@@ -51,31 +52,9 @@ T = TypeVar("T")
 #: Retried HTTP statuses (throttling and gateway errors of the Planetary Computer and the WMS).
 RETRY_STATUSES = (429, 500, 502, 503, 504)
 
-_QUERY = re.compile(r"(https?://[^\s?'\"]+)\?[^\s'\"]*")
-
-
-# ================================================================================ redaction
-
-
-def redact(text: str) -> str:
-    """``text`` with the query string of every URL replaced by ``?<redacted>``."""
-    return _QUERY.sub(r"\1?<redacted>", text)
-
-
-class RedactingFilter(logging.Filter):
-    """Strips URL query strings (SAS tokens) from log records, e.g. GDAL's HTTP warnings."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.msg = redact(str(record.msg))
-        if record.args:
-            record.args = tuple(redact(a) if isinstance(a, str) else a for a in record.args)
-        return True
-
-
-# GDAL reports HTTP errors with the full URL through rasterio's logger: with a signed href that
-# is a token in the log. Redacted at the source, for every handler.
-for _name in ("rasterio._env", "rasterio._err", "rasterio"):
-    logging.getLogger(_name).addFilter(RedactingFilter())
+# Every text that may hold a signed href is redacted (xstars.redaction): log records of every
+# logger (rasterio's and GDAL's included) from the moment this module is imported.
+install_redaction()
 
 
 # ================================================================================== retries
@@ -110,9 +89,9 @@ def with_retries(call: Callable[[int], T], *, what: str, http_cfg: Mapping[str, 
         except errors as err:
             message = redact(str(err))[:500]
             if attempt + 1 == attempts or not retryable(err):
-                status = getattr(err, "status_code", None)
+                status = getattr(err, "status_code", None) or getattr(getattr(err, "response", None), "status_code", None)
                 detail = f"HTTP {status}: " if status else ""
-                raise ServiceError(f"{what} failed after {attempt + 1} attempt(s): {detail}{message}") from None
+                raise ServiceError(redact(f"{what} failed after {attempt + 1} attempt(s): {detail}{message}")) from None
             delay = float(http_cfg["backoff_s"]) * 2**attempt
             log.warning("%s failed (%s), retry %d/%d in %.1fs", what, message, attempt + 1, attempts - 1, delay)
             time.sleep(delay)
@@ -122,18 +101,47 @@ def with_retries(call: Callable[[int], T], *, what: str, http_cfg: Mapping[str, 
 # ================================================================================== signing
 
 
-def sign_href(href: str, signing: str, *, fresh: bool = False) -> str:
+def sign_href(href: str, signing: str, *, http_cfg: Mapping[str, Any], what: str, fresh: bool = False) -> str:
     """The href to open: signed by the Planetary Computer SDK (a no-op on other hosts).
 
-    ``fresh`` drops the SDK's token cache first (after a 403: the token expired).
+    The SDK asks its token endpoint for one SAS token per storage container (``PC_SDK_SAS_URL``,
+    default the Planetary Computer's; ``PC_SDK_SUBSCRIPTION_KEY`` optional) and caches it until
+    it nears expiry. That request is made like any other of xstars: its 429/5xx and dropped
+    connections retried by urllib3 under the SDK with the ``http`` settings (not the SDK's own
+    10 retries), an answer that arrived broken (truncated, not JSON, no token) asked again by
+    :func:`with_retries`, and what still fails is a :class:`ServiceError` naming ``what`` (the
+    collection, item and asset): the build falls back to the next scene, the CLI prints one
+    line. ``fresh`` drops the cached token first (after a 403: the token expired).
     """
     if signing == "none":
         return href
     import planetary_computer
+    import pydantic
+    from planetary_computer import sas
+    from planetary_computer.settings import Settings
+    from planetary_computer.utils import parse_blob_url
 
-    if fresh:
-        planetary_computer.sas.TOKEN_CACHE.clear()
-    return planetary_computer.sign(href)
+    parts = urlsplit(href)
+    if not parts.netloc.endswith(sas.BLOB_STORAGE_DOMAIN):
+        return planetary_computer.sign(href)  # not blob storage: returned as is, no request
+    account, container = parse_blob_url(parts)
+    endpoint = f"{Settings.get().sas_url}/{account}/{container}"
+
+    def attempt(number: int) -> str:
+        if fresh or number > 0:
+            sas.TOKEN_CACHE.pop(endpoint, None)
+        # Fills the SDK's cache (no request while its token is valid); sign() then reads it.
+        sas.get_token(account, container, retry_total=int(http_cfg["max_retries"]),
+                      retry_backoff_factor=float(http_cfg["backoff_s"]))
+        return planetary_computer.sign(href)
+
+    def broken_answer(err: Exception) -> bool:
+        # A status urllib3's retries did not cure, or no connection at all, is final.
+        return not isinstance(err, requests.HTTPError | requests.exceptions.RetryError | requests.ConnectionError)
+
+    return with_retries(attempt, what=f"signing {what} (SAS token from {redact(endpoint)})", http_cfg=http_cfg,
+                        retryable=broken_answer, errors=(requests.RequestException, pydantic.ValidationError,
+                                                         ValueError, KeyError, TypeError))
 
 
 # ============================================================================ windowed reads
@@ -246,7 +254,7 @@ def read_source(
     state = {"fresh": False}
 
     def attempt(number: int) -> SourceWindow:
-        url = sign_href(href, catalog_cfg["signing"], fresh=state["fresh"])
+        url = sign_href(href, catalog_cfg["signing"], http_cfg=http_cfg, what=what, fresh=state["fresh"])
         options = gdal_options(http_cfg)
         if number > 0:
             options["CPL_VSIL_CURL_NON_CACHED"] = f"/vsicurl/{url}"
