@@ -152,7 +152,7 @@ def _render_wms(sensor: Sensor, sources: Mapping[str, SourceWindow], grid: Grid,
         if not set(needed) & set(bands):
             continue
         image, covered = sources[key].warp(grid, resampling, shift_m)
-        valid &= covered & ~sensor.fill_colour_pixels(image)
+        valid &= covered & ~sensor.empty_pixels(image, key)
         layer_bands = sensor.layer_bands(key)
         for band in needed:
             values[band] = image[layer_bands.index(band)]
