@@ -144,8 +144,8 @@ def sign_href(href: str, signing: str, *, http_cfg: Mapping[str, Any], what: str
         return not isinstance(err, requests.HTTPError | requests.exceptions.RetryError | requests.ConnectionError)
 
     return with_retries(attempt, what=f"signing {what} (SAS token from {redact(endpoint)})", http_cfg=http_cfg,
-                        retryable=broken_answer, errors=(requests.RequestException, pydantic.ValidationError,
-                                                         ValueError, KeyError, TypeError))
+                        retryable=broken_answer,  # ValueError: not JSON; TypeError: JSON but not an object
+                        errors=(requests.RequestException, pydantic.ValidationError, ValueError, TypeError))
 
 
 # ============================================================================ windowed reads
