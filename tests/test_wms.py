@@ -55,9 +55,13 @@ def geoplateforme():
 
 
 def real_config(geoplateforme, **sensor) -> dict:
-    """config.yaml's real build, its Géoplateforme on loopback (the recorded document)."""
-    return load_config(REPO / "config.yaml", {"catalogs": {"geoplateforme": {"url": f"{geoplateforme.url}/wms-r"}},
-                                              "http": HTTP, "sensors": {"ign": sensor}})
+    """config.yaml's real build, its Géoplateforme on loopback (the recorded document); of the
+    WMS sensors, only the aerial orthophotos (`ign`, with ``sensor``'s values)."""
+    config = load_config(REPO / "config.yaml", {"catalogs": {"geoplateforme": {"url": f"{geoplateforme.url}/wms-r"}},
+                                                "http": HTTP, "sensors": {"ign": sensor}})
+    config["sensors"] = {name: cfg for name, cfg in config["sensors"].items()
+                         if cfg["kind"] != "wms_layers" or name == "ign"}
+    return config
 
 
 def site_at(lon: float, lat: float, footprint_m: float = 2240.0) -> Site:
