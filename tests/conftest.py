@@ -53,6 +53,38 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture
+def token_endpoint(monkeypatch):
+    """Points the Planetary Computer SDK's token requests at a loopback server.
+
+    The SDK reads its endpoint from the environment variable PC_SDK_SAS_URL (its settings are
+    cached: the cache is cleared around the test) and caches tokens per container (cleared too).
+    Yields a function installing the server's answers: a list, the last one repeated.
+    """
+    from planetary_computer import sas
+    from planetary_computer.settings import Settings
+
+    from tests.loopback import serve
+
+    plan: list = []
+
+    def answer(request):
+        return plan.pop(0) if len(plan) > 1 else plan[0]
+
+    with serve(answer) as server:
+        monkeypatch.setenv("PC_SDK_SAS_URL", f"{server.url}/api/sas/v1/token")
+        Settings.get.cache_clear()
+        sas.TOKEN_CACHE.clear()
+
+        def answers(*given):
+            plan[:] = list(given)
+            return server
+
+        yield answers
+    Settings.get.cache_clear()
+    sas.TOKEN_CACHE.clear()
+
+
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A generated demo world (generated once per test session)."""

@@ -183,8 +183,8 @@ def test_a_403_is_answered_by_signing_again(built, demo_server: server.ServerInf
 
     signed = []
     real_sign = remote.sign_href
-    monkeypatch.setattr(remote, "sign_href", lambda href, signing, fresh=False: signed.append(fresh) or
-                        real_sign(href, signing, fresh=fresh))
+    monkeypatch.setattr(remote, "sign_href", lambda href, signing, fresh=False, **kw: signed.append(fresh) or
+                        real_sign(href, signing, fresh=fresh, **kw))
     config = built["config"]
     row = built["manifest"][(built["manifest"].status == "ok") & (built["manifest"].sensor == "l8")].iloc[0]
     item = json.loads(row.item_json)
@@ -204,6 +204,84 @@ def test_a_403_is_answered_by_signing_again(built, demo_server: server.ServerInf
         assert source.data.size > 0 and server.get_stats(demo_server)["faults"]["status_403"] > 0
     finally:
         server.set_faults(demo_server, {})
+
+
+BLOB = "http://xstarstest.blob.core.windows.net/files"
+
+
+def on_blob_storage(built: dict, sensor: str = "s2") -> tuple[object, str]:
+    """The manifest with the first kept site's `sensor` scenes (chosen and fallbacks) moved to a
+    Planetary Computer blob host: the SDK signs them, asking its token endpoint."""
+    manifest = built["manifest"].copy()
+    files_url = f"http://127.0.0.1:{built['config']['demo']['port']}/files"
+    site = next(s for s in store.stored_sites(manifest)[:3] if (manifest[manifest.site_id == s].status == "ok").all())
+    row = manifest.index[(manifest.site_id == site) & (manifest.sensor == sensor)][0]
+    for column in ("item_json", "fallbacks_json"):
+        assert files_url in manifest.at[row, column]
+        manifest.at[row, column] = manifest.at[row, column].replace(files_url, BLOB)
+    return manifest, site
+
+
+def test_a_site_whose_signing_keeps_failing_is_dropped_and_the_part_kept(built, token_endpoint, tmp_path) -> None:
+    from tests.loopback import Answer
+
+    config = built["config"] | {"http": {"max_retries": 1, "backoff_s": 0.01, "timeout_s": 10}}
+    manifest, site = on_blob_storage(built)
+    token_server = token_endpoint(Answer(200, b"{}"))  # never a token
+    path = tmp_path / "dataset.zarr"
+    store.init_store(path, manifest, config)
+    record = store.build_part(path, manifest, config, 0)  # the part is built, not killed
+    by_site = {r["site_id"]: r for r in record["records"]}
+    assert token_server.requests
+    assert by_site[site]["status"] == "dropped" and by_site[site]["reason"].startswith("s2: no usable scene")
+    chosen = json.loads(manifest[(manifest.site_id == site) & (manifest.sensor == "s2")].iloc[0].item_json)
+    assert f"signing sentinel-2-l2a/{chosen['id']}/" in by_site[site]["reason"]
+    others = [r for r in record["records"] if r["site_id"] != site]
+    assert others and all(r["status"] == built["parts"][0]["records"][i]["status"]
+                          for i, r in enumerate(record["records"]) if r["site_id"] != site)
+
+
+def test_no_token_in_a_build_job_log_at_debug(built, demo_root: Path, tmp_path: Path) -> None:
+    """`xstars build part` at DEBUG (GDAL's debug messages on) as a Snakemake job runs it: one
+    site's Sentinel-2 scenes on blob storage, signed with a token holding SECRET, their files
+    answering the header and failing every later range (GDAL names them with their query)."""
+    from tests.loopback import Answer, range_answer, serve, token_answer
+
+    config = built["config"] | {"http": {"max_retries": 1, "backoff_s": 0.01, "timeout_s": 10}}
+    manifest, site = on_blob_storage(built)
+    manifest_path = tmp_path / "manifest.parquet"
+    manifest.to_parquet(manifest_path)
+    path = tmp_path / "dataset.zarr"
+    store.init_store(path, manifest, config)
+    def files(request) -> Answer:
+        """Every GDAL read goes through this proxy. The demo's files are small (one 32 KiB range
+        holds a whole one): a signed href gets its first 8 KiB (the header) and no more, any
+        later range fails."""
+        answer = range_answer((demo_root / request.path.lstrip("/")).read_bytes(), request)
+        if "sig=" not in request.query or answer.status != 206:
+            return answer
+        if not request.headers["range"].startswith("bytes=0-"):
+            return Answer(500, b"busy")
+        size = answer.headers["Content-Range"].rsplit("/", 1)[1]
+        return Answer(206, answer.body[:8192], {"Content-Range": f"bytes 0-8191/{size}"})
+
+    with serve(lambda request: token_answer()) as tokens, serve(files) as proxy:
+        env = os.environ | {"PC_SDK_SAS_URL": f"{tokens.url}/api/sas/v1/token", "GDAL_HTTP_PROXY": proxy.proxy,
+                            "CPL_DEBUG": "ON"}
+        result = subprocess.run(
+            [sys.executable, "-m", "xstars", "--log-level", "DEBUG", "build", "part", "--config-json",
+             json.dumps(config), "--manifest", str(manifest_path), "--store", str(path), "--part", "0", "--out",
+             str(tmp_path / "part-0.json")], cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+            check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert any("sig=SECRET" in r.query for r in proxy.requests), "the signed hrefs were read"
+    log = result.stderr + result.stdout
+    assert "IReadBlock failed" in log and "rasterio._base" in log  # the messages that named the signed file
+    assert "SECRET" not in log
+    record = json.loads((tmp_path / "part-0.json").read_text())
+    assert next(r for r in record["records"] if r["site_id"] == site)["status"] == "dropped"
+    for written in [tmp_path / "part-0.json", *path.rglob("*")]:
+        assert not written.is_file() or b"SECRET" not in written.read_bytes(), written
 
 
 def test_verify_checks_sites_and_recorded_shard_checksums(built: dict, tmp_path: Path) -> None:

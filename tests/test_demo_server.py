@@ -27,6 +27,7 @@ from pystac_client import Client
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.io import MemoryFile
 from rasterio.transform import Affine
+from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 
 from xstars.demo import layout, server
@@ -400,6 +401,8 @@ def test_wms_capabilities_lists_the_layer(info: ServerInfo) -> None:
     assert root.tag == "{http://www.opengis.net/wms}WMS_Capabilities"
     assert root.get("version") == "1.3.0"
     assert root.find("w:Service/w:MaxWidth", WMS_NS).text == "4096"
+    assert root.find("w:Service/w:MaxHeight", WMS_NS).text == "4096"
+    assert root.find("w:Service/w:LayerLimit", WMS_NS).text == "1"
     formats = {f.text for f in root.findall("w:Capability/w:Request/w:GetMap/w:Format", WMS_NS)}
     assert {"image/png", "image/tiff", "image/jpeg"} <= formats
 
@@ -410,15 +413,15 @@ def test_wms_capabilities_lists_the_layer(info: ServerInfo) -> None:
     )
     assert layer.findtext("w:Title", namespaces=WMS_NS) == "Orthophotos 2021"
     assert {c.text for c in layer.findall("w:CRS", WMS_NS)} >= {"EPSG:2154", "EPSG:4326"}
-    box = layer.find("w:BoundingBox[@CRS='EPSG:2154']", WMS_NS)
-    assert [float(box.get(k)) for k in ("minx", "miny", "maxx", "maxy")] == [
-        574000,
-        6279800,
-        574600,
-        6280000,
-    ]
+    # Shaped like the Géoplateforme's: a geographic box and an EPSG:3857 one, no Lambert-93 box.
+    assert [b.get("CRS") for b in layer.findall("w:BoundingBox", WMS_NS)] == ["EPSG:3857"]
+    box = layer.find("w:BoundingBox[@CRS='EPSG:3857']", WMS_NS)
+    expected = transform_bounds("EPSG:2154", "EPSG:3857", 574000, 6279800, 574600, 6280000, densify_pts=21)
+    assert [float(box.get(k)) for k in ("minx", "miny", "maxx", "maxy")] == pytest.approx(expected, abs=1e-5)
     geo = layer.find("w:EX_GeographicBoundingBox", WMS_NS)
     assert 1.43 < float(geo.findtext("w:westBoundLongitude", namespaces=WMS_NS)) < 1.45
+    # 1 m sources: the finest pixel served, over the OGC 0.28 mm pixel.
+    assert float(layer.findtext("w:MinScaleDenominator", namespaces=WMS_NS)) == pytest.approx(1 / 0.00028)
 
 
 def test_wms_getmap_native_resolution_is_exact(info: ServerInfo) -> None:

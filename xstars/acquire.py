@@ -108,7 +108,7 @@ def read_sources(sensor: Sensor, item: Mapping[str, Any], grid: Grid, config: Ma
         gsd = stac_items.asset_gsd_m(item, asset) or sensor.gsd_m
         margin_px = math.ceil(margin_m / gsd) + 2
         out[key] = read_source(asset["href"], grid, catalog_cfg=sensor.catalog_cfg, http_cfg=http_cfg,
-                               what=f"{item['id']}/{key}", indexes=[1], margin_px=margin_px)
+                               what=f"{sensor.collection}/{item['id']}/{key}", indexes=[1], margin_px=margin_px)
     return out
 
 
@@ -164,7 +164,7 @@ def _render_wms(sensor: Sensor, sources: Mapping[str, SourceWindow], grid: Grid,
         if not set(needed) & set(bands):
             continue
         image, covered = sources[key].warp(grid, resampling, shift_m)
-        valid &= covered & ~sensor.fill_colour_pixels(image)
+        valid &= covered & ~sensor.empty_pixels(image, key)
         layer_bands = sensor.layer_bands(key)
         for band in needed:
             values[band] = image[layer_bands.index(band)]

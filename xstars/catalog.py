@@ -46,7 +46,7 @@ from shapely.geometry import box, mapping, shape
 
 from xstars import items as stac_items
 from xstars.errors import ConfigError, DataError, ServiceError
-from xstars.remote import Grid, WmsClient, WmsLayer, http_retry, read_on_grid, with_retries
+from xstars.remote import Grid, WmsClient, WmsLayer, check_wms_sensor, http_retry, read_on_grid, with_retries
 from xstars.sensors import Sensor, sensors_of
 from xstars.sites import Site, reproject_geometry
 
@@ -370,7 +370,7 @@ def footprint_fractions(item: Mapping[str, Any], sensor: Sensor, sites: Sequence
                math.ceil(union[2] / gsd) * gsd, math.ceil(union[3] / gsd) * gsd)
     grid = Grid.from_bounds(snapped, gsd, sites_crs)
     data, covered = read_on_grid(asset["href"], grid, catalog_cfg=sensor.catalog_cfg, http_cfg=http_cfg,
-                                 what=f"{item['id']}/{asset_key}", indexes=[1])
+                                 what=f"{sensor.collection}/{item['id']}/{asset_key}", indexes=[1])
     mask = data[0]
     invalid = sensor.invalid_from_mask(mask)
     fill = ~covered | sensor.fill_from_mask(mask)
@@ -413,11 +413,14 @@ def wms_items(sensor: Sensor, site: Site, sites_crs: str, layers: Mapping[str, W
     """STAC-like items of a WMS layer family covering a site, with their no-data fraction.
 
     One item per year of ``sensors.<name>.years`` whose layers (those the sensor's bands come
-    from) all exist and declare a box containing the footprint. ``datetime`` is null and
+    from) all exist and whose geographic boxes (``EX_GeographicBoundingBox``: the real layers
+    declare no Lambert-93 one) contain the footprint. ``datetime`` is null and
     ``start_datetime``/``end_datetime`` span the campaign year; the assets are the exact GetMap
-    requests for the footprint at the sensor's ``gsd_m``.
+    requests for the footprint at the sensor's ``gsd_m``. The no-data fraction is measured on
+    a thumbnail: transparent or fill-coloured pixels (:meth:`Sensor.empty_pixels`).
     """
     footprint = box(*site.bounds)
+    geometry = to_wgs84(footprint, sites_crs)
     size = round((site.bounds[2] - site.bounds[0]) / sensor.gsd_m)
     out = []
     for year in sensor.cfg["years"]:
@@ -425,11 +428,11 @@ def wms_items(sensor: Sensor, site: Site, sites_crs: str, layers: Mapping[str, W
         wanted = {key: names[key] for key in sensor.layers_needed()}
         if not all(n in layers for n in wanted.values()):
             continue
-        if not all(layers[n].bounds_l93 is None or box(*layers[n].bounds_l93).contains(footprint)
+        if not all(layers[n].bounds_wgs84 is None or box(*layers[n].bounds_wgs84).contains(geometry)
                    for n in wanted.values()):
             continue
-        nodata = max(client.nodata_fraction(n, site.bounds) for n in wanted.values())
-        geometry = to_wgs84(footprint, sites_crs)
+        nodata = round(max(float(sensor.empty_pixels(client.thumbnail(n, site.bounds), key).mean())
+                           for key, n in wanted.items()), 6)
         first = next(iter(wanted.values()))
         item = {
             "type": "Feature", "stac_version": "1.0.0", "collection": sensor.collection,
@@ -495,6 +498,9 @@ def search_shard(config: Mapping[str, Any], sites: Sequence[Site], shard: int) -
         return [], []
     sensors = sensors_of(config)
     services = Services(config)
+    for sensor in sensors.values():  # the configured layers first: one GetCapabilities answers for all
+        if sensor.kind == "wms_layers":
+            check_wms_sensor(sensor, services.wms_client(sensor)[0].capabilities())
     for sensor in sensors.values():
         if sensor.kind != "wms_layers":
             services.searcher(sensor).check_collection(sensor.collection, f"sensors.{sensor.name}.collection")

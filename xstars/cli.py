@@ -11,6 +11,7 @@
     xstars catalog search --sites sites.parquet --shard I --out candidates-I.jsonl
     xstars catalog manifest --sites sites.parquet --out manifest.parquet candidates-*.jsonl
     xstars catalog freeze --out manifest.parquet      # frozen mode: check and copy catalog.manifest
+    xstars catalog wms-layers                         # configured WMS layers: which years are live
     xstars build init --manifest M --store dataset.zarr --out init.json
     xstars build part --manifest M --store dataset.zarr --part K --out part-K.json
     xstars build finalize --manifest M --store dataset.zarr --out summary.json part-*.json
@@ -30,7 +31,8 @@ passes them). Each command declares the sections it reads (:data:`SECTIONS`): a
 servers first if they are not up (``xstars demo down`` stops them).
 
 Errors raised on purpose (:class:`~xstars.errors.XstarsError`) print ``error: <message>`` and exit
-with status 2, without a traceback; anything else is a bug and keeps its traceback.
+with status 2, without a traceback; anything else is a bug and keeps its traceback (exit 1). Both are
+redacted (:mod:`xstars.redaction`): no SAS token reaches stderr, the Snakemake job logs.
 """
 
 from __future__ import annotations
@@ -45,15 +47,8 @@ from typing import Any
 
 import yaml
 
-from xstars import __version__
-from xstars.config import (
-    BUILD_SECTIONS,
-    deep_merge,
-    expand_demo_address,
-    load_config,
-    parse_override,
-    validate,
-)
+from xstars import __version__, redaction
+from xstars.config import BUILD_SECTIONS, deep_merge, expand_demo_address, load_config, parse_override, validate
 from xstars.errors import ConfigError, XstarsError
 
 log = logging.getLogger("xstars.cli")
@@ -78,6 +73,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "catalog search": (*_SERVICES, "seed", "sites", "sensors", "dates", "catalog"),
     "catalog manifest": ("seed", "sites", "catalogs", "sensors", "dates", "catalog"),
     "catalog freeze": ("catalog",),
+    "catalog wms-layers": (*_SERVICES, "sensors"),
     "build init": ("sites", "catalogs", "sensors", "build", "catalog"),
     "build part": (*_SERVICES, "sites", "sensors", "build", "catalog"),
     "build finalize": ("sites", "catalogs", "sensors", "build", "catalog"),
@@ -101,11 +97,20 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # stderr is what Snakemake keeps as the job's log: no SAS token may reach it, from any
+    # logger at any level, from a warning, the error line or a bug's traceback.
+    redaction.install()
+    logging.captureWarnings(True)
     try:
         return args.func(args) or 0
     except XstarsError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {redaction.redact(str(err))}", file=sys.stderr)
         return EXIT_USAGE
+    except Exception:  # noqa: BLE001 - a bug: its traceback, redacted, and the status Python gives one
+        import traceback
+
+        sys.stderr.write(redaction.redact(traceback.format_exc()))
+        return 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -187,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     freeze.add_argument("--out", type=Path, required=True, help="manifest.parquet")
     freeze.add_argument("--summary", type=Path, help="also write the kept/dropped counts as JSON")
     freeze.set_defaults(func=cmd_catalog_freeze)
+    layers = catalog_cmds.add_parser("wms-layers", parents=[config_opts],
+                                     help="each WMS sensor's configured layers and years against GetCapabilities")
+    layers.set_defaults(func=cmd_catalog_wms_layers)
     plot = catalog_cmds.add_parser("plot", help="figure of the manifest for the report (PNG)")
     plot.add_argument("--manifest", type=Path, required=True)
     plot.add_argument("--out", type=Path, required=True)
@@ -479,6 +487,26 @@ def cmd_catalog_freeze(args: argparse.Namespace) -> int:
     if Path(source).resolve() != args.out.resolve():
         shutil.copyfile(source, args.out)
     _write_summary(summary(frame.drop(columns="geometry").to_dict("records")), args.summary)
+    return 0
+
+
+def cmd_catalog_wms_layers(args: argparse.Namespace) -> int:
+    """Print, per ``wms_layers`` sensor, each configured layer and year and whether the service
+    serves it; exit 2 with the catalog stage's own error when something is missing."""
+    from xstars.remote import WmsClient, describe_wms_sensor, wms_layer_problems
+    from xstars.sensors import sensors_of
+
+    config = config_from_args(args)
+    serve_demo_if_needed(config)
+    problems = []
+    for sensor in sensors_of(config).values():
+        if sensor.kind != "wms_layers":
+            continue
+        caps = WmsClient(sensor.catalog_cfg, config["http"]).capabilities()
+        print("\n".join(describe_wms_sensor(sensor, caps)))
+        problems += wms_layer_problems(sensor, caps)
+    if problems:
+        raise ConfigError("; ".join(problems))
     return 0
 
 

@@ -7,15 +7,18 @@ Three kinds of services are read, with one set of rules for all of them:
 * Cloud-Optimized GeoTIFFs behind HTTP (Planetary Computer blob storage, Earth Search's S3
   bucket, the demo world's file server): :func:`read_source` reads only the window a grid needs,
   GDAL's ``/vsicurl/`` fetching just the blocks that intersect it;
-* OGC WMS (the IGN Géoplateforme): :class:`WmsClient`, GetCapabilities and GetMap, paced to the
-  service's limit.
+* OGC WMS (the IGN Géoplateforme): :class:`WmsClient`, GetCapabilities (read with OWSLib,
+  :func:`parse_capabilities`) and GetMap, paced to the service's rate limit and within its
+  LayerLimit and MaxWidth/MaxHeight (:func:`read_wms` asks for a large window in tiles); the
+  configured layers are checked against the capabilities (:func:`check_wms_sensor`).
 
 The rules: single requests answered 429/5xx (or dropped) are retried by urllib3 with backoff,
 honouring Retry-After (:func:`http_retry`); a request whose answer arrived broken, or a COG read
 that failed after the open, is retried whole by :func:`with_retries` (the one retry loop);
-hrefs are signed right before they are opened (:func:`sign_href`) and signed again on 403; and
-every text that may hold a URL goes through :func:`redact` before it reaches a log, an exception
-or a file, so that no SAS token ever leaves this module.
+hrefs are signed right before they are opened (:func:`sign_href`, its token request retried like
+any other) and signed again on 403; and no SAS token ever leaves this module: every log record
+of the process is redacted from the moment it is imported (:mod:`xstars.redaction`), and every
+exception text that may hold a URL goes through :func:`redact`.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import re
 import threading
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit
@@ -35,14 +38,16 @@ import numpy as np
 import rasterio
 import requests
 from affine import Affine
-from rasterio.enums import Resampling
+from rasterio.enums import ColorInterp, Resampling
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from rasterio.io import MemoryFile
 from rasterio.warp import reproject, transform_bounds
 from rasterio.windows import Window, from_bounds
 from urllib3 import Retry
 
-from xstars.errors import ServiceError
+from xstars.errors import ConfigError, ServiceError
+from xstars.redaction import install as install_redaction
+from xstars.redaction import redact
 
 log = logging.getLogger(__name__)
 
@@ -51,31 +56,9 @@ T = TypeVar("T")
 #: Retried HTTP statuses (throttling and gateway errors of the Planetary Computer and the WMS).
 RETRY_STATUSES = (429, 500, 502, 503, 504)
 
-_QUERY = re.compile(r"(https?://[^\s?'\"]+)\?[^\s'\"]*")
-
-
-# ================================================================================ redaction
-
-
-def redact(text: str) -> str:
-    """``text`` with the query string of every URL replaced by ``?<redacted>``."""
-    return _QUERY.sub(r"\1?<redacted>", text)
-
-
-class RedactingFilter(logging.Filter):
-    """Strips URL query strings (SAS tokens) from log records, e.g. GDAL's HTTP warnings."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.msg = redact(str(record.msg))
-        if record.args:
-            record.args = tuple(redact(a) if isinstance(a, str) else a for a in record.args)
-        return True
-
-
-# GDAL reports HTTP errors with the full URL through rasterio's logger: with a signed href that
-# is a token in the log. Redacted at the source, for every handler.
-for _name in ("rasterio._env", "rasterio._err", "rasterio"):
-    logging.getLogger(_name).addFilter(RedactingFilter())
+# Every text that may hold a signed href is redacted (xstars.redaction): log records of every
+# logger (rasterio's and GDAL's included) from the moment this module is imported.
+install_redaction()
 
 
 # ================================================================================== retries
@@ -110,9 +93,9 @@ def with_retries(call: Callable[[int], T], *, what: str, http_cfg: Mapping[str, 
         except errors as err:
             message = redact(str(err))[:500]
             if attempt + 1 == attempts or not retryable(err):
-                status = getattr(err, "status_code", None)
+                status = getattr(err, "status_code", None) or getattr(getattr(err, "response", None), "status_code", None)
                 detail = f"HTTP {status}: " if status else ""
-                raise ServiceError(f"{what} failed after {attempt + 1} attempt(s): {detail}{message}") from None
+                raise ServiceError(redact(f"{what} failed after {attempt + 1} attempt(s): {detail}{message}")) from None
             delay = float(http_cfg["backoff_s"]) * 2**attempt
             log.warning("%s failed (%s), retry %d/%d in %.1fs", what, message, attempt + 1, attempts - 1, delay)
             time.sleep(delay)
@@ -122,18 +105,47 @@ def with_retries(call: Callable[[int], T], *, what: str, http_cfg: Mapping[str, 
 # ================================================================================== signing
 
 
-def sign_href(href: str, signing: str, *, fresh: bool = False) -> str:
+def sign_href(href: str, signing: str, *, http_cfg: Mapping[str, Any], what: str, fresh: bool = False) -> str:
     """The href to open: signed by the Planetary Computer SDK (a no-op on other hosts).
 
-    ``fresh`` drops the SDK's token cache first (after a 403: the token expired).
+    The SDK asks its token endpoint for one SAS token per storage container (``PC_SDK_SAS_URL``,
+    default the Planetary Computer's; ``PC_SDK_SUBSCRIPTION_KEY`` optional) and caches it until
+    it nears expiry. That request is made like any other of xstars: its 429/5xx and dropped
+    connections retried by urllib3 under the SDK with the ``http`` settings (not the SDK's own
+    10 retries), an answer that arrived broken (truncated, not JSON, no token) asked again by
+    :func:`with_retries`, and what still fails is a :class:`ServiceError` naming ``what`` (the
+    collection, item and asset): the build falls back to the next scene, the CLI prints one
+    line. ``fresh`` drops the cached token first (after a 403: the token expired).
     """
     if signing == "none":
         return href
     import planetary_computer
+    import pydantic
+    from planetary_computer import sas
+    from planetary_computer.settings import Settings
+    from planetary_computer.utils import parse_blob_url
 
-    if fresh:
-        planetary_computer.sas.TOKEN_CACHE.clear()
-    return planetary_computer.sign(href)
+    parts = urlsplit(href)
+    if not parts.netloc.endswith(sas.BLOB_STORAGE_DOMAIN):
+        return planetary_computer.sign(href)  # not blob storage: returned as is, no request
+    account, container = parse_blob_url(parts)
+    endpoint = f"{Settings.get().sas_url}/{account}/{container}"
+
+    def attempt(number: int) -> str:
+        if fresh or number > 0:
+            sas.TOKEN_CACHE.pop(endpoint, None)
+        # Fills the SDK's cache (no request while its token is valid); sign() then reads it.
+        sas.get_token(account, container, retry_total=int(http_cfg["max_retries"]),
+                      retry_backoff_factor=float(http_cfg["backoff_s"]))
+        return planetary_computer.sign(href)
+
+    def broken_answer(err: Exception) -> bool:
+        # A status urllib3's retries did not cure, or no connection at all, is final.
+        return not isinstance(err, requests.HTTPError | requests.exceptions.RetryError | requests.ConnectionError)
+
+    return with_retries(attempt, what=f"signing {what} (SAS token from {redact(endpoint)})", http_cfg=http_cfg,
+                        retryable=broken_answer,  # ValueError: not JSON; TypeError: JSON but not an object
+                        errors=(requests.RequestException, pydantic.ValidationError, ValueError, TypeError))
 
 
 # ============================================================================ windowed reads
@@ -250,7 +262,7 @@ def read_source(
     state = {"fresh": False}
 
     def attempt(number: int) -> SourceWindow:
-        url = sign_href(href, catalog_cfg["signing"], fresh=state["fresh"])
+        url = sign_href(href, catalog_cfg["signing"], http_cfg=http_cfg, what=what, fresh=state["fresh"])
         options = gdal_options(http_cfg)
         if number > 0:
             options["CPL_VSIL_CURL_NON_CACHED"] = f"/vsicurl/{url}"
@@ -292,18 +304,86 @@ def _source_window(src, grid: Grid, margin_px: int) -> Window | None:
 
 # ====================================================================================== WMS
 
+#: The OGC standard rendering pixel (WMS 1.3.0, 7.2.4.6.9): scale denominator S is S x 0.28 mm a pixel.
+OGC_PIXEL_M = 0.00028
+
+WMS_NS = "http://www.opengis.net/wms"
+
 
 @dataclass(frozen=True)
 class WmsLayer:
+    """A named layer of GetCapabilities: where it has data and the scales it is served at."""
+
     name: str
-    bounds_l93: tuple[float, float, float, float] | None
+    bounds_wgs84: tuple[float, float, float, float] | None  # EX_GeographicBoundingBox (west, south, east, north)
+    min_scale_denominator: float | None = None
+    max_scale_denominator: float | None = None
+
+    @property
+    def finest_gsd_m(self) -> float | None:
+        """The finest pixel the layer is served at: MinScaleDenominator x the OGC 0.28 mm pixel."""
+        return None if self.min_scale_denominator is None else self.min_scale_denominator * OGC_PIXEL_M
+
+
+@dataclass(frozen=True)
+class WmsCapabilities:
+    """What GetCapabilities says: the named layers and the service's limits (None: not announced)."""
+
+    url: str
+    layers: dict[str, WmsLayer]
+    layer_limit: int | None  # layers one GetMap may ask for
+    max_width: int | None  # pixels of one GetMap answer
+    max_height: int | None
+
+
+def parse_capabilities(content: bytes, url: str) -> WmsCapabilities:
+    """A WMS 1.3.0 GetCapabilities document, read with OWSLib where it covers what is needed.
+
+    OWSLib gives the named layers, their ``EX_GeographicBoundingBox`` (the parent's when a layer
+    has none) and their scale denominators, but does not inherit those although WMS 1.3.0 says
+    they are (7.2.4.6.9): a layer without its own takes its nearest ancestor's here. It does
+    not read the service's ``LayerLimit``, ``MaxWidth`` and ``MaxHeight`` at all: those three
+    are read from the document's ``<Service>`` element directly. Real Géoplateforme layers
+    declare no EPSG:2154 box (only the geographic one and EPSG:3857): extents are compared in
+    longitude/latitude.
+    """
+    import xml.etree.ElementTree as ET
+
+    from owslib.wms import WebMapService
+
+    try:
+        service = WebMapService(url, version="1.3.0", xml=content)
+        root = ET.fromstring(content)
+    except Exception as err:  # noqa: BLE001 - OWSLib raises lxml's, ElementTree's or its own errors
+        raise ServiceError(f"GetCapabilities at {url} is not a WMS 1.3.0 capabilities document: "
+                           f"{redact(str(err))[:300]}") from None
+    layers = {name: WmsLayer(name, tuple(layer.boundingBoxWGS84[:4]) if layer.boundingBoxWGS84 else None,
+                             _inherited(layer, "min_scale_denominator"), _inherited(layer, "max_scale_denominator"))
+              for name, layer in service.contents.items()}
+
+    def limit(tag: str) -> int | None:
+        text = (root.findtext(f"{{{WMS_NS}}}Service/{{{WMS_NS}}}{tag}") or "").strip()
+        return int(text) if text.isdigit() and int(text) > 0 else None
+
+    return WmsCapabilities(url, layers, limit("LayerLimit"), limit("MaxWidth"), limit("MaxHeight"))
+
+
+def _inherited(layer, attribute: str) -> float | None:
+    """A scale denominator of an OWSLib layer, or of its nearest ancestor that has one."""
+    while layer is not None:
+        element = getattr(layer, attribute, None)
+        if element is not None and (element.text or "").strip():
+            return float(element.text)
+        layer = layer.parent
+    return None
 
 
 class WmsClient:
     """A minimal WMS 1.3.0 client: GetCapabilities and GetMap with retries and a rate limit.
 
     ``wms_cfg`` is the catalogue entry of the service (``catalogs.<name>``: ``url``, ``format``,
-    ``max_requests_per_s``, ``max_concurrent_jobs``).
+    ``max_requests_per_s``, ``max_concurrent_jobs``). The capabilities are read once per client,
+    when first needed (the limits of GetMap come from them).
     """
 
     def __init__(self, wms_cfg: Mapping[str, Any], http_cfg: Mapping[str, Any]) -> None:
@@ -319,6 +399,8 @@ class WmsClient:
         self.min_interval_s = float(wms_cfg["max_concurrent_jobs"]) / float(wms_cfg["max_requests_per_s"])
         self._next_slot = 0.0
         self._lock = threading.Lock()  # one client is shared by a build job's read threads
+        self._capabilities: WmsCapabilities | None = None
+        self._capabilities_lock = threading.Lock()
 
     def get(self, params: Mapping[str, str], what: str, url: str | None = None):
         """GET on the WMS (or on ``url``: a manifest's request keeps the endpoint it was made for)."""
@@ -339,30 +421,21 @@ class WmsClient:
             raise ServiceError(f"{what} at {url}: HTTP {response.status_code} {_exception_text(response)}")
         return response
 
-    def layers(self) -> dict[str, WmsLayer]:
-        """Layers of GetCapabilities with their EPSG:2154 bounding box when declared."""
-        import xml.etree.ElementTree as ET
+    def capabilities(self) -> WmsCapabilities:
+        """The service's layers and limits (:func:`parse_capabilities`), asked for once."""
+        with self._capabilities_lock:
+            if self._capabilities is None:
+                response = self.get({"SERVICE": "WMS", "VERSION": "1.3.0", "REQUEST": "GetCapabilities"},
+                                    "GetCapabilities")
+                self._capabilities = parse_capabilities(response.content, self.url)
+            return self._capabilities
 
-        response = self.get({"SERVICE": "WMS", "VERSION": "1.3.0", "REQUEST": "GetCapabilities"},
-                            "GetCapabilities")
-        try:
-            root = ET.fromstring(response.content)
-        except ET.ParseError as err:
-            raise ServiceError(f"GetCapabilities at {self.url} is not XML: {err}") from None
-        ns = {"w": "http://www.opengis.net/wms"}
-        out = {}
-        for layer in root.iter("{http://www.opengis.net/wms}Layer"):
-            name = layer.findtext("w:Name", namespaces=ns)
-            if not name:
-                continue
-            bounds = None
-            for bbox in layer.findall("w:BoundingBox", ns):
-                if bbox.get("CRS") == "EPSG:2154":
-                    bounds = tuple(float(bbox.get(k)) for k in ("minx", "miny", "maxx", "maxy"))
-            out[name] = WmsLayer(name, bounds)
-        return out
+    def layers(self) -> dict[str, WmsLayer]:
+        """The named layers of GetCapabilities."""
+        return self.capabilities().layers
 
     def getmap_params(self, layer: str, bounds: Sequence[float], width: int, height: int) -> dict[str, str]:
+        """One layer per GetMap: a WMS composites the layers of one request into one image."""
         return {"SERVICE": "WMS", "VERSION": "1.3.0", "REQUEST": "GetMap", "LAYERS": layer, "STYLES": "",
                 "CRS": "EPSG:2154", "BBOX": ",".join(f"{v:.2f}" for v in bounds), "WIDTH": str(width),
                 "HEIGHT": str(height), "FORMAT": self.cfg["format"], "TRANSPARENT": "TRUE"}
@@ -371,20 +444,33 @@ class WmsClient:
         return f"{self.url}?{urlencode(self.getmap_params(layer, bounds, width, height))}"
 
     def image(self, params: Mapping[str, str], what: str, url: str | None = None) -> np.ndarray:
-        """A GetMap answer decoded: (bands, height, width) uint8."""
+        """A GetMap answer decoded: (bands, height, width) uint8, RGB(A) (a palette is expanded).
+
+        A request beyond the service's LayerLimit, MaxWidth or MaxHeight is refused here, before
+        it is sent (:func:`read_wms` splits a large one into tiles).
+        """
+        caps = self.capabilities()
+        names = [n for n in params.get("LAYERS", "").split(",") if n]
+        width, height = int(params.get("WIDTH", 0)), int(params.get("HEIGHT", 0))
+        if caps.layer_limit is not None and len(names) > caps.layer_limit:
+            raise ServiceError(f"{what}: {len(names)} layers in one GetMap, {caps.url} allows {caps.layer_limit}")
+        if (caps.max_width and width > caps.max_width) or (caps.max_height and height > caps.max_height):
+            raise ServiceError(f"{what}: {width} x {height} pixels, {caps.url} serves at most "
+                               f"{caps.max_width} x {caps.max_height}")
         response = self.get(params, what, url)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)  # a PNG carries no georeferencing
             with MemoryFile(response.content) as memfile, memfile.open() as image:
-                return image.read()
+                data = image.read()
+                if image.count == 1 and image.colorinterp[0] == ColorInterp.palette:
+                    colours = image.colormap(1)
+                    table = np.array([colours.get(i, (0, 0, 0, 0)) for i in range(256)], dtype=np.uint8)
+                    data = np.moveaxis(table[data[0]], -1, 0)  # (4, h, w): RGBA
+                return data
 
-    def nodata_fraction(self, layer: str, bounds: Sequence[float], size_px: int = 16) -> float:
-        """Fraction of a small GetMap thumbnail of ``bounds`` that is empty (all zero or transparent)."""
-        pixels = self.image(self.getmap_params(layer, bounds, size_px, size_px), f"GetMap {layer}")
-        empty = (pixels[:3] == 0).all(axis=0)
-        if pixels.shape[0] == 4:
-            empty |= pixels[3] == 0
-        return round(float(empty.mean()), 6)
+    def thumbnail(self, layer: str, bounds: Sequence[float], size_px: int = 16) -> np.ndarray:
+        """A small GetMap of ``bounds``: how much of it has no image is measured on it."""
+        return self.image(self.getmap_params(layer, bounds, size_px, size_px), f"GetMap {layer}")
 
 
 def _exception_text(response) -> str:
@@ -393,15 +479,109 @@ def _exception_text(response) -> str:
 
 
 def read_wms(href: str, grid: Grid, margin_m: float, client: WmsClient, what: str) -> SourceWindow:
-    """A GetMap request (the manifest's asset) redone over ``grid``'s bounds grown by ``margin_m``."""
+    """A GetMap request (the manifest's asset) redone over ``grid``'s bounds grown by ``margin_m``.
+
+    When that is more pixels than the service's MaxWidth or MaxHeight, it is asked for in tiles
+    of the same pixel grid, pasted together: the same pixels as one request. The answer keeps
+    its alpha band when it has one (transparent: no image there).
+    """
     parts = urlsplit(href)
     params = dict(parse_qsl(parts.query, keep_blank_values=True))
+    url = parts._replace(query="").geturl()
     xmin, ymin, xmax, ymax = grid.bounds
     gsd = grid.transform.a
-    bounds = (xmin - margin_m, ymin - margin_m, xmax + margin_m, ymax + margin_m)
-    width, height = round((bounds[2] - bounds[0]) / gsd), round((bounds[3] - bounds[1]) / gsd)
-    params.update(BBOX=",".join(f"{v:.2f}" for v in bounds), WIDTH=str(width), HEIGHT=str(height), CRS=grid.crs)
-    data = client.image(params, f"GetMap {what}", url=parts._replace(query="").geturl())
-    # PNG with TRANSPARENT=TRUE may add an alpha band: keep the colour bands.
-    return SourceWindow(data[:3] if data.shape[0] == 4 else data, Affine(gsd, 0.0, bounds[0], 0.0, -gsd, bounds[3]),
-                        grid.crs)
+    left, top = xmin - margin_m, ymax + margin_m
+    width, height = round((xmax - xmin + 2 * margin_m) / gsd), round((ymax - ymin + 2 * margin_m) / gsd)
+    caps = client.capabilities()
+    tile_width, tile_height = min(width, caps.max_width or width), min(height, caps.max_height or height)
+    tiles = [(row, col) for row in range(0, height, tile_height) for col in range(0, width, tile_width)]
+    out = None
+    for row, col in tiles:
+        w, h = min(tile_width, width - col), min(tile_height, height - row)
+        bounds = (left + col * gsd, top - (row + h) * gsd, left + (col + w) * gsd, top - row * gsd)
+        params.update(BBOX=",".join(f"{v:.2f}" for v in bounds), WIDTH=str(w), HEIGHT=str(h), CRS=grid.crs)
+        label = f"GetMap {what}" + (f" tile {tiles.index((row, col)) + 1}/{len(tiles)}" if len(tiles) > 1 else "")
+        data = client.image(params, label, url=url)
+        if out is None:
+            out = np.zeros((data.shape[0], height, width), dtype=data.dtype)
+        out[:, row:row + h, col:col + w] = data
+    return SourceWindow(out, Affine(gsd, 0.0, left, 0.0, -gsd, top), grid.crs)
+
+
+# ============================================================= configured layers vs the service
+
+
+def layer_years(template: str, names: Iterable[str]) -> list[int]:
+    """The years Y for which ``template.format(year=Y)`` is one of ``names``."""
+    pattern = re.compile(re.escape(template).replace(re.escape("{year}"), r"(\d{4})", 1)
+                         .replace(re.escape("{year}"), r"\1"))
+    return sorted({int(m.group(1)) for name in names if (m := pattern.fullmatch(name))})
+
+
+def _year_ranges(years: Sequence[int]) -> str:
+    """2001, 2002, 2003, 2005 -> '2001-2003, 2005'."""
+    runs: list[list[int]] = []
+    for year in sorted(years):
+        if runs and runs[-1][-1] == year - 1:
+            runs[-1].append(year)
+        else:
+            runs.append([year])
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
+
+
+def wms_layer_problems(sensor, caps: WmsCapabilities) -> list[str]:
+    """What a ``wms_layers`` sensor asks for that the service does not serve, one text each.
+
+    Every configured layer (``sensors.<name>.layers[i].name`` with ``{year}`` over
+    ``sensors.<name>.years``) must be a layer of the capabilities; the answer names the years
+    the service has of it, and the nearest ones. ``sensors.<name>.gsd_m`` must be no finer than
+    the finest pixel the layers are served at (their MinScaleDenominator).
+    """
+    problems = []
+    years = list(sensor.cfg["years"])
+    for i, layer in enumerate(sensor.cfg["layers"]):
+        template = layer["name"]
+        missing = [year for year in years if template.format(year=year) not in caps.layers]
+        if not missing:
+            continue
+        served = layer_years(template, caps.layers)
+        nearest = sorted({min(served, key=lambda y, m=m: (abs(y - m), y)) for m in missing}) if served else []
+        has = (f"it serves {_year_ranges(served)}, nearest {', '.join(map(str, nearest))}" if served
+               else "it serves no year of it")
+        problems.append(f"sensors.{sensor.name}.layers[{i}].name {template!r} for sensors.{sensor.name}.years "
+                        f"{_year_ranges(missing)}: {', '.join(template.format(year=y) for y in missing)} not served "
+                        f"({has})")
+    finest = [(caps.layers[n].finest_gsd_m, n) for year in years for n in sensor.layer_names(year).values()
+              if n in caps.layers and caps.layers[n].finest_gsd_m is not None]
+    if finest:
+        coarsest, name = max(finest)
+        if sensor.gsd_m < coarsest * (1 - 1e-9):
+            problems.append(f"sensors.{sensor.name}.gsd_m {sensor.gsd_m:g} is finer than {name} is served at: "
+                            f"{coarsest:.3f} m at best (MinScaleDenominator {caps.layers[name].min_scale_denominator:g}"
+                            f" x the OGC standard pixel of 0.28 mm)")
+    return problems
+
+
+def check_wms_sensor(sensor, caps: WmsCapabilities) -> None:
+    """ConfigError listing :func:`wms_layer_problems` in one message, if there is any."""
+    problems = wms_layer_problems(sensor, caps)
+    if problems:
+        raise ConfigError(f"sensors.{sensor.name} against the GetCapabilities of {caps.url}: " + "; ".join(problems))
+
+
+def describe_wms_sensor(sensor, caps: WmsCapabilities) -> list[str]:
+    """Lines saying, per configured layer and year, whether the service has it (``xstars catalog wms-layers``)."""
+    head = (f"{sensor.name}: {caps.url} (LayerLimit {caps.layer_limit}, MaxWidth {caps.max_width}, "
+            f"MaxHeight {caps.max_height}); sensors.{sensor.name}.gsd_m {sensor.gsd_m:g}")
+    lines = [head]
+    for i, layer in enumerate(sensor.cfg["layers"]):
+        served = layer_years(layer["name"], caps.layers)
+        lines.append(f"  sensors.{sensor.name}.layers[{i}].name {layer['name']}: years served "
+                     f"{_year_ranges(served) or 'none'}")
+        for year in sensor.cfg["years"]:
+            name = layer["name"].format(year=year)
+            found = caps.layers.get(name)
+            state = "missing" if found is None else "live" + (
+                f", finest {found.finest_gsd_m:.3f} m" if found.finest_gsd_m is not None else "")
+            lines.append(f"    {year} {name}: {state}")
+    return lines

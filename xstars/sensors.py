@@ -242,6 +242,16 @@ class Sensor:
             empty |= (image[: len(colour)] == np.asarray(colour, dtype=image.dtype)[:, None, None]).all(axis=0)
         return empty
 
+    def empty_pixels(self, image: np.ndarray, key: str) -> np.ndarray:
+        """Pixels of layer ``key``'s GetMap image (bands, h, w) without an image: transparent (the
+        alpha band after the layer's bands, below opaque) or painted in a fill colour (an opaque
+        ROK4 layer outside the area flown that year)."""
+        bands = len(self.layer_bands(key))
+        empty = self.fill_colour_pixels(image[:bands])
+        if image.shape[0] > bands:
+            empty |= image[bands] < 255
+        return empty
+
     def eligible(self, invalid_fraction: float, max_invalid_fraction: float) -> bool:
         """Whether a scene with this invalid fraction of the footprint may be used.
 

@@ -404,6 +404,7 @@ class GatewayState:
         self.stac_url = f"{self.public_url}/stac"
         self.files_dir = layout.files_dir(root).resolve()
         self.layers = wms.load_layers(root)
+        self.wms_limits = wms.load_limits(root)
         self.collections = load_collections(root)
         self._backend_pattern = _backend_rewriter(backend_port)
         self._lock = threading.Lock()
@@ -989,10 +990,10 @@ class GatewayHandler(BaseHTTPRequestHandler):
             return
         try:
             if request == "getcapabilities":
-                xml = wms.capabilities_xml(self.state.layers, f"{self.state.public_url}/wms")
+                xml = wms.capabilities_xml(self.state.layers, f"{self.state.public_url}/wms", self.state.wms_limits)
                 self._send(200, xml, "text/xml; charset=utf-8")
             elif request == "getmap":
-                req = wms.parse_getmap(params, self.state.layers)
+                req = wms.parse_getmap(params, self.state.layers, self.state.wms_limits)
                 image = wms.render_getmap(req, self.state.layers)
                 self.state.count_wms_bytes(len(image))
                 self._send(200, image, req.format)

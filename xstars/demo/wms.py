@@ -13,16 +13,27 @@ Layers are described by ``<root>/wms/layers.json`` (:func:`xstars.demo.layout.wm
          "abstract": "Synthetic 0.5 m orthophoto",    # free text
          "year": 2021,                                # acquisition year (optional)
          "bands": ["R", "G", "B"],                    # one name per output band
+         "fill": [255, 255, 255],                     # optional: colour outside the sources
+                                                      # (default [0, 0, 0]; null: transparent)
          "sources": [                                 # one GeoTIFF per city, disjoint in space
             {"path": "files/wms/bd_ortho/2021/toulouse.tif",   # relative to the world root
              "band_indexes": [1, 2, 3]}                     # 1-based bands of that file
          ]}
-    ]}
+    ],
+     "service": {"max_width": 4096, "max_height": 4096}}   # optional: the GetMap size limits
 
 Every source must be a Lambert-93 (EPSG:2154) uint8 GeoTIFF. A GetMap answer has exactly
 ``WIDTH x HEIGHT`` pixels covering exactly ``BBOX`` (WMS boxes are the outer edges of the pixel
 grid), resampled from the sources with GDAL's warper: bilinear at native or finer resolution,
-average when downsampling. Pixels outside every source are 0 (no transparency).
+average when downsampling. Pixels outside every source have the layer's opaque fill colour (black
+unless ``fill`` says otherwise: a ROK4 layer outside the area flown that year may be white), or,
+with ``"fill": null``, are white and transparent (an alpha band, 0 there) when the format has one.
+
+GetCapabilities is shaped like the Géoplateforme's for what a client must handle: per layer an
+``EX_GeographicBoundingBox`` and an EPSG:3857 ``BoundingBox`` only (no Lambert-93 box, although
+GetMap takes ``CRS=EPSG:2154``), a ``MinScaleDenominator`` (the finest source pixel over the OGC
+0.28 mm pixel) and ``MaxScaleDenominator``; the service's ``LayerLimit``, ``MaxWidth`` and
+``MaxHeight``.
 
 Supported: ``VERSION=1.3.0`` (and the ``SRS``/lon-lat conventions of 1.1.1), ``CRS`` EPSG:2154
 and EPSG:4326 (in 1.3.0, EPSG:4326 boxes are ``lat_min,lon_min,lat_max,lon_max`` as the standard
@@ -58,8 +69,17 @@ WMS_NS = "http://www.opengis.net/wms"
 XLINK_NS = "http://www.w3.org/1999/xlink"
 OGC_NS = "http://www.opengis.net/ogc"
 
-#: Largest WIDTH or HEIGHT accepted by GetMap (the Géoplateforme also announces 4096).
+#: Largest WIDTH or HEIGHT accepted by GetMap by default (the Géoplateforme announces 10000).
 MAX_SIZE = 4096
+
+#: Layers one GetMap may name (this WMS renders one; the Géoplateforme announces 2).
+LAYER_LIMIT = 1
+
+#: The OGC standard rendering pixel (WMS 1.3.0): a scale denominator S is S x 0.28 mm a pixel.
+OGC_PIXEL_M = 0.00028
+
+#: The coarsest scale announced (as the Géoplateforme's layers do: about 1:8.7 million).
+MAX_SCALE_DENOMINATOR = 8735660.375448715
 
 #: MIME type -> GDAL driver of the GetMap output formats.
 FORMATS: dict[str, str] = {"image/png": "PNG", "image/tiff": "GTiff", "image/jpeg": "JPEG"}
@@ -104,6 +124,12 @@ class Layer:
     year: int | None
     bands: tuple[str, ...]
     sources: tuple[Source, ...]
+    fill: tuple[int, ...] | None = (0, 0, 0)  # outside the sources; None: transparent
+
+    @property
+    def min_scale_denominator(self) -> float:
+        """The finest source pixel as a scale denominator (what MinScaleDenominator announces)."""
+        return min((s.resolution for s in self.sources), default=1.0) / OGC_PIXEL_M
 
     @property
     def bounds_l93(self) -> tuple[float, float, float, float]:
@@ -179,6 +205,9 @@ def load_layers(root: Path) -> dict[str, Layer]:
         except KeyError as exc:
             raise DataError(f"{path}: a layer lacks the key {exc}") from exc
         year = entry.get("year")
+        fill = entry.get("fill", [0] * len(bands))
+        if fill is not None and len(fill) != len(bands):
+            raise DataError(f"{path}: layer {name} has {len(bands)} bands but a fill of {len(fill)} values")
         layers[name] = Layer(
             name=name,
             title=str(entry.get("title", name)),
@@ -186,8 +215,26 @@ def load_layers(root: Path) -> dict[str, Layer]:
             year=int(year) if year is not None else None,
             bands=bands,
             sources=sources,
+            fill=None if fill is None else tuple(int(v) for v in fill),
         )
     return layers
+
+
+@dataclass(frozen=True)
+class ServiceLimits:
+    """The limits GetCapabilities announces and GetMap enforces."""
+
+    layer_limit: int = LAYER_LIMIT
+    max_width: int = MAX_SIZE
+    max_height: int = MAX_SIZE
+
+
+def load_limits(root: Path) -> ServiceLimits:
+    """The ``service`` entry of ``<root>/wms/layers.json`` (the defaults when absent)."""
+    path = layout.wms_layers_path(Path(root))
+    service = json.loads(path.read_text()).get("service", {}) if path.exists() else {}
+    return ServiceLimits(max_width=int(service.get("max_width", MAX_SIZE)),
+                         max_height=int(service.get("max_height", MAX_SIZE)))
 
 
 # --------------------------------------------------------------------------------- parameters
@@ -218,6 +265,7 @@ class GetMapRequest:
     width: int
     height: int
     format: str
+    transparent: bool = False
 
     @property
     def transform(self) -> Affine:
@@ -260,7 +308,7 @@ def _parse_bbox(raw: str) -> tuple[float, float, float, float]:
 
 
 def parse_getmap(
-    params: Mapping[str, str], layers: Mapping[str, Layer], max_size: int = MAX_SIZE
+    params: Mapping[str, str], layers: Mapping[str, Layer], limits: ServiceLimits = ServiceLimits()
 ) -> GetMapRequest:
     """Validate the (uppercased) parameters of a GetMap request; raises WmsError."""
     version = params.get("VERSION", "1.3.0")
@@ -299,9 +347,10 @@ def parse_getmap(
         layer=names[0],
         crs=crs,
         bbox=bbox,
-        width=_parse_size(params, "WIDTH", max_size),
-        height=_parse_size(params, "HEIGHT", max_size),
+        width=_parse_size(params, "WIDTH", limits.max_width),
+        height=_parse_size(params, "HEIGHT", limits.max_height),
         format=fmt,
+        transparent=params.get("TRANSPARENT", "FALSE").upper() == "TRUE",
     )
 
 
@@ -348,7 +397,22 @@ def _coverage_mask(source: Source, req: GetMapRequest) -> np.ndarray:
 
 
 def render_array(req: GetMapRequest, layer: Layer) -> np.ndarray:
-    """Resample the layer's sources onto the request's grid: uint8 array (bands, height, width)."""
+    """Resample the layer's sources onto the request's grid: uint8 array (bands, height, width).
+
+    Outside the sources: the layer's fill colour. A transparent layer (``fill`` null) is white
+    there, as ROK4's no-data, and asked for with ``TRANSPARENT=TRUE`` in a format with an alpha
+    band (PNG) gets one more band, 0 there: only the alpha says the white is no image.
+    """
+    covered = np.zeros((req.height, req.width), dtype=bool)
+    out = _render_sources(req, layer, covered)
+    out[:, ~covered] = np.asarray(layer.fill or [255] * len(layer.bands), dtype=np.uint8)[:, None]
+    if layer.fill is None and req.transparent and FORMATS[req.format] == "PNG" and len(layer.bands) < 4:
+        out = np.concatenate([out, np.where(covered, 255, 0).astype(np.uint8)[None]])
+    return out
+
+
+def _render_sources(req: GetMapRequest, layer: Layer, covered: np.ndarray) -> np.ndarray:
+    """The sources' pixels on the request's grid; ``covered`` is set where a source has one."""
     out = np.zeros((len(layer.bands), req.height, req.width), dtype=np.uint8)
     dst_crs = CRS.from_string(req.crs)
     for source in layer.sources:
@@ -367,6 +431,7 @@ def render_array(req: GetMapRequest, layer: Layer) -> np.ndarray:
         # Sources are disjoint: each output pixel takes the one source its centre falls in.
         mask = _coverage_mask(source, req)
         out[:, mask] = warped[:, mask]
+        covered |= mask
     return out
 
 
@@ -433,26 +498,11 @@ def _geographic_box(
     _sub(box, "northBoundLatitude", f"{north:.6f}")
 
 
-def _bounding_boxes(parent: ET.Element, layer_l93: tuple, layer_wgs84: tuple) -> None:
-    _sub(
-        parent,
-        "BoundingBox",
-        CRS="EPSG:2154",
-        minx=f"{layer_l93[0]:.2f}",
-        miny=f"{layer_l93[1]:.2f}",
-        maxx=f"{layer_l93[2]:.2f}",
-        maxy=f"{layer_l93[3]:.2f}",
-    )
-    # WMS 1.3.0: EPSG:4326 boxes are written latitude first.
-    _sub(
-        parent,
-        "BoundingBox",
-        CRS="EPSG:4326",
-        minx=f"{layer_wgs84[1]:.6f}",
-        miny=f"{layer_wgs84[0]:.6f}",
-        maxx=f"{layer_wgs84[3]:.6f}",
-        maxy=f"{layer_wgs84[2]:.6f}",
-    )
+def _bounding_box_3857(parent: ET.Element, layer_l93: tuple) -> None:
+    """The one projected box the Géoplateforme declares per layer: Web Mercator."""
+    box = transform_bounds(SOURCE_CRS, "EPSG:3857", *layer_l93, densify_pts=21)
+    _sub(parent, "BoundingBox", CRS="EPSG:3857", minx=f"{box[0]:.6f}", miny=f"{box[1]:.6f}",
+         maxx=f"{box[2]:.6f}", maxy=f"{box[3]:.6f}")
 
 
 def _layer_element(parent: ET.Element, layer: Layer) -> None:
@@ -468,14 +518,16 @@ def _layer_element(parent: ET.Element, layer: Layer) -> None:
     for crs in SUPPORTED_CRS:
         _sub(element, "CRS", crs)
     _geographic_box(element, *layer.bounds_wgs84)
-    _bounding_boxes(element, layer.bounds_l93, layer.bounds_wgs84)
+    _bounding_box_3857(element, layer.bounds_l93)
     style = _sub(element, "Style")
     _sub(style, "Name", "normal")
     _sub(style, "Title", "Default style")
+    _sub(element, "MinScaleDenominator", f"{layer.min_scale_denominator:.9f}")
+    _sub(element, "MaxScaleDenominator", f"{MAX_SCALE_DENOMINATOR:.9f}")
 
 
 def capabilities_xml(
-    layers: Mapping[str, Layer], service_url: str, max_size: int = MAX_SIZE
+    layers: Mapping[str, Layer], service_url: str, limits: ServiceLimits = ServiceLimits()
 ) -> bytes:
     """The WMS 1.3.0 GetCapabilities document listing ``layers``, served at ``service_url``."""
     # Namespaces are declared as plain attributes rather than through ElementTree's global
@@ -491,9 +543,9 @@ def capabilities_xml(
     _online_resource(service, service_url)
     _sub(service, "Fees", "none")
     _sub(service, "AccessConstraints", "none")
-    _sub(service, "LayerLimit", "1")
-    _sub(service, "MaxWidth", str(max_size))
-    _sub(service, "MaxHeight", str(max_size))
+    _sub(service, "LayerLimit", str(limits.layer_limit))
+    _sub(service, "MaxWidth", str(limits.max_width))
+    _sub(service, "MaxHeight", str(limits.max_height))
 
     capability = _sub(root, "Capability")
     request = _sub(capability, "Request")
@@ -511,10 +563,8 @@ def capabilities_xml(
     for crs in SUPPORTED_CRS:
         _sub(top, "CRS", crs)
     if layers:
-        all_l93 = _union([layer.bounds_l93 for layer in layers.values()])
-        all_wgs84 = _union([layer.bounds_wgs84 for layer in layers.values()])
-        _geographic_box(top, *all_wgs84)
-        _bounding_boxes(top, all_l93, all_wgs84)
+        _geographic_box(top, *_union([layer.bounds_wgs84 for layer in layers.values()]))
+        _bounding_box_3857(top, _union([layer.bounds_l93 for layer in layers.values()]))
     for layer in layers.values():
         _layer_element(top, layer)
 
