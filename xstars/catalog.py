@@ -46,7 +46,15 @@ from shapely.geometry import box, mapping, shape
 
 from xstars import items as stac_items
 from xstars.errors import ConfigError, DataError, ServiceError
-from xstars.remote import Grid, WmsClient, WmsLayer, check_wms_sensor, http_retry, read_on_grid, with_retries
+from xstars.remote import (
+    Grid,
+    WmsClient,
+    WmsLayer,
+    check_wms_sensor,
+    http_retry,
+    read_on_grid,
+    with_retries,
+)
 from xstars.sensors import Sensor, sensors_of
 from xstars.sites import Site, reproject_geometry
 

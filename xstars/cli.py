@@ -48,7 +48,14 @@ from typing import Any
 import yaml
 
 from xstars import __version__, redaction
-from xstars.config import BUILD_SECTIONS, deep_merge, expand_demo_address, load_config, parse_override, validate
+from xstars.config import (
+    BUILD_SECTIONS,
+    deep_merge,
+    expand_demo_address,
+    load_config,
+    parse_override,
+    validate,
+)
 from xstars.errors import ConfigError, XstarsError
 
 log = logging.getLogger("xstars.cli")
