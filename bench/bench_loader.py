@@ -119,7 +119,7 @@ def main() -> None:
     import torch
     from PIL import Image
 
-    from xstars.data import PretrainBatches, StoreReader, ViewSpec, sensor_infos
+    from xstars.data import BatchPlan, PretrainBatches, StoreReader, ViewSpec, sensor_infos
 
     shutil.rmtree(args.workdir, ignore_errors=True)
     data = tiles(args.samples)
@@ -166,8 +166,8 @@ def main() -> None:
     spec = ViewSpec(global_px=224, local_px=96, local_crops=8, paired_px={"l8": 112})
 
     def xstars_batches() -> None:
-        batches = PretrainBatches(store, list(SENSORS), ["s2"], {"s2": ["ign", "l8"]}, spec, batch_size=32, epochs=1,
-                                  seed=0, shuffle_buffer=64)
+        batches = PretrainBatches(store, BatchPlan(list(SENSORS), ["s2"], {"s2": ["ign", "l8"]}, spec, batch_size=32,
+                                                   epochs=1, seed=0, shuffle_buffer=64))
         for _ in batches:
             pass
 

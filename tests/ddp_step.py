@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from xstars.data import PretrainBatches, ViewSpec
+from xstars.data import BatchPlan, PretrainBatches, ViewSpec
 from xstars.train import build_student, init_distributed, run_bands
 
 
@@ -23,10 +23,10 @@ def main(store: str, settings_json: str, out_dir: str) -> None:
     dist = init_distributed()
     assert dist.world_size == 2, dist
     sensors = settings["sensors"]
-    data = PretrainBatches(store, sensors, settings["dino_sensors"],
-                           {s: [o for o in sensors if o != s] for s in settings["dino_sensors"]},
-                           ViewSpec.from_config(settings["views"]), settings["optim"]["batch_size_per_gpu"], 1, seed=0,
-                           rank=dist.rank, world_size=dist.world_size)
+    data = PretrainBatches(store, BatchPlan(
+        sensors, settings["dino_sensors"], {s: [o for o in sensors if o != s] for s in settings["dino_sensors"]},
+        ViewSpec.from_config(settings["views"]), settings["optim"]["batch_size_per_gpu"], epochs=1, seed=0,
+        rank=dist.rank, world_size=dist.world_size))
     batch = next(iter(data))
     torch.manual_seed(0)  # same initial weights on both ranks
     student = build_student(settings, {s: len(i.bands) for s, i in data.infos.items()})

@@ -10,7 +10,7 @@ import torch
 
 from tests.synthetic_store import ground_field, write_store
 from xstars import data
-from xstars.data import PretrainBatches, ViewSpec
+from xstars.data import BatchPlan, PretrainBatches, ViewSpec
 from xstars.errors import DataError
 
 PAIRED = {"s2": ["l8", "ign"], "ign": ["s2", "l8"]}
@@ -22,11 +22,11 @@ def store(tmp_path_factory) -> Path:
                        invalid={1: 0.5})
 
 
-def batches(store: Path, **kwargs) -> PretrainBatches:
+def batches(store: Path, start_step: int = 0, **kwargs) -> PretrainBatches:
     settings = {"sensors": ["s2", "l8", "ign"], "dino_sensors": ["s2", "ign"], "paired_sensors": PAIRED,
                 "spec": ViewSpec(global_px=48, local_px=16, local_crops=2), "batch_size": 2, "epochs": 2, "seed": 3,
                 "shuffle_buffer": 3} | kwargs
-    return PretrainBatches(store, **settings)
+    return PretrainBatches(store, BatchPlan(**settings), start_step=start_step)
 
 
 def test_resample_box_maps_ground_to_ground_across_resolutions() -> None:

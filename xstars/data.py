@@ -398,6 +398,27 @@ def collate(per_sample: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 # ================================================================================= dataset
 
 
+@dataclass(frozen=True)
+class BatchPlan:
+    """What the pretraining batches are made of: the sensors and their roles, the views, the
+    batch size and length, and how the stream is divided between ranks and workers."""
+
+    sensors: Sequence[str]
+    dino_sensors: Sequence[str]  # one drawn per batch for DINO's views
+    paired_sensors: Mapping[str, Sequence[str]]  # DINO sensor -> the sensors paired with it (MSAD)
+    spec: ViewSpec
+    batch_size: int  # per rank
+    epochs: int
+    seed: int
+    splits: Sequence[str] = ("train",)
+    bands: Mapping[str, Sequence[str]] | None = None  # per sensor (default: every stored band)
+    num_workers: int = 0
+    rank: int = 0
+    world_size: int = 1
+    shuffle_buffer: int = 64
+    pairs_per_step: int = 0  # paired sensors drawn per step (0: all of them)
+
+
 class PretrainBatches(IterableDataset):
     """Batches for X-STARS pretraining, from step ``start_step`` to the end of ``epochs``.
 
@@ -407,24 +428,23 @@ class PretrainBatches(IterableDataset):
     ``epoch`` and ``step`` so the loop can check it.
     """
 
-    def __init__(self, path: Path | str, sensors: Sequence[str], dino_sensors: Sequence[str],
-                 paired_sensors: Mapping[str, Sequence[str]], spec: ViewSpec, batch_size: int, epochs: int,
-                 seed: int, splits: Sequence[str] = ("train",), bands: Mapping[str, Sequence[str]] | None = None,
-                 num_workers: int = 0, rank: int = 0, world_size: int = 1, shuffle_buffer: int = 64,
-                 start_step: int = 0, pairs_per_step: int = 0) -> None:
+    def __init__(self, path: Path | str, plan: BatchPlan, start_step: int = 0) -> None:
         super().__init__()
-        self.infos = sensor_infos(path, sensors, bands)
+        self.plan = plan
+        self.infos = sensor_infos(path, plan.sensors, plan.bands)
         self.reader = StoreReader(path, self.infos)
-        self.samples = usable_samples(path, sensors, splits)
+        self.samples = usable_samples(path, plan.sensors, plan.splits)
         if len(self.samples) == 0:
-            raise DataError(f"{path}: no sample of splits {list(splits)} is usable by every sensor of {list(sensors)}")
-        self.dino_sensors, self.paired_sensors = list(dino_sensors), {k: list(v) for k, v in paired_sensors.items()}
-        self.spec, self.batch_size, self.epochs, self.seed = spec, batch_size, epochs, seed
-        self.workers, self.rank, self.world_size = max(num_workers, 1), rank, world_size
-        self.shuffle_buffer, self.start_step = max(shuffle_buffer, 1), start_step
-        self.pairs_per_step = pairs_per_step
-        self.steps_per_epoch = steps_per_epoch(len(self.samples), batch_size, world_size, self.workers)
-        self.chunks = shard_chunks(self.samples, self.reader.samples_per_shard, world_size * self.workers)
+            raise DataError(f"{path}: no sample of splits {list(plan.splits)} is usable by every sensor of "
+                            f"{list(plan.sensors)}")
+        self.dino_sensors = list(plan.dino_sensors)
+        self.paired_sensors = {k: list(v) for k, v in plan.paired_sensors.items()}
+        self.spec, self.batch_size, self.epochs, self.seed = plan.spec, plan.batch_size, plan.epochs, plan.seed
+        self.workers, self.rank, self.world_size = max(plan.num_workers, 1), plan.rank, plan.world_size
+        self.shuffle_buffer, self.start_step = max(plan.shuffle_buffer, 1), start_step
+        self.pairs_per_step = plan.pairs_per_step
+        self.steps_per_epoch = steps_per_epoch(len(self.samples), self.batch_size, self.world_size, self.workers)
+        self.chunks = shard_chunks(self.samples, self.reader.samples_per_shard, self.world_size * self.workers)
 
     def __len__(self) -> int:
         return self.epochs * self.steps_per_epoch - self.start_step

@@ -27,9 +27,10 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from xstars.data import PretrainBatches, ViewSpec, sensor_infos
+from xstars.data import BatchPlan, PretrainBatches, ViewSpec, sensor_infos
 from xstars.errors import DataError
 from xstars.losses import DINOLoss, MSADHead, make_msad_loss
 from xstars.model import (
@@ -194,10 +195,11 @@ def pretrain(store: Path | str, settings: Mapping[str, Any], out_dir: Path | str
                        optim["epochs"], settings["dino"]["student_temp"], settings["dino"]["center_momentum"]).to(device)
 
     workers = settings["loader"]["num_workers"]
-    dataset = PretrainBatches(store, sensors, dino_sensors, paired, views, optim["batch_size_per_gpu"],
-                              optim["epochs"], seed, settings["splits"], run_bands(settings), workers,
-                              dist_info.rank, dist_info.world_size, settings["loader"]["shuffle_buffer"],
-                              pairs_per_step=settings["msad"]["pairs_per_step"])
+    plan = BatchPlan(sensors, dino_sensors, paired, views, optim["batch_size_per_gpu"], optim["epochs"], seed,
+                     splits=settings["splits"], bands=run_bands(settings), num_workers=workers, rank=dist_info.rank,
+                     world_size=dist_info.world_size, shuffle_buffer=settings["loader"]["shuffle_buffer"],
+                     pairs_per_step=settings["msad"]["pairs_per_step"])
+    dataset = PretrainBatches(store, plan)
     steps_per_epoch = dataset.steps_per_epoch
     total_steps = optim["epochs"] * steps_per_epoch
     batch_total = optim["batch_size_per_gpu"] * dist_info.world_size
@@ -264,55 +266,16 @@ def pretrain(store: Path | str, settings: Mapping[str, Any], out_dir: Path | str
         from tqdm import tqdm
 
         bar = tqdm(total=end - start, desc=f"pretrain {out_dir.name}", unit="step")
+    run = Run(student=student, teacher=teacher, model=model, frozen=frozen, optimizer=optimizer, scaler=scaler,
+              loss_fn=loss_fn, lr=lr, wd=wd, momentum=momentum, settings=settings, device=device,
+              amp_dtype=amp_dtype, seed=seed, rank=dist_info.rank, world_size=dist_info.world_size,
+              steps_per_epoch=steps_per_epoch)
     student.train()
     last_saved = start
-    tick = time.perf_counter()
     with metrics_path.open("a") if dist_info.main else open(os.devnull, "w") as metrics:
-        for step, batch in zip(range(start, end), loader, strict=False):
-            epoch = step // steps_per_epoch
-            if (batch["epoch"], batch["epoch"] * steps_per_epoch + batch["step"]) != (epoch, step):
-                raise RuntimeError(f"data order broken: got epoch {batch['epoch']} step {batch['step']} at {step}")
-            # Drop-path, dropout and MSAD's token draws: a function of the step, so resuming is exact.
-            torch.manual_seed(int(np.random.SeedSequence([seed, dist_info.rank, step]).generate_state(1)[0]))
-            for i, group in enumerate(optimizer.param_groups):
-                group["lr"] = float(lr[step])
-                if i == 0:
-                    group["weight_decay"] = float(wd[step])
-            sensor = batch["sensor"]
-            crops = [c.to(device, non_blocking=True) for c in batch["crops"]]
-            paired_views = {s: v.to(device, non_blocking=True) for s, v in batch["paired"].items()}
-            valid = {s: v.to(device, non_blocking=True) for s, v in batch["valid"].items()}
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                frozen_tokens = None
-                if frozen is not None and paired_views:
-                    with torch.no_grad():
-                        frozen_tokens = {s: frozen(v, s) for s, v in paired_views.items()}
-                    paired_views = {}
-                out = model(sensor, crops, paired_views, valid, frozen_tokens)
-                teacher_out = teacher(sensor, crops[:2])
-            dino = loss_fn(out.dino, teacher_out, epoch)
-            msad = out.msad.float()
-            loss = dino + settings["msad"]["alpha"] * msad
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at step {step} (dino {dino.item()}, msad {msad.item()})")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            grad_norm = (torch.nn.utils.clip_grad_norm_(student.parameters(), optim["clip_grad"])
-                         if optim["clip_grad"] > 0 else torch.tensor(0.0))
-            if epoch < optim["freeze_last_layer_epochs"]:
-                for p in student.dino_head.last_layer.parameters():
-                    p.grad = None
-            scaler.step(optimizer)
-            scaler.update()
-            ema_update(teacher, student, float(momentum[step]))
 
-            now = time.perf_counter()
-            record = {"step": step + 1, "epoch": epoch, "sensor": sensor, "loss": round(loss.item(), 6),
-                      "dino": round(dino.item(), 6), "msad": round(msad.item(), 6), "lr": float(lr[step]),
-                      "wd": float(wd[step]), "momentum": float(momentum[step]), "grad_norm": round(float(grad_norm), 6),
-                      "samples_per_s": round(len(batch["index"]) * dist_info.world_size / (now - tick), 3)}
-            tick = now
+        def after_step(step: int, record: dict[str, Any]) -> None:
+            nonlocal last_saved
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
             if bar is not None:
@@ -321,6 +284,11 @@ def pretrain(store: Path | str, settings: Mapping[str, Any], out_dir: Path | str
             if (step + 1) % settings["checkpoint_every_steps"] == 0:
                 save(step + 1)
                 last_saved = step + 1
+
+        batches = iter(loader)
+        for epoch in range(start // steps_per_epoch, math.ceil(end / steps_per_epoch)):
+            steps = range(max(start, epoch * steps_per_epoch), min(end, (epoch + 1) * steps_per_epoch))
+            train_one_epoch(run, batches, epoch, steps, after_step)
     if bar is not None:
         bar.close()
     final_step = max(min(end, total_steps), start)
@@ -332,6 +300,92 @@ def pretrain(store: Path | str, settings: Mapping[str, Any], out_dir: Path | str
         export_backbone(teacher.backbone, infos, settings, out_dir, summary)
     _barrier(dist_info)
     return summary
+
+
+@dataclass
+class Run:
+    """What a training step works on: the networks, the optimiser, the loss and the schedules."""
+
+    student: XStars
+    teacher: Teacher
+    model: nn.Module  # the student, wrapped in DDP when there are several processes
+    frozen: ViT | None  # continual mode: the loaded source model, which gives the paired features
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    loss_fn: DINOLoss
+    lr: np.ndarray  # per step
+    wd: np.ndarray
+    momentum: np.ndarray
+    settings: Mapping[str, Any]
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    seed: int
+    rank: int
+    world_size: int
+    steps_per_epoch: int
+
+
+def train_one_epoch(run: Run, batches: Iterator[dict[str, Any]], epoch: int, steps: range,
+                    after_step: Callable[[int, dict[str, Any]], None]) -> None:
+    """The ``steps`` of one epoch (all of them, or the rest of it after a resume), as DINO's
+    loop: schedules, forward (DINO on the crops of the batch's sensor, MSAD on its paired
+    views), backward with clipping, the teacher's EMA; ``after_step`` gets each step's record."""
+    optim = run.settings["optim"]
+    tick = time.perf_counter()
+    for step in steps:
+        batch = next(batches, None)
+        if batch is None or (batch["epoch"], batch["epoch"] * run.steps_per_epoch + batch["step"]) != (epoch, step):
+            got = "nothing" if batch is None else f"epoch {batch['epoch']} step {batch['step']}"
+            raise RuntimeError(f"data order broken: got {got} at {step}")
+        # Drop-path, dropout and MSAD's token draws: a function of the step, so resuming is exact.
+        torch.manual_seed(int(np.random.SeedSequence([run.seed, run.rank, step]).generate_state(1)[0]))
+        for i, group in enumerate(run.optimizer.param_groups):
+            group["lr"] = float(run.lr[step])
+            if i == 0:
+                group["weight_decay"] = float(run.wd[step])
+
+        dino, msad = _losses(run, batch, epoch)
+        loss = dino + run.settings["msad"]["alpha"] * msad
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} at step {step} (dino {dino.item()}, msad {msad.item()})")
+
+        run.optimizer.zero_grad(set_to_none=True)
+        run.scaler.scale(loss).backward()
+        run.scaler.unscale_(run.optimizer)
+        grad_norm = (torch.nn.utils.clip_grad_norm_(run.student.parameters(), optim["clip_grad"])
+                     if optim["clip_grad"] > 0 else torch.tensor(0.0))
+        if epoch < optim["freeze_last_layer_epochs"]:
+            for p in run.student.dino_head.last_layer.parameters():
+                p.grad = None
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        ema_update(run.teacher, run.student, float(run.momentum[step]))
+
+        now = time.perf_counter()
+        after_step(step, {
+            "step": step + 1, "epoch": epoch, "sensor": batch["sensor"], "loss": round(loss.item(), 6),
+            "dino": round(dino.item(), 6), "msad": round(msad.item(), 6), "lr": float(run.lr[step]),
+            "wd": float(run.wd[step]), "momentum": float(run.momentum[step]), "grad_norm": round(float(grad_norm), 6),
+            "samples_per_s": round(len(batch["index"]) * run.world_size / (now - tick), 3)})
+        tick = now
+
+
+def _losses(run: Run, batch: Mapping[str, Any], epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """DINO's loss on the batch's crops against the teacher, and MSAD's on its paired views."""
+    device = run.device
+    sensor = batch["sensor"]
+    crops = [c.to(device, non_blocking=True) for c in batch["crops"]]
+    paired_views = {s: v.to(device, non_blocking=True) for s, v in batch["paired"].items()}
+    valid = {s: v.to(device, non_blocking=True) for s, v in batch["valid"].items()}
+    with torch.autocast(device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
+        frozen_tokens = None
+        if run.frozen is not None and paired_views:
+            with torch.no_grad():
+                frozen_tokens = {s: run.frozen(v, s) for s, v in paired_views.items()}
+            paired_views = {}
+        out = run.model(sensor, crops, paired_views, valid, frozen_tokens)
+        teacher_out = run.teacher(sensor, crops[:2])
+    return run.loss_fn(out.dino, teacher_out, epoch), out.msad.float()
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
