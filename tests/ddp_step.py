@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
+from xstars.config import run_bands
 from xstars.data import BatchPlan, PretrainBatches, ViewSpec
-from xstars.train import build_student, init_distributed, run_bands
+from xstars.train import build_student, init_distributed
 
 
 def main(store: str, settings_json: str, out_dir: str) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import FIXTURES, SMALL_DEMO, free_port
-from xstars import catalog
+from xstars import catalog, figures
 from xstars import items as stac_items
 from xstars.config import load_config
 from xstars.demo import server
@@ -102,7 +102,7 @@ def test_manifest_has_one_row_per_site_and_sensor(clean_manifest, demo_root: Pat
 def test_manifest_figure(clean_manifest, tmp_path: Path) -> None:
     from PIL import Image
 
-    out = catalog.plot_manifest(clean_manifest[0], tmp_path / "catalog.png")
+    out = figures.plot_manifest(clean_manifest[0], tmp_path / "catalog.png")
     with Image.open(out) as image:
         assert image.size[0] > 1000 and len(set(image.convert("RGB").getdata())) > 50
 

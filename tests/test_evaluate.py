@@ -11,9 +11,10 @@ import torch
 
 from tests.synthetic_store import SENSORS, write_store
 from tests.test_pretrain import tiny_settings
-from xstars import evaluate, train
+from xstars import evaluate, figures, train
 from xstars.config import load_config, validate
 from xstars.errors import DataError
+from xstars.model import load_exported
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,7 +61,7 @@ def test_every_task_for_a_random_and_a_trained_model(store: Path, tmp_path: Path
     random_backbone, description = evaluate.random_model(store, tiny_settings(), ["s2", "l8", "ign"], seed=0)
     results = [evaluate.evaluate_model(random_backbone, description, store, settings(), "random")]
     train.pretrain(store, tiny_settings(optim={"epochs": 1}), tmp_path / "run", seed=0, progress=False)
-    backbone, description = train.load_exported(tmp_path / "run" / "backbone.safetensors")
+    backbone, description = load_exported(tmp_path / "run" / "backbone.safetensors")
     results.append(evaluate.evaluate_model(backbone, description, store, settings(), "xstars"))
     records = results[1]["records"]
     tasks = {(r["task"], r["metric"]) for r in records}
@@ -84,8 +85,8 @@ def test_every_task_for_a_random_and_a_trained_model(store: Path, tmp_path: Path
     with (tmp_path / "results.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert {row["model"] for row in rows} == {"random", "xstars"} and all(row["n"] for row in rows)
-    evaluate.plot_label_efficiency(results, tmp_path / "curves.png")
-    evaluate.plot_retrieval_examples(results, store, tmp_path / "examples.png")
+    figures.plot_label_efficiency(results, tmp_path / "curves.png")
+    figures.plot_retrieval_examples(results, store, tmp_path / "examples.png")
     assert (tmp_path / "curves.png").stat().st_size > 10_000 and (tmp_path / "examples.png").stat().st_size > 10_000
     json.dumps(results)  # what the rule writes
 

@@ -13,6 +13,7 @@ from tests.test_catalog import small_world_config
 from tests.test_pretrain import tiny_settings
 from xstars import evaluate, train
 from xstars.demo import server
+from xstars.model import load_exported
 
 SEEDS = (1, 2, 3)
 
@@ -45,7 +46,7 @@ def test_xstars_beats_dino_on_cross_sensor_retrieval(demo_store: Path, tmp_path:
         for seed in SEEDS:
             out = tmp_path / f"{name}-{seed}"
             train.pretrain(demo_store, tiny_settings(**run), out, seed=seed, progress=False)
-            backbone, description = train.load_exported(out / "backbone.safetensors")
+            backbone, description = load_exported(out / "backbone.safetensors")
             scores[name].append(retrieval_top1(backbone, description, demo_store, settings))
     dino, xstars = np.array(scores["dino_only"]), np.array(scores["xstars_dense"])
     spread = max(dino.std(), xstars.std())

@@ -14,7 +14,7 @@ from xstars import train
 from xstars.config import deep_merge, load_config, run_settings
 from xstars.errors import ConfigError, DataError
 from xstars.losses import DINOLoss
-from xstars.model import ViT, convert_state_dict, load_backbone
+from xstars.model import ViT, convert_state_dict, load_backbone, load_exported
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -151,7 +151,7 @@ def test_export_and_continual_pretraining_from_it(store: Path, tmp_path: Path) -
     # A Sentinel-2-only DINO model, exported...
     source = tiny_settings(sensors=["s2"], dino_sensors=["s2"], msad={"alpha": 0}, optim={"epochs": 1})
     train.pretrain(store, source, tmp_path / "s2", seed=0, progress=False)
-    backbone, description = train.load_exported(tmp_path / "s2" / "backbone.safetensors")
+    backbone, description = load_exported(tmp_path / "s2" / "backbone.safetensors")
     assert description["sensors"]["s2"]["bands"] == ["B02", "B03", "B04", "B08"]
     assert len(description["sensors"]["s2"]["mean"]) == 4 and description["architecture"]["arch"] == "vit_tiny"
     # ...then adapted to the orthophotos while a frozen copy of it gives Sentinel-2's features.
@@ -164,7 +164,7 @@ def test_export_and_continual_pretraining_from_it(store: Path, tmp_path: Path) -
     loaded = backbone.state_dict()
     assert all(torch.equal(state["frozen"][k], loaded[k]) for k in loaded)  # frozen: the source model, untouched
     assert not torch.equal(state["student"]["backbone.blocks.0.attn.qkv.weight"], loaded["blocks.0.attn.qkv.weight"])
-    _exported, description = train.load_exported(tmp_path / "ign" / "backbone.safetensors")
+    _exported, description = load_exported(tmp_path / "ign" / "backbone.safetensors")
     assert set(description["sensors"]) == {"s2", "ign"}
     # A checkpoint of another architecture is refused with the keys that differ.
     wrong = tiny_settings(mode="continual", sensors=["s2", "ign"], dino_sensors=["ign"], model={"arch": "vit_small"},

@@ -119,7 +119,7 @@ def test_build_dataset_through_slurm_equals_the_local_build(
     assert result.returncode == 0, failure_report(workdir, result)
     assert list(workdir.glob(".snakemake/slurm_logs/rule_pretrain_run/**/*.log")), "pretrain_run did not use SLURM"
     run = workdir / "results" / "pretrain" / "xstars_dense"
-    from xstars.train import load_exported
+    from xstars.model import load_exported
 
     _backbone, description = load_exported(run / "backbone.safetensors")
     assert set(description["sensors"]) == {"s2", "l8", "ign"} and description["training"]["complete"]

@@ -519,7 +519,7 @@ def cmd_catalog_wms_layers(args: argparse.Namespace) -> int:
 
 def cmd_catalog_plot(args: argparse.Namespace) -> int:
     """Draw the manifest's sites and chosen scenes."""
-    from xstars.catalog import plot_manifest
+    from xstars.figures import plot_manifest
 
     plot_manifest(args.manifest, args.out)
     log.info("catalog plot out=%s", args.out)
@@ -601,7 +601,7 @@ def cmd_build_publish(args: argparse.Namespace) -> int:
 
 def cmd_build_figures(args: argparse.Namespace) -> int:
     """Draw a few stored sites (three sensors and labels) and the co-registration histogram."""
-    from xstars.store import plot_samples, plot_shifts
+    from xstars.figures import plot_samples, plot_shifts
 
     plot_samples(args.store, args.samples_out)
     plot_shifts(args.store, json.loads(args.summary.read_text()), args.shifts_out)
@@ -635,7 +635,8 @@ def cmd_pretrain_run(args: argparse.Namespace) -> int:
         log.info("pretrain %s: starting %d processes with torchrun", args.run, args.nproc)
         env = {**os.environ, TORCHRUN_ARGV: json.dumps(args.argv)}
         return subprocess.run(command, env=env, check=False).returncode
-    from xstars.train import BACKBONE, pretrain
+    from xstars.model import BACKBONE
+    from xstars.train import pretrain
 
     init = args.init
     if init is None and settings["mode"] == "continual" and settings["continual"]["from_run"]:
@@ -647,7 +648,7 @@ def cmd_pretrain_run(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain_figure(args: argparse.Namespace) -> int:
-    from xstars.train import plot_losses
+    from xstars.figures import plot_losses
 
     plot_losses({path.parent.name: path for path in args.metrics}, args.out)
     return 0
@@ -658,7 +659,7 @@ def cmd_evaluate_model(args: argparse.Namespace) -> int:
     import torch
 
     from xstars.evaluate import evaluate_model, random_model, save
-    from xstars.train import BACKBONE, load_exported
+    from xstars.model import BACKBONE, load_exported
 
     config = config_from_args(args)
     settings = config["evaluate"]
@@ -675,7 +676,8 @@ def cmd_evaluate_model(args: argparse.Namespace) -> int:
 
 def cmd_evaluate_report(args: argparse.Namespace) -> int:
     """The results table (CSV + Markdown), label-efficiency curves and retrieval examples."""
-    from xstars.evaluate import plot_label_efficiency, plot_retrieval_examples, write_tables
+    from xstars.evaluate import write_tables
+    from xstars.figures import plot_label_efficiency, plot_retrieval_examples
 
     results = [json.loads(path.read_text()) for path in args.results]
     args.out_dir.mkdir(parents=True, exist_ok=True)

@@ -598,3 +598,10 @@ def _extend_with_defaults(cls: type) -> type:
 
 
 _DefaultFillingValidator = _extend_with_defaults(jsonschema.Draft202012Validator)
+
+
+def run_bands(settings: Mapping[str, Any]) -> dict[str, list[str]] | None:
+    """The bands per sensor a run reads (``rgb_only`` or ``bands``); None = every stored band."""
+    if settings["rgb_only"]:
+        return {s: list(settings["rgb_bands"][s]) for s in settings["sensors"]}
+    return {s: list(b) for s, b in settings["bands"].items() if s in settings["sensors"]} or None

@@ -390,7 +390,7 @@ def evaluate_model(backbone: ViT, description: Mapping[str, Any], store: Path | 
 def random_model(store: Path | str, pretrain: Mapping[str, Any], sensors: Sequence[str], seed: int,
                  ) -> tuple[ViT, dict[str, Any]]:
     """The floor: the pretraining architecture, randomly initialised, fed like the others."""
-    from xstars.train import run_bands
+    from xstars.config import run_bands
 
     infos = sensor_infos(store, sensors, run_bands({**pretrain, "sensors": list(sensors)}))
     torch.manual_seed(seed)
@@ -477,76 +477,7 @@ def write_tables(results: Sequence[Mapping[str, Any]], csv_path: Path, markdown_
     return table
 
 
-def plot_label_efficiency(results: Sequence[Mapping[str, Any]], out: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = summarise(results)
-    metrics = [("classification", "linear_accuracy", "linear probe accuracy"),
-               ("classification", "knn_accuracy", "k-NN accuracy"), ("segmentation", "miou", "segmentation mIoU")]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(13, 3.6))
-    for ax, (task, metric, title) in zip(axes, metrics, strict=True):
-        for model in dict.fromkeys(r["model"] for r in rows):
-            chosen = [r for r in rows if r["model"] == model and r["task"] == task and r["metric"] == metric]
-            fractions = sorted({r["fraction"] for r in chosen})
-            means = [np.mean([r["mean"] for r in chosen if r["fraction"] == f]) for f in fractions]
-            spread = [np.mean([r["std"] for r in chosen if r["fraction"] == f]) for f in fractions]
-            ax.errorbar([100 * f for f in fractions], means, yerr=spread, marker="o", capsize=3, label=model)
-        ax.set_xscale("log")
-        ax.set_xlabel("% of training labels")
-        ax.set_title(title + " (mean over sensors)")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
-
-
-def plot_retrieval_examples(results: Sequence[Mapping[str, Any]], store: Path | str, out: Path,
-                            pair: str | None = None, queries: int = 3) -> Path:
-    """For a few test tiles seen by sensor A: the 3 tiles each model retrieves among sensor B's."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from xstars.store import rgb_image, store_rgb_bands
-
-    root = open_store(store)
-    rgb = store_rgb_bands(root)
-    pair = pair or next(iter(results[0]["retrieval_examples"]))
-    a, b = pair.split("->")
-    test_ids = results[0]["test_ids"]
-    fig, axes = plt.subplots(queries, 1 + 3 * len(results), figsize=(1.6 * (1 + 3 * len(results)), 1.7 * queries),
-                             squeeze=False)
-    for q in range(min(queries, len(test_ids))):
-        axes[q, 0].imshow(rgb_image(root[a], test_ids[q], rgb[a]))
-        axes[q, 0].set_title(f"{a} query", fontsize=7)
-        for m, result in enumerate(results):
-            for k, found in enumerate(result["retrieval_examples"][pair][q]):
-                ax = axes[q, 1 + 3 * m + k]
-                ax.imshow(rgb_image(root[b], test_ids[found], rgb[b]))
-                colour = "green" if found == q else "red"
-                ax.set_title(f"{result['model']} #{k + 1}" if k == 0 else f"#{k + 1}", fontsize=7, color=colour)
-                for spine in ax.spines.values():
-                    spine.set_edgecolor(colour)
-                    spine.set_linewidth(2)
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.suptitle(f"cross-sensor retrieval {a} -> {b} on the test split (green: the same tile)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
-
-
 def save(result: Mapping[str, Any], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1) + "\n")
     return path
-
-

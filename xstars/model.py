@@ -15,9 +15,11 @@ the released code called the inner module for MSAD, bypassing the wrapper.
 from __future__ import annotations
 
 import copy
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -354,3 +356,56 @@ def load_backbone(backbone: ViT, state: Mapping[str, torch.Tensor], new_sensors:
         raise DataError("\n".join(lines))
     result = backbone.load_state_dict(state, strict=False)
     assert sorted(result.missing_keys) == sorted(allowed_missing & set(result.missing_keys))
+
+
+# ==================================================================== exported backbones
+
+#: What a finished run exports: the teacher's backbone and how to feed it.
+BACKBONE = "backbone.safetensors"
+BACKBONE_JSON = "backbone.json"
+
+
+def read_weights(path: Path | str) -> dict[str, torch.Tensor]:
+    """A state dict from ``.safetensors`` or a torch file (always ``weights_only=True``)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: checkpoint not found")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def export_backbone(backbone: ViT, infos: Mapping[str, Any], settings: Mapping[str, Any], out_dir: Path,
+                    summary: Mapping[str, Any]) -> Path:
+    """The backbone as safetensors, with a JSON that says how to feed it."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
+    save_file(tensors, str(out_dir / BACKBONE))
+    description = {
+        "format": "xstars-backbone-1",
+        "architecture": {"arch": backbone.arch, "embed_dim": backbone.embed_dim, "patch_size": backbone.patch_size,
+                         "img_size": backbone.img_size, "depth": len(backbone.blocks),
+                         "heads": backbone.blocks[0].attn.heads},
+        "sensors": {s: {"bands": list(i.bands), "mean": [float(m) for m in i.mean], "std": [float(x) for x in i.std],
+                        "scale_factor": i.scale,
+                        "note": "x = (stored value * scale_factor - mean) / std, invalid pixels set to 0"}
+                    for s, i in infos.items()},
+        "weights": "teacher (EMA) backbone, keys in xstars layout (patch_embed.<sensor>.proj.*)",
+        "training": {**summary, "mode": settings["mode"], "msad": settings["msad"]},
+    }
+    (out_dir / BACKBONE_JSON).write_text(json.dumps(description, indent=2) + "\n")
+    return out_dir / BACKBONE
+
+
+def load_exported(path: Path | str) -> tuple[ViT, dict[str, Any]]:
+    """An exported backbone (``backbone.safetensors`` beside its ``backbone.json``), strict."""
+    path = Path(path)
+    description = json.loads(path.with_suffix(".json").read_text())
+    arch = description["architecture"]
+    backbone = ViT({s: len(d["bands"]) for s, d in description["sensors"].items()}, arch=arch["arch"],
+                   patch_size=arch["patch_size"], img_size=arch["img_size"])
+    load_backbone(backbone, read_weights(path), source=str(path))
+    return backbone.eval(), description

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from xstars.errors import DataError, ServiceError
-from xstars.layout import LAYOUT_VERSION, open_store, store_sensors
+from xstars.layout import LAYOUT_VERSION, open_store
 from xstars.sensors import Sensor, image_sensors, sensors_of
 
 log = logging.getLogger(__name__)
@@ -374,133 +374,6 @@ def _band_statistics(group, samples: Sequence[int]) -> dict[str, Any]:
     tiles = ((group["data"][i], group["valid"][i]) for i in samples)
     sums = _sums(tiles, group["data"].attrs.get("scale_factor", 1.0), group["band"].shape[0])
     return _combine_statistics([sums])
-
-
-# =================================================================================== figures
-
-
-#: ESA WorldCover's own colours, used when the labels are its classes.
-WORLDCOVER_COLOURS = {10: "#006400", 20: "#ffbb22", 30: "#ffff4c", 40: "#f096ff", 50: "#fa0000", 60: "#b4b4b4",
-                      70: "#f0f0f0", 80: "#0064c8", 90: "#0096a0", 95: "#00cf75", 100: "#fae6a0"}
-
-
-def store_rgb_bands(root) -> dict[str, list[str]]:
-    """Image sensor -> the three bands its figures show: its red, green and blue bands as the
-    build recorded them, else its first three bands (a single band thrice)."""
-    recorded = root.attrs["xstars"].get("sensors", {})
-    out = {}
-    for name, entry in store_sensors(root).items():
-        if entry["role"] != "image":
-            continue
-        rgb = (recorded.get(name) or {}).get("rgb_bands")
-        bands = [str(b) for b in root[name]["band"][:]]
-        out[name] = list(rgb) if rgb else (bands[:3] if len(bands) >= 3 else bands[:1] * 3)
-    return out
-
-
-def rgb_image(group, sample: int, rgb_bands: Sequence[str]) -> np.ndarray:
-    """A sensor's tile as true colour for figures ([H, W, 3] in 0-1, 2-98 % stretch, invalid in red)."""
-    names = list(group["band"][:])
-    data = group["data"][sample][[names.index(b) for b in rgb_bands]].astype(np.float32)
-    valid = group["valid"][sample].astype(bool)
-    low, high = np.percentile(data[:, valid], (2, 98)) if valid.any() else (0, 1)
-    image = np.clip((data - low) / max(high - low, 1e-6), 0, 1).transpose(1, 2, 0)
-    image[~valid] = image[~valid] * 0.3 + np.array([0.6, 0.0, 0.0]) * 0.7
-    return image
-
-
-def label_colours(codes: Sequence[int]) -> list[str]:
-    """A colour per class code: WorldCover's when they are its classes, else a qualitative map."""
-    import matplotlib
-
-    if set(codes) <= set(WORLDCOVER_COLOURS):
-        return [WORLDCOVER_COLOURS[c] for c in codes]
-    cmap = matplotlib.colormaps["tab20"]
-    return [matplotlib.colors.to_hex(cmap(i % 20)) for i in range(len(codes))]
-
-
-def plot_samples(path: Path, out: Path, count: int = 4) -> Path:
-    """A few sites as each image sensor stores them (true colour, the co-registration reference
-    first), beside their label map."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import zarr
-    from matplotlib.colors import ListedColormap
-
-    root = zarr.open_group(str(path), mode="r")
-    roles = {name: entry["role"] for name, entry in store_sensors(root).items()}
-    rgb = store_rgb_bands(root)
-    reference = root.attrs["xstars"].get("coregister_reference")
-    columns = sorted(rgb, key=lambda name: name != reference)
-    labels = next((name for name, role in roles.items() if role == "labels"), None)
-    first = next(iter(roles))
-    status = root[first]["status"][:]
-    ok = np.nonzero(status == "ok")[0]
-    picks = ok[np.linspace(0, len(ok) - 1, min(count, len(ok))).round().astype(int)] if len(ok) else []
-    width = len(columns) + (labels is not None)
-    fig, axes = plt.subplots(max(len(picks), 1), width, figsize=(3 * width, 3.1 * max(len(picks), 1)),
-                             squeeze=False)
-    if not len(picks):
-        axes[0, 0].text(0, 0.5, "no site kept: see summary.json for the reasons", fontsize=12)
-        for ax in axes[0]:
-            ax.set_axis_off()
-    codes = [int(c) for c in root[labels]["data"].attrs.get("flag_values", [])] if labels else []
-    lut = np.zeros(256, dtype=int)
-    lut[codes] = np.arange(len(codes))
-    for row, sample in enumerate(picks):
-        for col, sensor in enumerate(columns):
-            group = root[sensor]
-            axes[row, col].imshow(rgb_image(group, sample, rgb[sensor]), interpolation="nearest")
-            axes[row, col].set_title(f"{sensor} {group['date'][sample][:10]}", fontsize=8)
-        if labels is not None:
-            classes = root[labels]["data"][sample][0]
-            axes[row, -1].imshow(lut[classes], cmap=ListedColormap(label_colours(codes)), vmin=0,
-                                 vmax=len(codes) - 1, interpolation="nearest")
-            axes[row, -1].set_title(f"{labels} {root[first]['site_id'][sample]}", fontsize=8)
-        for ax in axes[row]:
-            ax.set_xticks([])
-            ax.set_yticks([])
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
-
-
-def plot_shifts(path: Path, summary: Mapping[str, Any], out: Path) -> Path:
-    """Histogram of the estimated co-registration shifts of every sensor moved onto the
-    reference, and the kept/dropped counts."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import zarr
-
-    root = zarr.open_group(str(path), mode="r")
-    reference = root.attrs["xstars"].get("coregister_reference", "the reference")
-    moved = [name for name, entry in store_sensors(root).items() if entry["role"] == "image" and name != reference]
-    fig, axes = plt.subplots(1, len(moved) + 1, figsize=(4.7 * (len(moved) + 1), 4), squeeze=False)
-    for ax, sensor in zip(axes[0][:-1], moved, strict=True):
-        group = root[sensor]
-        gsd = float(group["data"].attrs["gsd_m"])
-        applied = group["shift_applied"][:].astype(bool)
-        norm = np.hypot(group["shift_x_m"][:], group["shift_y_m"][:]) / gsd
-        bins = np.linspace(0, max(3.0, float(np.nanmax(norm, initial=0))), 25)
-        ax.hist([norm[applied], norm[~applied & np.isfinite(norm)]], bins=bins, stacked=True,
-                label=["applied", "flagged (not applied)"], color=["tab:blue", "tab:red"])
-        ax.set_xlabel(f"estimated shift of {sensor} onto {reference} (pixels of {gsd:g} m)")
-        ax.set_ylabel("sites")
-        ax.legend(fontsize=8)
-    counts = {"kept": summary["kept"], **summary["dropped_by_reason"]}
-    axes[0][-1].barh(list(counts), list(counts.values()), color=["tab:green"] + ["tab:red"] * (len(counts) - 1))
-    axes[0][-1].set_title("sites kept, and dropped by reason")
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
 
 
 def georeferenced(group, sample: int):

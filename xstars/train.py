@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from xstars.config import run_bands
 from xstars.data import BatchPlan, PretrainBatches, ViewSpec, sensor_infos
 from xstars.errors import DataError
 from xstars.losses import DINOLoss, MSADHead, make_msad_loss
@@ -49,15 +50,15 @@ from xstars.model import (
     XStars,
     convert_state_dict,
     ema_update,
+    export_backbone,
     load_backbone,
+    read_weights,
 )
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
-BACKBONE = "backbone.safetensors"
-BACKBONE_JSON = "backbone.json"
 
 
 # ================================================================================ schedules
@@ -110,13 +111,6 @@ def _barrier(dist_info: Dist) -> None:
 # ================================================================================== model
 
 
-def run_bands(settings: Mapping[str, Any]) -> dict[str, list[str]] | None:
-    """The bands per sensor a run reads (``rgb_only`` or ``bands``); None = every stored band."""
-    if settings["rgb_only"]:
-        return {s: list(settings["rgb_bands"][s]) for s in settings["sensors"]}
-    return {s: list(b) for s, b in settings["bands"].items() if s in settings["sensors"]} or None
-
-
 def build_student(settings: Mapping[str, Any], sensor_bands: Mapping[str, int]) -> XStars:
     model, views, msad = settings["model"], settings["views"], settings["msad"]
     backbone = ViT(sensor_bands, arch=model["arch"], patch_size=model["patch_size"], img_size=views["global_px"],
@@ -126,18 +120,6 @@ def build_student(settings: Mapping[str, Any], sensor_bands: Mapping[str, int]) 
     variant = msad[msad["variant"]]
     msad_head = MSADHead(backbone.embed_dim, variant["proj_dim"], variant["dropout"])
     return XStars(backbone, dino_head, msad_head, make_msad_loss(msad))
-
-
-def read_weights(path: Path | str) -> dict[str, torch.Tensor]:
-    """A state dict from ``.safetensors`` or a torch file (always ``weights_only=True``)."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: checkpoint not found")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def param_groups(model: nn.Module) -> list[dict[str, Any]]:
@@ -399,68 +381,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
 # ================================================================================= export
 
 
-def export_backbone(backbone: ViT, infos: Mapping[str, Any], settings: Mapping[str, Any], out_dir: Path,
-                    summary: Mapping[str, Any]) -> Path:
-    """The backbone as safetensors, with a JSON that says how to feed it."""
-    from safetensors.torch import save_file
-
-    tensors = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
-    save_file(tensors, str(out_dir / BACKBONE))
-    description = {
-        "format": "xstars-backbone-1",
-        "architecture": {"arch": backbone.arch, "embed_dim": backbone.embed_dim, "patch_size": backbone.patch_size,
-                         "img_size": backbone.img_size, "depth": len(backbone.blocks),
-                         "heads": backbone.blocks[0].attn.heads},
-        "sensors": {s: {"bands": list(i.bands), "mean": [float(m) for m in i.mean], "std": [float(x) for x in i.std],
-                        "scale_factor": i.scale,
-                        "note": "x = (stored value * scale_factor - mean) / std, invalid pixels set to 0"}
-                    for s, i in infos.items()},
-        "weights": "teacher (EMA) backbone, keys in xstars layout (patch_embed.<sensor>.proj.*)",
-        "training": {**summary, "mode": settings["mode"], "msad": settings["msad"]},
-    }
-    (out_dir / BACKBONE_JSON).write_text(json.dumps(description, indent=2) + "\n")
-    return out_dir / BACKBONE
-
-
-def load_exported(path: Path | str) -> tuple[ViT, dict[str, Any]]:
-    """An exported backbone (``backbone.safetensors`` beside its ``backbone.json``), strict."""
-    path = Path(path)
-    description = json.loads(path.with_suffix(".json").read_text())
-    arch = description["architecture"]
-    backbone = ViT({s: len(d["bands"]) for s, d in description["sensors"].items()}, arch=arch["arch"],
-                   patch_size=arch["patch_size"], img_size=arch["img_size"])
-    load_backbone(backbone, read_weights(path), source=str(path))
-    return backbone.eval(), description
-
-
-def plot_losses(runs: Mapping[str, Path], out: Path) -> Path:
-    """Loss curves (total, DINO, MSAD) of every run, from their metrics.jsonl."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for name, path in runs.items():
-        records = [json.loads(line) for line in Path(path).read_text().splitlines() if line]
-        steps = [r["step"] for r in records]
-        for ax, key in zip(axes, ("loss", "dino", "msad"), strict=True):
-            ax.plot(steps, [r[key] for r in records], label=name, lw=1.2)
-    for ax, title in zip(axes, ("total loss", "DINO", "MSAD (before alpha)"), strict=True):
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
-
-
 def steps_done(out_dir: Path) -> int:
     """The step of a run's checkpoint (0 when none)."""
     path = Path(out_dir) / CHECKPOINT
     return int(torch.load(path, map_location="cpu", weights_only=True)["step"]) if path.exists() else 0
-
-
