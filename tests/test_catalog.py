@@ -17,6 +17,7 @@ from xstars import items as stac_items
 from xstars.config import load_config
 from xstars.demo import server
 from xstars.errors import ConfigError, ServiceError
+from xstars.sensors import sensors_of
 from xstars.sites import Site, sample_sites, write_sites
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,7 +74,9 @@ def test_manifest_has_one_row_per_site_and_sensor(clean_manifest, demo_root: Pat
     path, _rows = clean_manifest
     frame = gpd.read_parquet(path)
     assert frame.crs.to_epsg() == 2154
-    assert len(frame) == 8 * 4 and Counter(frame.sensor) == {"s2": 8, "l8": 8, "ign": 8, "labels": 8}
+    sensors = sensors_of(load_config(REPO / "config.yaml"))  # one row per site and configured sensor
+    assert list(sensors) == ["s2", "l8", "ign", "spot", "labels"]
+    assert len(frame) == 8 * len(sensors) and Counter(frame.sensor) == dict.fromkeys(sensors, 8)
     assert set(frame.columns) >= set(catalog.MANIFEST_COLUMNS)
     ok = frame[frame.status == "ok"]
     assert ok.site_id.nunique() >= 6, frame[frame.status != "ok"].reason.unique()
@@ -84,7 +87,7 @@ def test_manifest_has_one_row_per_site_and_sensor(clean_manifest, demo_root: Pat
         item = json.loads(row.item_json)
         assert item["id"] == row.item_id
         assert set(row.assets) <= set(item["assets"])
-        if row.sensor != "ign":
+        if sensors[row.sensor].kind != "wms_layers":
             assert row.item_id in world_items
         else:
             assert "REQUEST=GetMap" in item["assets"]["rgb"]["href"] and "CRS=EPSG%3A2154" in item["assets"]["rgb"]["href"]
@@ -348,8 +351,6 @@ def test_real_items_every_spelling(pc_server) -> None:
 
 def test_an_item_without_a_configured_asset_is_skipped_not_fatal(pc_server) -> None:
     from shapely.geometry import shape
-
-    from xstars.sensors import sensors_of
 
     info, _, _, no_mask = pc_server
     crs = catalog.stac_items.item_crs(no_mask)
