@@ -19,7 +19,7 @@ from tests.test_catalog import small_world_config
 from xstars import publish, store
 from xstars.demo import server
 from xstars.errors import DataError
-from xstars.layout import open_store
+from xstars.layout import open_store, store_sensors
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -82,7 +82,7 @@ def test_the_card_gives_the_stores_own_figures(built: dict) -> None:
     assert "| s2 | image | sentinel-2-l2a | B02 B03 B04 B08 B05 B06 B07 B8A B11 B12 | surface reflectance | " \
            "int16 x 0.0001 | 1 | 10 m | 24 x 24 px |" in card
     assert "| labels | labels | esa-worldcover | class |" in card
-    dates = sorted(d for s in ("s2", "l8", "ign", "labels") for d, ok in zip(root[s]["date"][:], status == "ok",
+    dates = sorted(d for s in store_sensors(root) for d, ok in zip(root[s]["date"][:], status == "ok",
                                                                              strict=True) if ok)
     assert f"acquired {dates[0][:10]} to {dates[-1][:10]}." in card
     # Hashes of what the build read, and the recipe that uses them.
@@ -165,11 +165,11 @@ def test_stac_is_valid_offline_with_one_item_per_kept_site(built: dict, tmp_path
         assert item.properties["xstars:sample"] == i
         x0, dx, _, y0, _, dy = root["s2"]["transform"][i]
         assert item.properties["proj:bbox"] == [x0, y0 + 24 * dy, x0 + 24 * dx, y0]
-        for sensor in ("s2", "l8", "ign", "labels"):
+        for sensor in store_sensors(root):
             assert item.properties["xstars:source_items"][sensor] == root[sensor]["item_id"][i]
             assert item.assets[sensor].extra_fields["xstars:source_item"] == root[sensor]["item_id"][i]
         # Dates: the item spans its sensors' acquisitions.
-        dates = sorted(root[s]["date"][i] for s in ("s2", "l8", "ign", "labels"))
+        dates = sorted(root[s]["date"][i] for s in store_sensors(root))
         assert item.properties["start_datetime"] == dates[0] and item.properties["end_datetime"] == dates[-1]
         derived = [link.target for link in item.links if link.rel == "derived_from"]
         assert any(target.endswith(f"/collections/sentinel-2-l2a/items/{root['s2']['item_id'][i]}")

@@ -122,7 +122,7 @@ def test_build_dataset_through_slurm_equals_the_local_build(
     from xstars.model import load_exported
 
     _backbone, description = load_exported(run / "backbone.safetensors")
-    assert set(description["sensors"]) == {"s2", "l8", "ign"} and description["training"]["complete"]
+    assert set(description["sensors"]) == {"s2", "l8", "ign", "spot"} and description["training"]["complete"]
     import torch
 
     assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == description["training"]["steps"]

@@ -23,7 +23,7 @@ def test_build_dataset_runs_the_catalog_and_the_store_then_rebuilds_frozen(
     assert 'wms_jobs_geoplateforme=Resource("wms_jobs_geoplateforme", 2)' in out  # the demo world's
     manifest = first / "results" / "catalog" / "manifest.parquet"
     frame = gpd.read_parquet(manifest)
-    assert frame.site_id.nunique() == 8 and set(frame.sensor) == {"s2", "l8", "ign", "labels"}
+    assert frame.site_id.nunique() == 8 and set(frame.sensor) == {"s2", "l8", "ign", "spot", "labels"}
     # The servers were up before the run: the workflow leaves them running.
     assert server.health(demo_server.base_url) is not None
 
@@ -42,7 +42,7 @@ def test_build_dataset_runs_the_catalog_and_the_store_then_rebuilds_frozen(
 
     a = zarr.open_group(str(demo_build.store), mode="r")
     b = zarr.open_group(str(second / "results" / "dataset" / "dataset.zarr"), mode="r")
-    for sensor in ("s2", "l8", "ign", "labels"):
+    for sensor in set(frame.sensor):
         for name in ("data", "valid", "site_id", "item_id"):
             assert (a[sensor][name][:] == b[sensor][name][:]).all(), (sensor, name)
     summary = json.loads((second / "results" / "dataset" / "summary.json").read_text())
