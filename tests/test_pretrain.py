@@ -177,3 +177,14 @@ def test_cosine_schedule_warms_up_then_decays() -> None:
     values = train.cosine_schedule(1.0, 0.0, epochs=4, steps_per_epoch=5, warmup_epochs=1)
     assert len(values) == 20 and values[0] == 0.0 and values[5] == 1.0
     assert all(a >= b for a, b in itertools.pairwise(values[5:])) and values[-1] < 0.02
+
+
+def test_rgb_only_runs_know_every_sensors_rgb_bands() -> None:
+    from xstars.config import run_bands
+
+    config = load_config(ROOT / "config.yaml")
+    settings = run_settings(config, "dino_only") | {"rgb_only": True}
+    assert run_bands(settings) == {"s2": ["B04", "B03", "B02"], "l8": ["red", "green", "blue"], "ign": ["R", "G", "B"],
+                                   "spot": ["R", "G", "B"]}
+    with pytest.raises(ConfigError, match=r"'pretrain.rgb_bands': rgb_only needs the red, green and blue bands of spot"):
+        run_bands(settings | {"rgb_bands": {k: v for k, v in settings["rgb_bands"].items() if k != "spot"}})

@@ -603,5 +603,9 @@ _DefaultFillingValidator = _extend_with_defaults(jsonschema.Draft202012Validator
 def run_bands(settings: Mapping[str, Any]) -> dict[str, list[str]] | None:
     """The bands per sensor a run reads (``rgb_only`` or ``bands``); None = every stored band."""
     if settings["rgb_only"]:
+        missing = [s for s in settings["sensors"] if s not in settings["rgb_bands"]]
+        if missing:
+            raise ConfigError(f"config key 'pretrain.rgb_bands': rgb_only needs the red, green and blue bands of "
+                              f"{', '.join(missing)}")
         return {s: list(settings["rgb_bands"][s]) for s in settings["sensors"]}
     return {s: list(b) for s, b in settings["bands"].items() if s in settings["sensors"]} or None
