@@ -33,6 +33,7 @@ are marked as fakes in the results.
 
 from __future__ import annotations
 
+import abc
 import json
 import logging
 import re
@@ -122,7 +123,7 @@ class Sample:
 # ================================================================================= readers
 
 
-class Reader:
+class Reader(abc.ABC):
     """A benchmark copy: ``samples``, band names in read order, classes, native ground sampling."""
 
     layout: ClassVar[str]
@@ -139,13 +140,13 @@ class Reader:
         self.gsd_m = 0.0
         self.crs = ""
 
+    @abc.abstractmethod
     def read_image(self, sample: Sample) -> np.ndarray:
         """[bands, H, W] float32 in physical units (reflectance), NaN where the file has no data."""
-        raise NotImplementedError
 
     def read_mask(self, sample: Sample) -> np.ndarray:
-        """[H, W] class index, NO_LABEL where no class (segmentation layouts)."""
-        raise NotImplementedError
+        """[H, W] class index, NO_LABEL where no class (segmentation layouts only)."""
+        raise DataError(f"{self.layout}: a classification layout has no masks (sample {sample.id})")
 
     @property
     def fake(self) -> bool:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from xstars import items as stac_items
-from xstars.layout import open_store, store_sensors
+from xstars.layout import image_sensors, labels_sensor, open_store, store_sensors
 
 # ========================================================================= catalog
 
@@ -92,9 +92,7 @@ def store_rgb_bands(root) -> dict[str, list[str]]:
     build recorded them, else its first three bands (a single band thrice)."""
     recorded = root.attrs["xstars"].get("sensors", {})
     out = {}
-    for name, entry in store_sensors(root).items():
-        if entry["role"] != "image":
-            continue
+    for name in image_sensors(root):
         rgb = (recorded.get(name) or {}).get("rgb_bands")
         bands = [str(b) for b in root[name]["band"][:]]
         out[name] = list(rgb) if rgb else (bands[:3] if len(bands) >= 3 else bands[:1] * 3)
@@ -133,12 +131,11 @@ def plot_samples(path: Path, out: Path, count: int = 4) -> Path:
     from matplotlib.colors import ListedColormap
 
     root = zarr.open_group(str(path), mode="r")
-    roles = {name: entry["role"] for name, entry in store_sensors(root).items()}
     rgb = store_rgb_bands(root)
     reference = root.attrs["xstars"].get("coregister_reference")
     columns = sorted(rgb, key=lambda name: name != reference)
-    labels = next((name for name, role in roles.items() if role == "labels"), None)
-    first = next(iter(roles))
+    labels = labels_sensor(root)
+    first = next(iter(store_sensors(root)))
     status = root[first]["status"][:]
     ok = np.nonzero(status == "ok")[0]
     picks = ok[np.linspace(0, len(ok) - 1, min(count, len(ok))).round().astype(int)] if len(ok) else []
@@ -183,7 +180,7 @@ def plot_shifts(path: Path, summary: Mapping[str, Any], out: Path) -> Path:
 
     root = zarr.open_group(str(path), mode="r")
     reference = root.attrs["xstars"].get("coregister_reference", "the reference")
-    moved = [name for name, entry in store_sensors(root).items() if entry["role"] == "image" and name != reference]
+    moved = [name for name in image_sensors(root) if name != reference]
     fig, axes = plt.subplots(1, len(moved) + 1, figsize=(4.7 * (len(moved) + 1), 4), squeeze=False)
     for ax, sensor in zip(axes[0][:-1], moved, strict=True):
         group = root[sensor]

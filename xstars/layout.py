@@ -26,7 +26,8 @@ from xstars.errors import DataError
 LAYOUT_VERSION = 1
 
 #: Roles a sensor plays: images to learn from, or labels (class maps) to evaluate with.
-ROLES = ("image", "labels")
+IMAGE, LABELS = "image", "labels"
+ROLES = (IMAGE, LABELS)
 
 
 def open_store(path: Path | str, mode: str = "r"):
@@ -89,7 +90,7 @@ def store_sensors(root) -> dict[str, dict[str, Any]]:
         sensors = {}
         for name in _group_names(root):
             attrs = root[name]["data"].attrs if "data" in root[name] else {}
-            sensors[name] = {"role": "labels" if "flag_values" in attrs else "image"}
+            sensors[name] = {"role": LABELS if "flag_values" in attrs else IMAGE}
     for name, entry in sensors.items():
         if entry.get("role") not in ROLES:
             raise DataError(f"{_where(root)}: sensor {name!r} has role {entry.get('role')!r}, not one of {ROLES}")
@@ -98,12 +99,12 @@ def store_sensors(root) -> dict[str, dict[str, Any]]:
 
 def image_sensors(root) -> list[str]:
     """The sensors whose role is ``image``, in store order."""
-    return [name for name, entry in store_sensors(root).items() if entry["role"] == "image"]
+    return [name for name, entry in store_sensors(root).items() if entry["role"] == IMAGE]
 
 
 def labels_sensor(root) -> str | None:
     """The sensor holding the label maps, or None when the store has none (e.g. an imported one)."""
-    names = [name for name, entry in store_sensors(root).items() if entry["role"] == "labels"]
+    names = [name for name, entry in store_sensors(root).items() if entry["role"] == LABELS]
     if len(names) > 1:
         raise DataError(f"{_where(root)}: several label groups {names}: xstars evaluates with one")
     return names[0] if names else None

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from xstars.errors import ConfigError, DataError
-from xstars.layout import LAYOUT_VERSION, open_store, store_sensors
+from xstars.layout import IMAGE, LAYOUT_VERSION, image_sensors, open_store
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ def import_folder(source: Path | str, store: Path | str, settings: Mapping[str, 
         "layout_version": LAYOUT_VERSION, "samples": n, "samples_per_shard": per_shard,
         "parts": max(1, math.ceil(n / per_shard)), "crs": crs_wkt, "footprint_m": footprint,
         "source": SOURCE, "georeferenced": False,
-        "sensors": {sensors[f]: {"role": "image", "folder": f} for f in sensors},
+        "sensors": {sensors[f]: {"role": IMAGE, "folder": f} for f in sensors},
     }
     groups = {}
     for folder, name in sensors.items():
@@ -278,7 +278,7 @@ def export_store(store: Path | str, out: Path | str, settings: Mapping[str, Any]
 
     store, out = Path(store), Path(out)
     root = open_store(store)
-    present = {name for name, entry in store_sensors(root).items() if entry["role"] == "image"}
+    present = set(image_sensors(root))
     chosen: dict[str, str] = {}  # folder -> store sensor
     for name, entry in settings["export_sensors"].items():
         if name in present and entry["folder"] not in chosen:

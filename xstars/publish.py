@@ -37,7 +37,7 @@ import yaml
 from xstars import __version__
 from xstars.config import BUILD_SECTIONS
 from xstars.errors import DataError
-from xstars.layout import LAYOUT_VERSION, open_store, store_sensors
+from xstars.layout import IMAGE, LABELS, LAYOUT_VERSION, open_store, store_sensors
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def describe_sensors(root, manifest=None) -> list[SensorFacts]:
 def sample_rows(root, sensors: Sequence[SensorFacts]) -> list[dict[str, Any]]:
     """One row per stored sample: identity, status, footprint bounds (store CRS), each sensor's
     date and source item. Dropped samples have no bounds, dates nor items."""
-    first = next((s for s in sensors if s.role == "image"), sensors[0])
+    first = next((s for s in sensors if s.role == IMAGE), sensors[0])
     group = root[first.name]
     columns = {name: group[name][:] for name in ("site_id", "split", "status")}
     columns["region"] = group["region"][:]
@@ -180,7 +180,7 @@ def render_card(meta: Mapping[str, Any], sensors: Sequence[SensorFacts], rows: S
     """The dataset card (Markdown), every number from the arguments."""
     publish = config["publish"]
     kept = [r for r in rows if r["status"] == "ok"]
-    images = [s for s in sensors if s.role == "image"]
+    images = [s for s in sensors if s.role == IMAGE]
     dates = sorted(d for s in sensors for d in (s.first_date, s.last_date) if d)
     lines = [f"# {publish['title']}", ""]
     if config["world"] == "demo":
@@ -192,7 +192,7 @@ def render_card(meta: Mapping[str, Any], sensors: Sequence[SensorFacts], rows: S
         f"{len(rows)} sites ({len(kept)} kept, {len(rows) - len(kept)} dropped with their reason), each a "
         f"{meta['footprint_m']:g} m square footprint in {meta['crs']} seen by {len(images)} imaging sensors "
         f"({', '.join(s.name for s in images)})"
-        + "".join(f", with the label maps of {s.name}" for s in sensors if s.role == "labels")
+        + "".join(f", with the label maps of {s.name}" for s in sensors if s.role == LABELS)
         + (f", acquired {dates[0][:10]} to {dates[-1][:10]}." if dates else "."),
         "",
         f"Store: `{paths['store']}` (Zarr v3, layout version {meta['layout_version']}, "

@@ -43,9 +43,10 @@ import numpy as np
 
 from xstars import items as stac_items
 from xstars.errors import ConfigError
+from xstars.layout import IMAGE, LABELS
 
 #: Kinds of sensor, and the role their group plays in the dataset.
-KINDS: dict[str, str] = {"stac_raster": "image", "wms_layers": "image", "stac_labels": "labels"}
+KINDS: dict[str, str] = {"stac_raster": IMAGE, "wms_layers": IMAGE, "stac_labels": LABELS}
 
 #: Stored reflectance: int16 with this CF scale_factor (1e-4: the 10000 of Sentinel-2's DNs).
 REFLECTANCE_SCALE = 1e-4
@@ -92,7 +93,7 @@ class Sensor:
 
     @property
     def is_image(self) -> bool:
-        return self.role == "image"
+        return self.role == IMAGE
 
     @property
     def gsd_m(self) -> float:
@@ -106,7 +107,7 @@ class Sensor:
     @property
     def bands(self) -> list[str]:
         """Band names of the dataset, in channel order (labels: one band, ``class``)."""
-        return ["class"] if self.role == "labels" else list(self.cfg["bands"])
+        return ["class"] if self.role == LABELS else list(self.cfg["bands"])
 
     @property
     def rgb_bands(self) -> list[str] | None:
@@ -173,7 +174,7 @@ class Sensor:
         """How the sensor is stored: reflectance as int16 x 1e-4, scaled DNs (WMS images) as the
         uint8 DN with their scale, class codes as uint8 with their ``flag_values``."""
         base: dict[str, Any] = {"grid_mapping": "spatial_ref", "gsd_m": self.cfg["gsd_m"]}
-        if self.role == "labels":
+        if self.role == LABELS:
             return Encoding("uint8", base | {"long_name": self.cfg["long_name"],
                                              "flag_values": list(self.cfg["classes"])})
         units = self.cfg["units"]
@@ -293,9 +294,3 @@ def sensors_of(config: Mapping[str, Any]) -> dict[str, Sensor]:
 def image_sensors(config: Mapping[str, Any]) -> dict[str, Sensor]:
     """The sensors whose groups are images (every sensor but the labels)."""
     return {name: s for name, s in sensors_of(config).items() if s.is_image}
-
-
-def label_sensor(config: Mapping[str, Any]) -> Sensor | None:
-    """The labels sensor (None when the config has none)."""
-    return next((s for s in sensors_of(config).values() if not s.is_image), None)
-

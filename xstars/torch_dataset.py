@@ -33,7 +33,7 @@ import torch
 from torch.utils.data import Dataset
 
 from xstars.errors import DataError
-from xstars.layout import open_store, store_sensors
+from xstars.layout import IMAGE, LABELS, open_store, store_sensors
 
 
 class StoreDataset(Dataset):
@@ -62,7 +62,7 @@ class StoreDataset(Dataset):
         self.roles = {s: known[s]["role"] for s in self.sensors}
         self.crs = str(root.attrs["xstars"].get("crs", ""))
         # Per-sample identity from an imaging group (every group holds the same samples).
-        meta = root[next((s for s, e in known.items() if e["role"] == "image"), self.sensors[0])]
+        meta = root[next((s for s, e in known.items() if e["role"] == IMAGE), self.sensors[0])]
         self.site_ids, self.regions, self.splits = (meta[k][:] if k in meta else np.array([""] * meta["status"].shape[0])
                                                     for k in ("site_id", "region", "split"))
         keep = np.ones(len(self.site_ids), dtype=bool)
@@ -99,7 +99,7 @@ class StoreDataset(Dataset):
             px = self._tile_px[sensor]
             entry: dict[str, Any] = {"valid": torch.from_numpy(valid.astype(bool)), "crs": self.crs,
                                      "bounds": torch.tensor([x0, y0 + dy * px, x0 + dx * px, y0], dtype=torch.float64)}
-            if self.roles[sensor] == "labels":
+            if self.roles[sensor] == LABELS:
                 entry["mask"] = torch.from_numpy(data[0].astype(np.int64))
             else:
                 scale, offset = self._decode[sensor]
