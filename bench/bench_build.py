@@ -40,16 +40,18 @@ from pathlib import Path
 mode, manifest_path, workdir, config_json, extra = sys.argv[1:6]
 config = json.loads(config_json)
 extra = json.loads(extra)
-from xstars.catalog import read_manifest
+from xstars.manifest import Manifest
 from xstars import store
-manifest = read_manifest(Path(manifest_path))
+manifest = Manifest(Path(manifest_path))
 if extra.get("first_sites"):
-    keep = sorted(manifest.site_id.unique())[: extra["first_sites"]]
-    manifest = manifest[manifest.site_id.isin(keep)]
-ok = manifest[manifest.status == "ok"]
+    manifest = manifest.subset(manifest.site_ids()[: extra["first_sites"]], Path(workdir) / "subset.parquet")
+frame = manifest.frame()
+ok = frame[frame.status == "ok"]
 if mode == "one_part":  # what the part job reads: its own sites only
     first_part = store.stored_sites(manifest)[: config["build"]["samples_per_shard"]]
     ok = ok[ok.site_id.isin(first_part)]
+if mode in ("io_floor", "baseline"):  # the items the rows name, by sensor and id
+    items = {sensor: manifest.items(sensor).get(list(rows.item_id)) for sensor, rows in ok.groupby("sensor")}
 started = time.perf_counter()
 if mode == "xstars":
     path = Path(workdir) / "dataset.zarr"
@@ -71,7 +73,7 @@ elif mode == "io_floor":
     def fetch(row):
         sensor = sensors[row.sensor]
         grid = site_grid(row.geometry.bounds, sensor.gsd_m, config["sites"]["crs"])
-        return read_sources(sensor, json.loads(row.item_json), grid, config, config["build"]["margin_m"],
+        return read_sources(sensor, items[row.sensor][row.item_id], grid, config, config["build"]["margin_m"],
                             clients.get(sensor.catalog_name))
     with ThreadPoolExecutor(max_workers=config["build"]["read_threads"]) as pool:  # as the build reads
         list(pool.map(fetch, ok.itertuples()))
@@ -85,7 +87,7 @@ elif mode == "baseline":
     out = Path(workdir) / "baseline.zarr"
     for site_id, rows in ok.groupby("site_id"):
         for row in rows.itertuples():
-            item = json.loads(row.item_json)
+            item = items[row.sensor][row.item_id]
             sensor = sensors[row.sensor]
             if sensor.kind == "wms_layers":  # no STAC for a WMS: one GetMap per layer, as the manifest has it
                 layers = []

@@ -53,8 +53,8 @@ def measure(stage, url: str) -> dict:
 def run_demo(config: dict, workdir: Path) -> dict:
     """The catalog then the build of ``config`` (the demo world), measured stage by stage."""
     from xstars import catalog, store
-    from xstars.catalog import read_manifest
     from xstars.demo.server import read_server_json
+    from xstars.manifest import Manifest
     from xstars.sites import sample_sites
 
     url = read_server_json(Path(config["demo"]["root"])).base_url
@@ -67,7 +67,7 @@ def run_demo(config: dict, workdir: Path) -> dict:
     path = workdir / "dataset.zarr"
 
     def build_stage() -> None:
-        manifest = read_manifest(manifest_path)
+        manifest = Manifest(manifest_path)
         n = store.init_store(path, manifest, config)
         parts = [store.build_part(path, manifest, config, k)
                  for k in range(store.n_parts(n, config["build"]["samples_per_shard"]))]
@@ -76,7 +76,7 @@ def run_demo(config: dict, workdir: Path) -> dict:
     figures = {"sites": len(sites), "catalog": measure(catalog_stage, url), "build": measure(build_stage, url)}
     figures["stored_bytes"] = {s: sum(f.stat().st_size for f in (path / s).rglob("*") if f.is_file())
                                for s in sensors_of(config)}
-    figures["kept"] = int((read_manifest(manifest_path).drop_duplicates("site_id").status == "ok").sum())
+    figures["kept"] = int((Manifest(manifest_path).frame().drop_duplicates("site_id").status == "ok").sum())
     return figures
 
 

@@ -16,8 +16,8 @@ import pytest
 from tests.conftest import free_port
 from tests.test_catalog import build_manifest, small_world_config
 from xstars import store
-from xstars.catalog import read_manifest
 from xstars.demo import server
+from xstars.manifest import Manifest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,20 +32,66 @@ def built(demo_root: Path, demo_server: server.ServerInfo, tmp_path_factory) -> 
 def build_store(config: dict, folder: Path) -> dict:
     """Catalog then store, in `folder`, through the library (no workflow): what tests build on."""
     build_manifest(config, folder / "manifest.parquet")
-    manifest = read_manifest(folder / "manifest.parquet")
+    manifest = Manifest(folder / "manifest.parquet")
     path = folder / "dataset.zarr"
     n = store.init_store(path, manifest, config)
     per_shard = config["build"]["samples_per_shard"]
     parts = [store.build_part(path, manifest, config, k) for k in range(store.n_parts(n, per_shard))]
     summary = store.finalize(path, manifest, parts, config)
-    return {"config": config, "manifest": manifest, "folder": folder, "path": path, "parts": parts,
-            "summary": summary, "n": n}
+    # "manifest": the rows as a frame, for the tests to query; "opened": the file, as jobs read it.
+    return {"config": config, "manifest": manifest.frame(), "opened": manifest, "folder": folder, "path": path,
+            "parts": parts, "summary": summary, "n": n}
 
 
 def config_sensors(built: dict) -> list[str]:
     from xstars.sensors import sensors_of
 
     return list(sensors_of(built["config"]))
+
+
+def rewritten_manifest(built: dict, out: Path, rows_of=lambda rows: rows, items_of=lambda items: items) -> Manifest:
+    """A copy of the built manifest at ``out``, its rows and items (by sensor) changed by the
+    given functions, written by the library's own writer."""
+    import rustac
+
+    from xstars.catalog import manifest_rows
+    from xstars.manifest import write_manifest
+
+    manifest = built["opened"]
+    items = {sensor: rustac.read_sync(str(manifest.items_path(sensor)), set_self_link=False)["features"]
+             for sensor in manifest.layout["items"]}
+    write_manifest(rows_of(manifest_rows(manifest)), items_of(items), out, manifest.crs, manifest.provenance,
+                   manifest.sites_per_row_group)
+    return Manifest(out)
+
+
+def own_items(built: dict, out: Path, site: str, sensor: str, edit, chosen_only: bool = False) -> Manifest:
+    """The built manifest with ``site``'s ``sensor`` items (the chosen one, and the fallbacks
+    unless ``chosen_only``) replaced by copies of their own (``<id>~own``) changed by ``edit``:
+    items are shared by the sites of a scene, so a site's own change needs its own items."""
+    import copy
+    import dataclasses
+
+    [row] = [r for rows in [built["opened"].part(0, 10**6)] for site_rows in rows for r in site_rows
+             if r.site_id == site and r.sensor == sensor]
+    edited = [row.item_id] if chosen_only else list(row.item_ids)
+
+    def rows_of(rows):
+        own = dataclasses.replace(row, item_id=row.item_id + "~own", fallbacks=tuple(
+            dataclasses.replace(f, item_id=f.item_id + "~own") if f.item_id in edited else f for f in row.fallbacks))
+        return [own if r == row else r for r in rows]
+
+    def items_of(items):
+        copies = []
+        for item in items[sensor]:
+            if item["id"] in edited:
+                mine = copy.deepcopy(item)
+                mine["id"] += "~own"
+                edit(mine)
+                copies.append(mine)
+        return items | {sensor: items[sensor] + copies}
+
+    return rewritten_manifest(built, out, rows_of, items_of)
 
 
 def test_store_layout_is_readable_with_xarray_and_rioxarray(built) -> None:
@@ -58,7 +104,7 @@ def test_store_layout_is_readable_with_xarray_and_rioxarray(built) -> None:
     for sensor, (bands, size) in sizes.items():
         ds = xr.open_zarr(built["path"], group=sensor, decode_coords="all")
         assert ds.data.shape == (n, bands, size, size), sensor
-        assert list(ds.site_id.values) == store.stored_sites(built["manifest"])  # same sample order everywhere
+        assert list(ds.site_id.values) == store.stored_sites(built["opened"])  # same sample order everywhere
         assert set(ds.split.values) <= {"train", "val", "test"}
         assert ds.data.attrs.get("grid_mapping") == "spatial_ref" or ds.data.encoding.get("grid_mapping") == "spatial_ref"
         one = ds.data.isel(sample=0)
@@ -103,7 +149,7 @@ def test_coregistration_meets_the_targets_on_known_shifts(built, demo_root: Path
 def test_two_builds_are_identical_and_a_killed_part_recovers(built, tmp_path: Path) -> None:
     import zarr
 
-    config, manifest = built["config"], built["manifest"]
+    config, manifest = built["config"], built["opened"]
     path = tmp_path / "again.zarr"
     store.init_store(path, manifest, config)
     manifest_path = built["folder"] / "manifest.parquet"
@@ -149,7 +195,7 @@ def test_normalisation_statistics_from_the_parts_equal_those_of_the_stored_train
         assert group.attrs["normalization"] == built["summary"]["normalization"][sensor] == read_back
     # Part records without sums (an older build) are still finalised, by reading the store.
     legacy = [{k: v for k, v in part.items() if k != "statistics"} for part in built["parts"]]
-    summary = store.finalize(built["path"], built["manifest"], legacy, built["config"])
+    summary = store.finalize(built["path"], built["opened"], legacy, built["config"])
     assert summary["normalization"] == built["summary"]["normalization"]
 
 
@@ -157,24 +203,25 @@ def test_completeness_check_names_a_missing_part(built) -> None:
     from xstars.errors import DataError
 
     with pytest.raises(DataError, match=r"samples \[.*\] were written by no part"):
-        store.finalize(built["path"], built["manifest"], built["parts"][1:], built["config"])
+        store.finalize(built["path"], built["opened"], built["parts"][1:], built["config"])
 
 
-def test_an_unreadable_scene_falls_back_to_the_next_one(built) -> None:
-    config, manifest = built["config"], built["manifest"].copy()
-    site = store.stored_sites(manifest)[0]
-    row = manifest.index[(manifest.site_id == site) & (manifest.sensor == "s2")][0]
-    fallbacks = json.loads(manifest.at[row, "fallbacks_json"])
-    assert fallbacks, "the small world keeps fallbacks for every S2 choice"
-    broken = json.loads(manifest.at[row, "item_json"])
-    broken["assets"]["B04"]["href"] = broken["assets"]["B04"]["href"].replace("B04.tif", "B04-missing.tif")
-    manifest.at[row, "item_json"] = json.dumps(broken)
-    path = built["folder"] / "fallback.zarr"
+def test_an_unreadable_scene_falls_back_to_the_next_one(built, tmp_path: Path) -> None:
+    config = built["config"]
+    site = store.stored_sites(built["opened"])[0]
+    [row] = [r for r in built["opened"].part(0, 3)[0] if r.sensor == "s2"]
+    assert row.fallbacks, "the small world keeps fallbacks for every S2 choice"
+
+    def break_b04(item: dict) -> None:
+        item["assets"]["B04"]["href"] = item["assets"]["B04"]["href"].replace("B04.tif", "B04-missing.tif")
+
+    manifest = own_items(built, tmp_path / "manifest.parquet", site, "s2", break_b04, chosen_only=True)
+    path = tmp_path / "fallback.zarr"
     store.init_store(path, manifest, config)
     record = store.build_part(path, manifest, config, 0)["records"][0]
     assert record["site_id"] == site and record["status"] == "ok"
     assert record["fallbacks_tried"]["s2"] == 1
-    assert record["items"]["s2"] == fallbacks[0]["item_id"]
+    assert record["items"]["s2"] == row.fallbacks[0].item_id
 
 
 def test_a_403_is_answered_by_signing_again(built, demo_server: server.ServerInfo, monkeypatch) -> None:
@@ -187,7 +234,7 @@ def test_a_403_is_answered_by_signing_again(built, demo_server: server.ServerInf
                         real_sign(href, signing, fresh=fresh, **kw))
     config = built["config"]
     row = built["manifest"][(built["manifest"].status == "ok") & (built["manifest"].sensor == "l8")].iloc[0]
-    item = json.loads(row.item_json)
+    item = built["opened"].items("l8").get([row.item_id])[row.item_id]
     server.set_faults(demo_server, {"status_403_every": 1, "routes": ["files"]})
     try:
         grid = acquire.site_grid(row.geometry.bounds, 30, "EPSG:2154")
@@ -209,24 +256,26 @@ def test_a_403_is_answered_by_signing_again(built, demo_server: server.ServerInf
 BLOB = "http://xstarstest.blob.core.windows.net/files"
 
 
-def on_blob_storage(built: dict, sensor: str = "s2") -> tuple[object, str]:
+def on_blob_storage(built: dict, out: Path, sensor: str = "s2") -> tuple[Manifest, str]:
     """The manifest with the first kept site's `sensor` scenes (chosen and fallbacks) moved to a
     Planetary Computer blob host: the SDK signs them, asking its token endpoint."""
-    manifest = built["manifest"].copy()
+    frame = built["manifest"]
     files_url = f"http://127.0.0.1:{built['config']['demo']['port']}/files"
-    site = next(s for s in store.stored_sites(manifest)[:3] if (manifest[manifest.site_id == s].status == "ok").all())
-    row = manifest.index[(manifest.site_id == site) & (manifest.sensor == sensor)][0]
-    for column in ("item_json", "fallbacks_json"):
-        assert files_url in manifest.at[row, column]
-        manifest.at[row, column] = manifest.at[row, column].replace(files_url, BLOB)
-    return manifest, site
+    site = next(s for s in store.stored_sites(built["opened"])[:3] if (frame[frame.site_id == s].status == "ok").all())
+
+    def to_blob(item: dict) -> None:
+        for asset in item["assets"].values():
+            assert files_url in asset["href"]
+            asset["href"] = asset["href"].replace(files_url, BLOB)
+
+    return own_items(built, out, site, sensor, to_blob), site
 
 
 def test_a_site_whose_signing_keeps_failing_is_dropped_and_the_part_kept(built, token_endpoint, tmp_path) -> None:
     from tests.loopback import Answer
 
     config = built["config"] | {"http": {"max_retries": 1, "backoff_s": 0.01, "timeout_s": 10}}
-    manifest, site = on_blob_storage(built)
+    manifest, site = on_blob_storage(built, tmp_path / "manifest.parquet")
     token_server = token_endpoint(Answer(200, b"{}"))  # never a token
     path = tmp_path / "dataset.zarr"
     store.init_store(path, manifest, config)
@@ -234,8 +283,8 @@ def test_a_site_whose_signing_keeps_failing_is_dropped_and_the_part_kept(built, 
     by_site = {r["site_id"]: r for r in record["records"]}
     assert token_server.requests
     assert by_site[site]["status"] == "dropped" and by_site[site]["reason"].startswith("s2: no usable scene")
-    chosen = json.loads(manifest[(manifest.site_id == site) & (manifest.sensor == "s2")].iloc[0].item_json)
-    assert f"signing sentinel-2-l2a/{chosen['id']}/" in by_site[site]["reason"]
+    [chosen] = [r for rows in manifest.part(0, 3) for r in rows if r.site_id == site and r.sensor == "s2"]
+    assert chosen.item_id.endswith("~own") and f"signing sentinel-2-l2a/{chosen.item_id}/" in by_site[site]["reason"]
     others = [r for r in record["records"] if r["site_id"] != site]
     assert others and all(r["status"] == built["parts"][0]["records"][i]["status"]
                           for i, r in enumerate(record["records"]) if r["site_id"] != site)
@@ -248,9 +297,8 @@ def test_no_token_in_a_build_job_log_at_debug(built, demo_root: Path, tmp_path: 
     from tests.loopback import Answer, range_answer, serve, token_answer
 
     config = built["config"] | {"http": {"max_retries": 1, "backoff_s": 0.01, "timeout_s": 10}}
-    manifest, site = on_blob_storage(built)
-    manifest_path = tmp_path / "manifest.parquet"
-    manifest.to_parquet(manifest_path)
+    manifest, site = on_blob_storage(built, tmp_path / "manifest.parquet")
+    manifest_path = manifest.path
     path = tmp_path / "dataset.zarr"
     store.init_store(path, manifest, config)
     def files(request) -> Answer:
@@ -289,7 +337,7 @@ def test_verify_checks_sites_and_recorded_shard_checksums(built: dict, tmp_path:
 
     from xstars.verify import verify_store
 
-    report = verify_store(built["path"], built["manifest"])
+    report = verify_store(built["path"], built["opened"])
     assert report["ok"], report["problems"]
     assert report["shards_checked"] == sum(len(part["checksums"]) for part in built["parts"]) > 0
     # A flipped byte in one shard, and a manifest site the store does not hold: both named.
@@ -299,12 +347,13 @@ def test_verify_checks_sites_and_recorded_shard_checksums(built: dict, tmp_path:
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
-    manifest = built["manifest"].copy()
-    extra = manifest[manifest.site_id == manifest.site_id.iloc[0]].copy()
-    extra["site_id"] = "zz-not-built"
-    import pandas as pd
+    import dataclasses
 
-    report = verify_store(copy, pd.concat([manifest, extra]))
+    def with_extra_site(rows):
+        first = [r for r in rows if r.site_id == rows[0].site_id]
+        return rows + [dataclasses.replace(r, site_id="zz-not-built") for r in first]
+
+    report = verify_store(copy, rewritten_manifest(built, tmp_path / "manifest.parquet", with_extra_site))
     assert not report["ok"]
     assert any("ign/data/c/0/0/0/0: checksum differs" in p for p in report["problems"])
     assert any("missing ['zz-not-built']" in p for p in report["problems"])
@@ -313,20 +362,24 @@ def test_verify_checks_sites_and_recorded_shard_checksums(built: dict, tmp_path:
 def test_a_site_dropped_by_the_catalog_is_stored_with_its_reason(built: dict, tmp_path: Path) -> None:
     # The samples are the manifest's sites, dropped ones included: their count, hence the
     # build jobs, is known before the catalog runs (workflow/rules/common.smk plans them).
+    import dataclasses
+
     import zarr
 
     from xstars.verify import verify_store
 
-    config, manifest = built["config"], built["manifest"].copy()
-    site = store.stored_sites(manifest)[1]
-    manifest.loc[manifest.site_id == site, ["status", "reason"]] = ["dropped", "s2: no scene clear enough"]
+    config = built["config"]
+    site = store.stored_sites(built["opened"])[1]
+    manifest = rewritten_manifest(built, tmp_path / "manifest.parquet", lambda rows: [
+        dataclasses.replace(r, status="dropped", reason="s2: no scene clear enough", reason_code="too_invalid",
+                            reason_sensor="s2") if r.site_id == site else r for r in rows])
     path = tmp_path / "dataset.zarr"
     n = store.init_store(path, manifest, config)
-    assert n == built["n"] == manifest.site_id.nunique()
+    assert n == built["n"] == len(manifest.site_ids())
     parts = [store.build_part(path, manifest, config, k) for k in range(store.n_parts(n, 3))]
     assert parts[0]["records"][1] | {"items": None} == parts[0]["records"][1] | {
         "site_id": site, "status": "dropped", "dropped_by": "catalog", "reason": "s2: no scene clear enough",
-        "items": None}
+        "reason_code": "too_invalid", "reason_sensor": "s2", "items": None}
     summary = store.finalize(path, manifest, parts, config)
     assert summary["dropped_by_reason"].get("s2: catalog") == 1
     assert summary["kept"] == built["summary"]["kept"] - 1
@@ -408,8 +461,6 @@ def test_sentinel2_from_earth_search_builds_the_same_store(built: dict, demo_roo
                                                           tmp_path: Path) -> None:
     import zarr
 
-    from xstars.catalog import manifest_provenance
-
     # The catalogue of one sensor switched in config: nothing else changes.
     config = small_world_config(demo_root, demo_server,
                                 build=built["config"]["build"],
@@ -420,7 +471,7 @@ def test_sentinel2_from_earth_search_builds_the_same_store(built: dict, demo_roo
     assert len(es_rows) == len(pc_rows) and (es_rows.status == "ok").sum() == (pc_rows.status == "ok").sum()
     # The same scenes, by acquisition (the ids differ by scheme).
     assert [acquisition(i) for i in es_rows.item_id] == [acquisition(i) for i in pc_rows.item_id]
-    provenance = manifest_provenance(tmp_path / "manifest.parquet")
+    provenance = Manifest(tmp_path / "manifest.parquet").provenance
     assert provenance["catalogs"]["earth_search"]["url"] == earth_search_world.stac_url
     a, b = (zarr.open_group(str(x["path"]), mode="r") for x in (built, es))
     for sensor in config_sensors(built):
@@ -482,22 +533,29 @@ def split_worldcover_world(demo_root: Path, demo_server: server.ServerInfo, tmp_
 
 
 def test_a_footprint_on_a_label_tile_edge_is_labelled_from_both_tiles(demo_root: Path, demo_server,
-                                                                      split_worldcover_world) -> None:
+                                                                      split_worldcover_world, tmp_path: Path) -> None:
     from xstars import catalog
     from xstars.acquire import acquire_tile
+    from xstars.manifest import ItemsFile, write_items
     from xstars.sensors import sensors_of
 
     info, site, whole = split_worldcover_world
     config = small_world_config(demo_root, demo_server, catalogs={"planetary_computer": {"url": info.stac_url}})
     labels = sensors_of(config)["labels"]
-    rows = catalog.label_candidates(labels, catalog.SearchGroup("g", (site,)), catalog.Services(config))
-    by_id = {r["item_id"]: r for r in rows}
-    assert sorted(by_id) == sorted([f"{whole['id']}e", f"{whole['id']}w", f"{whole['id']}e+{whole['id']}w"])
-    assert all(0 < by_id[i]["invalid_fraction"] < 1 for i in (f"{whole['id']}e", f"{whole['id']}w"))
-    mosaic = by_id[f"{whole['id']}e+{whole['id']}w"]
-    assert mosaic["invalid_fraction"] == 0 and labels.eligible(0.0, config["catalog"]["max_invalid_fraction"])
-    # Read through the build's own path: the same classes as from the whole map.
-    tile = acquire_tile(labels, json.loads(mosaic["item_json"]), site.bounds, config)
+    services = catalog.Services(config)
+    rows = catalog.label_candidates(labels, catalog.SearchGroup("g", (site,)), services)
+    by_id = {r.item_id: r for r in rows}
+    mosaic_id = f"{whole['id']}e+{whole['id']}w"
+    assert sorted(by_id) == sorted([f"{whole['id']}e", f"{whole['id']}w", mosaic_id])
+    assert all(0 < by_id[i].invalid_fraction < 1 for i in (f"{whole['id']}e", f"{whole['id']}w"))
+    assert by_id[mosaic_id].invalid_fraction == 0 and labels.eligible(0.0, config["catalog"]["max_invalid_fraction"])
+    # Through the items file, as a build job reads it (the mosaic names its members, stored
+    # beside it), then the build's own read: the same classes as from the whole map.
+    items_path = tmp_path / "labels.parquet"
+    write_items(services.items["labels"].values(), items_path)
+    mosaic = ItemsFile(items_path).get([mosaic_id])[mosaic_id]
+    assert [m["id"] for m in mosaic["xstars:mosaic"]] == [f"{whole['id']}e", f"{whole['id']}w"]
+    tile = acquire_tile(labels, mosaic, site.bounds, config)
     plain = small_world_config(demo_root, demo_server)
     plain_labels = sensors_of(plain)["labels"]
     served_whole = next(i for i in catalog.Services(plain).searcher(plain_labels).search(

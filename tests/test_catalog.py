@@ -17,6 +17,7 @@ from xstars import items as stac_items
 from xstars.config import load_config
 from xstars.demo import server
 from xstars.errors import ConfigError, ServiceError
+from xstars.manifest import MANIFEST_COLUMNS, Manifest, items_dir
 from xstars.sensors import sensors_of
 from xstars.sites import Site, sample_sites, write_sites
 
@@ -77,14 +78,17 @@ def test_manifest_has_one_row_per_site_and_sensor(clean_manifest, demo_root: Pat
     sensors = sensors_of(load_config(REPO / "config.yaml"))  # one row per site and configured sensor
     assert list(sensors) == ["s2", "l8", "ign", "spot", "labels"]
     assert len(frame) == 8 * len(sensors) and Counter(frame.sensor) == dict.fromkeys(sensors, 8)
-    assert set(frame.columns) >= set(catalog.MANIFEST_COLUMNS)
+    assert list(frame.columns) == list(MANIFEST_COLUMNS)
     ok = frame[frame.status == "ok"]
     assert ok.site_id.nunique() >= 6, frame[frame.status != "ok"].reason.unique()
-    assert set(frame[frame.status != "ok"].reason) <= {r for r in frame.reason if ":" in r}
-    # The chosen items are real items of the world, stored unsigned, with their assets.
+    dropped = frame[frame.status != "ok"]
+    assert (dropped.reason_code != "").all() and (dropped.reason_sensor != "").all()
+    # The chosen items are real items of the world, stored once each, unsigned, with their assets.
+    manifest = Manifest(path)
+    items = {sensor: manifest.items(sensor).get(list(group.item_id)) for sensor, group in ok.groupby("sensor")}
     world_items = {json.loads(line)["id"] for line in (demo_root / "stac" / "items.ndjson").read_text().splitlines()}
     for row in ok.itertuples():
-        item = json.loads(row.item_json)
+        item = items[row.sensor][row.item_id]
         assert item["id"] == row.item_id
         assert set(row.assets) <= set(item["assets"])
         if sensors[row.sensor].kind != "wms_layers":
@@ -93,12 +97,11 @@ def test_manifest_has_one_row_per_site_and_sensor(clean_manifest, demo_root: Pat
             assert "REQUEST=GetMap" in item["assets"]["rgb"]["href"] and "CRS=EPSG%3A2154" in item["assets"]["rgb"]["href"]
         assert row.invalid_fraction <= 0.2
     # S2: the reprocessed 2021 acquisition is never chosen at its old baseline.
-    s2 = [json.loads(j) for j in ok[ok.sensor == "s2"].item_json]
-    assert all(stac_items.processing_baseline(i) != "02.12" for i in s2)
+    assert all(stac_items.processing_baseline(i) != "02.12" for i in items["s2"].values())
     # L8 only, never L9.
-    assert all(json.loads(j)["properties"]["platform"] == "landsat-8" for j in ok[ok.sensor == "l8"].item_json)
+    assert all(i["properties"]["platform"] == "landsat-8" for i in items["l8"].values())
     # Provenance: every search is recorded in the file.
-    prov = catalog.manifest_provenance(path)
+    prov = manifest.provenance
     assert prov["searches"] and all(s["body"]["datetime"] or s["collection"] == "esa-worldcover" for s in prov["searches"])
 
 
@@ -113,12 +116,11 @@ def test_manifest_figure(clean_manifest, tmp_path: Path) -> None:
 def test_the_clearest_scene_over_the_footprint_wins(clean_manifest) -> None:
     _, rows = clean_manifest
     for row in rows:
-        if row["status"] != "ok" or row["sensor"] != "s2":
+        if row.status != "ok" or row.sensor != "s2":
             continue
-        fallbacks = json.loads(row["fallbacks_json"])
         # The anchor is ranked by its cloud/no-data fraction over the footprint first.
-        assert all(row["invalid_fraction"] <= f["invalid_fraction"] for f in fallbacks)
-        assert len(fallbacks) <= 2
+        assert all(row.invalid_fraction <= f.invalid_fraction for f in row.fallbacks)
+        assert len(row.fallbacks) <= 2
 
 
 def test_manifest_is_identical_under_injected_faults(clean_manifest, demo_root: Path, served, tmp_path: Path) -> None:
@@ -164,12 +166,15 @@ def test_manifest_is_identical_under_injected_faults(clean_manifest, demo_root: 
 
 
 def assert_same_manifest(expected: Path, actual: Path) -> None:
-    import geopandas as gpd
+    """The same rows and the same items (the provenance may differ: it records the retries)."""
+    import pyarrow.parquet as pq
 
-    a, b = gpd.read_parquet(expected), gpd.read_parquet(actual)
-    columns = [c for c in a.columns if c != "geometry"]
-    assert a[columns].equals(b[columns]), _debug_diff(expected, actual)
-    assert a.geometry.equals(b.geometry)
+    a, b = pq.read_table(expected), pq.read_table(actual)
+    assert a.drop_columns(["geometry"]).equals(b.drop_columns(["geometry"])), _debug_diff(expected, actual)
+    assert a.column("geometry").equals(b.column("geometry"))
+    assert Manifest(expected).layout["items"] == Manifest(actual).layout["items"]  # same files, by SHA-256
+    for path in items_dir(expected).iterdir():
+        assert path.read_bytes() == (items_dir(actual) / path.name).read_bytes(), path.name
 
 
 def test_file_faults_on_mask_reads_are_retried(clean_manifest, demo_root: Path, served, tmp_path: Path) -> None:
@@ -178,25 +183,25 @@ def test_file_faults_on_mask_reads_are_retried(clean_manifest, demo_root: Path, 
     server.set_faults(served, {"status_503_every": 5, "drop_every": 7, "truncate_every": 3, "routes": ["files"]})
     # In a fresh process, as a workflow job: GDAL's in-process cache would otherwise answer.
     sites_path = write_sites(sample_sites(config), tmp_path / "sites.parquet", "EPSG:2154")
-    candidates = tmp_path / "shard-0.jsonl"
+    candidates = tmp_path / "shard-0.parquet"
     result = subprocess.run(
         [sys.executable, "-m", "xstars", "catalog", "search", "--config-json", json.dumps(config), "--sites",
          str(sites_path), "--shard", "0", "--out", str(candidates)], capture_output=True, text=True, cwd=REPO, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     faults = server.get_stats(served)["faults"]
     assert faults["status_503"] > 0 and faults["drop"] > 0 and faults["truncate"] > 0, faults
-    rows = catalog.select(config, sample_sites(config), catalog.read_candidates([candidates]))
-    out = catalog.write_manifest(rows, tmp_path / "files.parquet", "EPSG:2154", {})
+    out = tmp_path / "files.parquet"
+    catalog.merge_manifest(config, sample_sites(config), [candidates], out)
     assert_same_manifest(path, out)
 
 
-def test_searches_grow_with_groups_not_sites(demo_root: Path, served) -> None:
+def test_searches_grow_with_groups_not_sites(demo_root: Path, served, tmp_path: Path) -> None:
     counts = {}
     for per_city in (1, 4):
         config = small_world_config(demo_root, served, sites={"sites_per_city": per_city})
         server.reset_stats(served)
         sites = sample_sites(config)
-        _, searches = catalog.search_shard(config, sites, 0)
+        searches = catalog.search_shard(config, sites, 0, tmp_path / f"shard-{per_city}.parquet").searches
         counts[per_city] = (len(searches), server.get_stats(served)["requests"]["stac_search"])
     windows = len(catalog.season_windows(config["dates"]))
     groups = 2  # one search cell per city
@@ -227,7 +232,7 @@ def test_frozen_mode_refuses_what_is_not_a_manifest(tmp_path: Path) -> None:
     write_sites(sample_sites(config), bogus, "EPSG:2154")
     for given, message in ((tmp_path / "missing.parquet", "does not exist"), (bogus, "not an xstars manifest")):
         with pytest.raises(Exception, match=message):
-            catalog.read_manifest(given)
+            Manifest(given)
 
 
 # ------------------------------------------------------------------------------ bad input
@@ -236,7 +241,7 @@ def test_frozen_mode_refuses_what_is_not_a_manifest(tmp_path: Path) -> None:
 def test_unknown_collection_names_the_config_key(demo_root: Path, served) -> None:
     config = small_world_config(demo_root, served, sensors={"s2": {**load_config()["sensors"]["s2"], "collection": "sentinel-2-l3"}})
     with pytest.raises(ConfigError, match=r"sensors\.s2\.collection: collection 'sentinel-2-l3' does not exist at http://127"):
-        catalog.search_shard(config, sample_sites(config), 0)
+        catalog.search_shard(config, sample_sites(config), 0, Path("unused.parquet"))
 
 
 def test_empty_date_window_names_dates() -> None:
@@ -252,7 +257,7 @@ def test_unreachable_endpoint_names_the_url(demo_root: Path, demo_server: server
                                 http={"max_retries": 1, "backoff_s": 0.01})
     with pytest.raises(ServiceError, match=rf"catalogs\.planetary_computer\.url http://127\.0\.0\.1:{port}/stac "
                                            "is unreachable"):
-        catalog.search_shard(config, sample_sites(config), 0)
+        catalog.search_shard(config, sample_sites(config), 0, Path("unused.parquet"))
 
 
 def test_cli_prints_one_clear_error_line(demo_root: Path, served, tmp_path: Path) -> None:
@@ -261,11 +266,11 @@ def test_cli_prints_one_clear_error_line(demo_root: Path, served, tmp_path: Path
     write_sites(sample_sites(config), sites, "EPSG:2154")
     result = subprocess.run(
         [sys.executable, "-m", "xstars", "catalog", "search", "--config-json", json.dumps(config), "--sites",
-         str(sites), "--shard", "0", "--out", str(tmp_path / "c.jsonl")], capture_output=True, text=True, cwd=REPO, check=False)
+         str(sites), "--shard", "0", "--out", str(tmp_path / "c.parquet")], capture_output=True, text=True, cwd=REPO, check=False)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: sensors.labels.collection: collection 'esa-worldcover-v9' does not exist at {config['catalogs']['planetary_computer']['url']}")
-    assert not (tmp_path / "c.jsonl").exists()
+    assert not (tmp_path / "c.parquet").exists() and not (tmp_path / "c.items").exists()
 
 
 # ------------------------------------------------------- real Planetary Computer items, served

@@ -33,24 +33,26 @@ def built(demo_root: Path, demo_server: server.ServerInfo, tmp_path_factory) -> 
     folder = tmp_path_factory.mktemp("published")
     result = build_store(config, folder)
     # One site dropped by the catalog, as a manifest records it: a second build from that manifest.
-    manifest = result["manifest"].copy()
-    site = store.stored_sites(manifest)[2]
-    manifest.loc[manifest.site_id == site, ["status", "reason"]] = ["dropped", "s2: no scene clear enough (0 of 3)"]
+    import dataclasses
+
+    from tests.test_build import rewritten_manifest
+
+    site = store.stored_sites(result["opened"])[2]
     frozen = folder / "frozen"
     frozen.mkdir()
-    from xstars.catalog import manifest_provenance, write_manifest
-
-    write_manifest(manifest.drop(columns="geometry").to_dict("records"), frozen / "manifest.parquet", config["sites"]["crs"],
-                   manifest_provenance(folder / "manifest.parquet"))
+    rewritten_manifest(result, frozen / "manifest.parquet", lambda rows: [
+        dataclasses.replace(r, status="dropped", reason="s2: all 3 scenes have more than 0.2 of the footprint cloudy "
+                            "or without data (best 0.31)", reason_code="too_invalid", reason_sensor="s2")
+        if r.site_id == site else r for r in rows])
     built = _build_from(config, frozen)
     written = publish.publish(built["path"], frozen / "manifest.parquet", config, frozen)
     return {**built, "config": config, "folder": frozen, "written": written, "dropped_site": site}
 
 
 def _build_from(config: dict, folder: Path) -> dict:
-    from xstars.catalog import read_manifest
+    from xstars.manifest import Manifest
 
-    manifest = read_manifest(folder / "manifest.parquet")
+    manifest = Manifest(folder / "manifest.parquet")
     path = folder / "dataset.zarr"
     n = store.init_store(path, manifest, config)
     parts = [store.build_part(path, manifest, config, k) for k in range(store.n_parts(n, 3))]
@@ -72,7 +74,8 @@ def test_the_card_gives_the_stores_own_figures(built: dict) -> None:
         dropped = int((mine & (status != "ok")).sum())
         assert f"| {city} | {cells[0]} | {cells[1]} | {dropped} | {int(mine.sum())} |" in card, city
     assert f"| **all** | **{int(((splits == 'train') & (status == 'ok')).sum())}** |" in card
-    assert "- s2: no scene clear enough: 1" in card  # dropped by reason (the detail in parentheses left out)
+    # dropped by reason (the detail in parentheses left out)
+    assert "- s2: all 3 scenes have more than 0.2 of the footprint cloudy or without data: 1" in card
     # Per-band statistics as the store keeps them, every imaging band.
     for sensor in ("s2", "l8", "ign"):
         norm = root[sensor].attrs["normalization"]
@@ -118,7 +121,7 @@ def test_publishing_again_and_rebuilding_from_the_manifest_give_the_same_bytes(b
     # again (frozen mode's promise) gives the same fingerprint, and the same published files.
     again = tmp_path / "again"
     again.mkdir()
-    shutil.copyfile(built["folder"] / "manifest.parquet", again / "manifest.parquet")
+    built["manifest"].copy_to(again / "manifest.parquet")  # with its items files
     rebuilt = _build_from(built["config"], again)
     publish.publish(rebuilt["path"], again / "manifest.parquet", built["config"], again)
     for name in (publish.CARD, publish.SAMPLES_CSV, publish.BUILD_CONFIG, publish.CROISSANT):

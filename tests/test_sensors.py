@@ -39,7 +39,6 @@ def test_no_module_outside_sensors_names_a_sensor() -> None:
 
 
 def _landsat_items() -> dict[str, dict]:
-    import json
 
     from tests.conftest import FIXTURES
 
@@ -62,6 +61,7 @@ def test_landsat_tier2_ranked_last_and_values_outside_the_valid_range() -> None:
     import numpy as np
 
     from xstars.catalog import select
+    from xstars.manifest import Candidate
     from xstars.sensors import sensors_of
     from xstars.sites import Site
 
@@ -76,17 +76,17 @@ def test_landsat_tier2_ranked_last_and_values_outside_the_valid_range() -> None:
     # A clearer Tier 2 scene loses to a cloudier Tier 1 one (within max_invalid_fraction).
     site = Site("s_0_0", "test", 0, 0, 2240.0, "train")
 
-    def candidate(sensor: str, item_id: str, invalid: float, **extra) -> dict:
-        return {"site_id": site.site_id, "sensor": sensor, "item_id": item_id, "collection": "c", "window": "w",
-                "datetime": "2023-06-01T10:00:00Z", "eo_cloud_cover": 1.0, "cloud_fraction": invalid,
-                "nodata_fraction": 0.0, "invalid_fraction": invalid, "item_json": "{}", **extra}
+    def candidate(sensor: str, item_id: str, invalid: float, **extra) -> Candidate:
+        return Candidate(site_id=site.site_id, sensor=sensor, item_id=item_id, collection="c", window="w",
+                         datetime="2023-06-01T10:00:00Z", eo_cloud_cover=1.0, cloud_fraction=invalid,
+                         nodata_fraction=0.0, invalid_fraction=invalid, **extra)
 
     rows = [candidate("s2", "S2", 0.0), candidate("ign", "IGN", 0.0), candidate("spot", "SPOT", 0.0),
             candidate("labels", "WC", 0.0), candidate("l8", "T2-clear", 0.0, rank_last=True),
             candidate("l8", "T1-cloudier", 0.15)]
-    chosen = {r["sensor"]: r for r in select(config, [site], rows)}
-    assert chosen["l8"]["item_id"] == "T1-cloudier"
-    assert [f["item_id"] for f in json.loads(chosen["l8"]["fallbacks_json"])] == ["T2-clear"]
+    chosen = {r.sensor: r for r in select(config, [site], rows)}
+    assert chosen["l8"].item_id == "T1-cloudier"
+    assert [f.item_id for f in chosen["l8"].fallbacks] == ["T2-clear"]
     # Digital numbers outside 7273-43636 (reflectance below 0 or above 1) are not usable.
     dn = np.array([0, 5000, 7273, 20000, 43636, 50000], dtype=np.uint16)
     assert l8.valid_pixels(dn).tolist() == [False, False, True, True, True, False]

@@ -88,7 +88,7 @@ def test_missing_layer_years_stop_the_catalog_with_one_error(geoplateforme) -> N
     config = real_config(geoplateforme)
     geoplateforme.requests.clear()
     with pytest.raises(ConfigError) as failure:
-        catalog.search_shard(config, [site_at(2.35, 48.85)], 0)
+        catalog.search_shard(config, [site_at(2.35, 48.85)], 0, Path("unused.parquet"))
     message = str(failure.value)
     assert message.startswith(f"sensors.ign against the GetCapabilities of {geoplateforme.url}/wms-r: ")
     assert ("sensors.ign.layers[0].name 'ORTHOIMAGERY.ORTHOPHOTOS{year}' for sensors.ign.years 2021-2023: "
@@ -111,7 +111,7 @@ def test_a_gsd_finer_than_the_layers_are_served_at_is_a_config_error(geoplatefor
     config = real_config(geoplateforme, years=years, gsd_m=gsd_m)  # both divide the 2240 m footprint
     with pytest.raises(ConfigError, match=rf"sensors\.ign\.gsd_m {gsd_m:g} is finer than {finest} x the OGC "
                                           r"standard pixel of 0\.28 mm\)$"):
-        catalog.search_shard(config, [site_at(2.35, 48.85)], 0)
+        catalog.search_shard(config, [site_at(2.35, 48.85)], 0, Path("unused.parquet"))
 
 
 def test_a_gsd_the_layers_are_served_at_passes(geoplateforme) -> None:

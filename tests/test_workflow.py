@@ -157,14 +157,18 @@ class Resources(dict):
 
 
 def test_a_manifest_of_another_config_stops_the_build_before_writing(tmp_path: Path) -> None:
-    import geopandas as gpd
-    from shapely.geometry import box
-
     from xstars.cli import main
+    from xstars.manifest import ManifestRow, write_manifest
 
-    frame = gpd.GeoDataFrame({"site_id": ["a", "b"], "sensor": ["s2", "s2"], "status": ["ok", "ok"]},
-                             geometry=[box(0, 0, 1, 1)] * 2, crs="EPSG:2154")
-    frame.to_parquet(tmp_path / "manifest.parquet")
+    def row(site_id: str, col: int) -> ManifestRow:
+        return ManifestRow(site_id=site_id, region="r", split="train", col=col, row=0, footprint_m=480.0, sensor="s2",
+                           status="dropped", reason="s2: no item covers the footprint in the searched windows",
+                           reason_code="no_item", reason_sensor="s2", collection="", item_id="", datetime="",
+                           eo_cloud_cover=None, cloud_fraction=None, nodata_fraction=None, invalid_fraction=None,
+                           assets=("B04",), fallbacks=(), n_candidates=0)
+
+    # A real manifest of two sites: the demo config plans many more.
+    write_manifest([row("a", 0), row("b", 1)], {}, tmp_path / "manifest.parquet", "EPSG:2154", {}, 16)
     code = main(["build", "init", "--config-json", json.dumps({"world": "demo"}), "--manifest",
                  str(tmp_path / "manifest.parquet"), "--store", str(tmp_path / "dataset.zarr"),
                  "--out", str(tmp_path / "init.json")])

@@ -12,9 +12,11 @@ The stage runs in three steps, each a Snakemake rule (``workflow/rules/catalog.s
    are described as STAC-like items from the WMS capabilities (:func:`wms_items`), one per
    site and campaign year, with a GetMap request as asset. Output: one candidate row per site,
    sensor and scene.
-3. :func:`select` ranks each site's candidates and :func:`write_manifest` writes the manifest:
-   one row per site and sensor with the chosen item (unsigned JSON), its fallbacks, the
-   footprint, the date, the cloud figures, and the reason a site was dropped if it was.
+   Each shard writes its candidates and, once each, the items they name (:func:`search_shard`).
+3. :func:`merge_manifest` ranks each site's candidates (:func:`select_site`) and writes the
+   manifest (:mod:`xstars.manifest`): one row per site and sensor with the chosen item and its
+   fallbacks by id, the footprint, the date, the cloud figures, and the reason a site was
+   dropped if it was; the items themselves once each beside it, as stac-geoparquet.
 
 A manifest given as ``catalog.manifest`` (frozen mode) replaces steps 1-3: no search at all.
 
@@ -28,10 +30,10 @@ Sentinel-2 reprocessed duplicates are resolved to the highest processing baselin
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
+import shutil
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -46,6 +48,20 @@ from shapely.geometry import box, mapping, shape
 
 from xstars import items as stac_items
 from xstars.errors import ConfigError, DataError, ServiceError
+from xstars.manifest import (
+    MOSAIC_KEY,
+    Candidate,
+    CandidatesWriter,
+    DropReason,
+    Fallback,
+    Manifest,
+    ManifestRow,
+    ManifestWriter,
+    candidates_table,
+    items_dir,
+    merge_items,
+    write_items,
+)
 from xstars.remote import (
     Grid,
     WmsClient,
@@ -470,12 +486,14 @@ def wms_items(sensor: Sensor, site: Site, sites_crs: str, layers: Mapping[str, W
 
 class Services:
     """The clients of one search job: a searcher per STAC catalogue and a client per WMS (with its
-    layers, read once from GetCapabilities), opened when a sensor first needs them."""
+    layers, read once from GetCapabilities), opened when a sensor first needs them; and the items
+    the job's candidates name, kept once each (unsigned) for the shard's items files."""
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         self.config = config
         self.searchers: dict[str, StacSearcher] = {}
         self.wms: dict[str, tuple[WmsClient, dict[str, WmsLayer]]] = {}
+        self.items: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
 
     def searcher(self, sensor: Sensor) -> StacSearcher:
         if sensor.catalog_name not in self.searchers:
@@ -492,37 +510,71 @@ class Services:
     def search_log(self) -> list[dict]:
         return [vars(entry) for searcher in self.searchers.values() for entry in searcher.logs]
 
+    def candidate(self, site: Site, sensor: Sensor, item: Mapping[str, Any], window: str,
+                  fractions: Mapping[str, float], rank_last: bool = False) -> Candidate:
+        """The candidate row of ``item`` for ``site``; the item itself is kept once, by id."""
+        if item["id"] not in self.items[sensor.name]:
+            self.items[sensor.name][item["id"]] = stac_items.unsigned(item)
+        return Candidate(site_id=site.site_id, sensor=sensor.name, item_id=item["id"],
+                         collection=item.get("collection", ""), window=window,
+                         datetime=_iso(stac_items.item_datetime(item)), eo_cloud_cover=stac_items.cloud_cover(item),
+                         **{key: float(fractions[key]) for key in ("cloud_fraction", "nodata_fraction",
+                                                                   "invalid_fraction")},
+                         rank_last=rank_last)
 
-def search_shard(config: Mapping[str, Any], sites: Sequence[Site], shard: int) -> tuple[list[dict], list[dict]]:
-    """Search one shard of groups: (candidate rows, search log entries).
 
-    A candidate row is one (site, sensor, item) with the footprint figures; every item kept is
-    the unsigned JSON of the item as served. Each sensor is searched as its kind says
-    (:data:`CANDIDATES`), in its own catalogue.
+@dataclass(frozen=True)
+class ShardOutput:
+    """What a search shard wrote: its candidates file (items and search log beside it)."""
+
+    path: Path
+    candidates: int
+    items: dict[str, int]
+    searches: list[dict]
+
+
+def search_shard(config: Mapping[str, Any], sites: Sequence[Site], shard: int, out: Path) -> ShardOutput:
+    """Search one shard of groups; write its candidates to ``out`` (one row group per search
+    group, as it goes), its items to ``<out>.items/<sensor>.parquet`` and its search log.
+
+    Only one group's candidates are held at a time; the items they name are held once each.
+    Each sensor is searched as its kind says (:data:`CANDIDATES`), in its own catalogue.
     """
     cat = config["catalog"]
     groups = shard_of(search_groups(sites, cat["search_cell_m"]), shard, cat["search_shards"])
-    if not groups:
-        return [], []
     sensors = sensors_of(config)
     services = Services(config)
-    for sensor in sensors.values():  # the configured layers first: one GetCapabilities answers for all
-        if sensor.kind == "wms_layers":
-            check_wms_sensor(sensor, services.wms_client(sensor)[0].capabilities())
-    for sensor in sensors.values():
-        if sensor.kind != "wms_layers":
-            services.searcher(sensor).check_collection(sensor.collection, f"sensors.{sensor.name}.collection")
-    rows: list[dict] = []
+    if groups:
+        for sensor in sensors.values():  # the configured layers first: one GetCapabilities answers for all
+            if sensor.kind == "wms_layers":
+                check_wms_sensor(sensor, services.wms_client(sensor)[0].capabilities())
+        for sensor in sensors.values():
+            if sensor.kind != "wms_layers":
+                services.searcher(sensor).check_collection(sensor.collection, f"sensors.{sensor.name}.collection")
+    writer = CandidatesWriter(out)
     started = time.perf_counter()
     for number, group in enumerate(groups, 1):
+        rows: list[Candidate] = []
         for sensor in sensors.values():
             rows += CANDIDATES[sensor.kind](sensor, group, services)
+        writer.write(rows)
         log.info("search shard=%d group %d/%d %s sites=%d candidates=%d elapsed=%.1fs", shard, number,
-                 len(groups), group.group_id, len(group.sites), len(rows), time.perf_counter() - started)
-    return rows, services.search_log()
+                 len(groups), group.group_id, len(group.sites), writer.count, time.perf_counter() - started)
+    target = items_dir(out)
+    if target.exists():
+        shutil.rmtree(target)
+    pins = {name: write_items(services.items[name].values(), target / f"{name}.parquet") for name in sensors}
+    searches = services.search_log()
+    searches_path(out).write_text(json.dumps(searches, indent=1, sort_keys=True) + "\n")
+    writer.close()
+    return ShardOutput(Path(out), writer.count, {name: pin["items"] for name, pin in pins.items() if pin}, searches)
 
 
-def raster_candidates(sensor: Sensor, group: SearchGroup, services: Services) -> list[dict]:
+def searches_path(candidates_path: Path) -> Path:
+    return Path(candidates_path).with_name(Path(candidates_path).stem + ".searches.json")
+
+
+def raster_candidates(sensor: Sensor, group: SearchGroup, services: Services) -> list[Candidate]:
     """A STAC collection of scenes: one search per season window; the least cloudy scenes of
     each have their quality mask read over the footprints they cover."""
     config = services.config
@@ -545,8 +597,8 @@ def raster_candidates(sensor: Sensor, group: SearchGroup, services: Services) ->
                 continue
             fractions = footprint_fractions(item, sensor, covering, sites_crs, config["http"])
             for site in covering:
-                rows.append(_candidate(site, sensor.name, item, window.name, fractions[site.site_id],
-                                       rank_last=sensor.item_rule(item) == "rank_last"))
+                rows.append(services.candidate(site, sensor, item, window.name, fractions[site.site_id],
+                                               rank_last=sensor.item_rule(item) == "rank_last"))
     return rows
 
 
@@ -564,7 +616,7 @@ def _usable(sensor: Sensor, item: Mapping[str, Any], entry: SearchLog) -> bool:
     return not why
 
 
-def label_candidates(sensor: Sensor, group: SearchGroup, services: Services) -> list[dict]:
+def label_candidates(sensor: Sensor, group: SearchGroup, services: Services) -> list[Candidate]:
     """A STAC collection of class maps: every item over the group, no date window; a site's
     no-data fraction is the share of its footprint outside the item. A footprint that no single
     item covers (on the edge of ESA WorldCover's 3-degree tiles) also gets the mosaic of the
@@ -579,11 +631,14 @@ def label_candidates(sensor: Sensor, group: SearchGroup, services: Services) -> 
         covering = [(item, footprint_coverage(item, site, sites_crs)) for item in found]
         covering = [(item, coverage) for item, coverage in covering if coverage > 0]
         for item, coverage in covering:
-            rows.append(_candidate(site, sensor.name, item, "-", _label_fractions(coverage)))
+            rows.append(services.candidate(site, sensor, item, "-", _label_fractions(coverage)))
         if len(covering) > 1 and max(coverage for _, coverage in covering) < 1:
-            mosaic = mosaic_item([item for item, _ in covering])
-            rows.append(_candidate(site, sensor.name, mosaic, "-",
-                                   _label_fractions(footprint_coverage(mosaic, site, sites_crs))))
+            members = [item for item, _ in covering]
+            mosaic = mosaic_item(members)
+            for member in members:  # the mosaic names its members; they are kept beside it
+                services.items[sensor.name].setdefault(member["id"], stac_items.unsigned(member))
+            rows.append(services.candidate(site, sensor, mosaic, "-",
+                                           _label_fractions(footprint_coverage(mosaic, site, sites_crs))))
     return rows
 
 
@@ -593,8 +648,8 @@ def _label_fractions(coverage: float) -> dict[str, float]:
 
 def mosaic_item(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """One STAC-like item for several class maps read together: the union of their geometries,
-    the first item's properties and assets, and the items themselves (``xstars:mosaic``, by
-    id), which the build reads in that order (the first that labels a pixel labels it)."""
+    the first item's properties and assets, and its members by id (``properties["xstars:mosaic"]``),
+    which the build reads in that order (the first that labels a pixel labels it)."""
     from shapely.ops import unary_union
 
     members = sorted((stac_items.unsigned(item) for item in items), key=lambda i: i["id"])
@@ -602,71 +657,42 @@ def mosaic_item(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     first = members[0]
     return {"type": "Feature", "stac_version": first.get("stac_version", "1.0.0"),
             "id": "+".join(item["id"] for item in members), "collection": first.get("collection", ""),
-            "geometry": mapping(union), "bbox": list(union.bounds), "properties": dict(first["properties"]),
-            "assets": first["assets"], "xstars:mosaic": members}
+            "geometry": mapping(union), "bbox": list(union.bounds),
+            "properties": {**first["properties"], MOSAIC_KEY: [item["id"] for item in members]},
+            "assets": first["assets"]}
 
 
-def wms_candidates(sensor: Sensor, group: SearchGroup, services: Services) -> list[dict]:
+def wms_candidates(sensor: Sensor, group: SearchGroup, services: Services) -> list[Candidate]:
     """A WMS layer family: one STAC-like item per site and campaign year (:func:`wms_items`)."""
     client, layers = services.wms_client(sensor)
     rows = []
     for site in group.sites:
         for item, nodata in wms_items(sensor, site, services.config["sites"]["crs"], layers, client):
-            rows.append(_candidate(site, sensor.name, item, str(item["properties"]["ign:campaign_year"]), {
+            rows.append(services.candidate(site, sensor, item, str(item["properties"]["ign:campaign_year"]), {
                 "nodata_fraction": nodata, "cloud_fraction": 0.0, "invalid_fraction": nodata}))
     return rows
 
 
-#: How each kind of sensor is searched: (sensor, group, services) -> candidate rows.
+#: How each kind of sensor is searched: (sensor, group, services) -> candidates.
 CANDIDATES = {"stac_raster": raster_candidates, "stac_labels": label_candidates, "wms_layers": wms_candidates}
-
-
-def _candidate(site: Site, sensor: str, item: Mapping[str, Any], window: str, fractions: Mapping[str, float],
-               rank_last: bool = False) -> dict:
-    clean = stac_items.unsigned(item)
-    return {
-        "site_id": site.site_id,
-        "sensor": sensor,
-        "item_id": item["id"],
-        "collection": item.get("collection", ""),
-        "window": window,
-        "datetime": _iso(stac_items.item_datetime(item)),
-        "eo_cloud_cover": stac_items.cloud_cover(item),
-        **{key: float(value) for key, value in fractions.items()},
-        "item_json": json.dumps(clean, sort_keys=True, separators=(",", ":")),
-        **({"rank_last": True} if rank_last else {}),
-    }
-
-
-def write_candidates(rows: Sequence[dict], searches: Sequence[dict], path: Path) -> Path:
-    """Write a shard's candidates (JSON lines, sorted) and its search log next to it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ordered = sorted(rows, key=lambda r: (r["site_id"], r["sensor"], r["item_id"]))
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in ordered))
-    tmp.replace(path)
-    log_path = searches_path(path)
-    log_path.write_text(json.dumps(list(searches), indent=1, sort_keys=True) + "\n")
-    return path
-
-
-def searches_path(candidates_path: Path) -> Path:
-    return candidates_path.with_name(candidates_path.stem + ".searches.json")
-
-
-def read_candidates(paths: Iterable[Path]) -> list[dict]:
-    rows = []
-    for path in paths:
-        with Path(path).open() as f:
-            rows += [json.loads(line) for line in f if line.strip()]
-    return rows
 
 
 # ================================================================================= selection
 
 
-def select(config: Mapping[str, Any], sites: Sequence[Site], candidates: Sequence[dict]) -> list[dict]:
-    """Choose a scene per site and sensor; rows of the manifest (before geometry).
+def select(config: Mapping[str, Any], sites: Sequence[Site], candidates: Iterable[Candidate]) -> list[ManifestRow]:
+    """The manifest rows of ``sites`` from their candidates, site by site (:func:`select_site`)."""
+    by_site: dict[str, list[Candidate]] = defaultdict(list)
+    for candidate in candidates:
+        by_site[candidate.site_id].append(candidate)
+    sensors = sensors_of(config)
+    return [row for site in sorted(sites, key=lambda s: s.site_id)
+            for row in select_site(site, by_site[site.site_id], sensors, config["catalog"])]
+
+
+def select_site(site: Site, candidates: Sequence[Candidate], sensors: Mapping[str, Sensor],
+                cat: Mapping[str, Any]) -> list[ManifestRow]:
+    """Choose a scene per sensor for one site: its manifest rows, in sensor order.
 
     Ranking: candidates over ``catalog.max_invalid_fraction`` are out. The anchor sensor's best
     scene is the one with the least cloud/no-data over the footprint. For every other sensor,
@@ -675,176 +701,130 @@ def select(config: Mapping[str, Any], sites: Sequence[Site], candidates: Sequenc
     recent first. Ties go to the smallest item id, so the choice never depends on order.
     A site lacking a scene for any sensor is dropped, with the reason on every row of it.
     """
-    cat = config["catalog"]
     step = float(cat["cloud_fraction_step"])
-    by_site: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
-    for row in candidates:
-        by_site[row["site_id"]][row["sensor"]].append(row)
-    sensors = sensors_of(config)
+    by_sensor: dict[str, list[Candidate]] = defaultdict(list)
+    for candidate in candidates:
+        by_sensor[candidate.sensor].append(candidate)
+    unique = {name: _unique(by_sensor[name]) for name in sensors}
     anchor = cat["anchor_sensor"]
-    order = [anchor, *[s for s in sensors if s != anchor]]
+    chosen: dict[str, list[Candidate]] = {}
+    reason: DropReason | None = None
+    anchor_time = None
+    for name in [anchor, *[s for s in sensors if s != anchor]]:
+        sensor = sensors[name]
+        rows = unique[name]
+        eligible = [r for r in rows if sensor.eligible(r.invalid_fraction, cat["max_invalid_fraction"])]
+        if not eligible:
+            reason = reason or _no_candidate_reason(sensor, rows, cat)
+            chosen[name] = []
+            continue
+        if name == anchor:
+            ranked = sorted(eligible, key=lambda r: (r.rank_last, r.invalid_fraction, r.datetime, r.item_id))
+            anchor_time = stac_items.parse_time(ranked[0].datetime)
+        elif not sensor.is_image:  # labels: the most recent map
+            ranked = sorted(eligible, key=lambda r: (-stac_items.parse_time(r.datetime).timestamp(), r.item_id))
+        else:
+            ranked = sorted(eligible, key=lambda r: (
+                r.rank_last,
+                math.floor(r.invalid_fraction / step + 1e-9),
+                abs((stac_items.parse_time(r.datetime) - anchor_time).total_seconds()) if anchor_time else 0,
+                r.invalid_fraction, r.item_id))
+        chosen[name] = ranked[: 1 + int(cat["fallbacks"])]
     out = []
-    for site in sorted(sites, key=lambda s: s.site_id):
-        chosen: dict[str, list[dict]] = {}
-        reason = ""
-        anchor_time = None
-        for name in order:
-            sensor = sensors[name]
-            rows = _unique(by_site[site.site_id][name])
-            eligible = [r for r in rows if sensor.eligible(r["invalid_fraction"], cat["max_invalid_fraction"])]
-            if not eligible:
-                if not reason:
-                    reason = _no_candidate_reason(sensor, rows, cat)
-                chosen[name] = []
-                continue
-            if name == anchor:
-                ranked = sorted(eligible, key=lambda r: (r.get("rank_last", False), r["invalid_fraction"],
-                                                         r["datetime"], r["item_id"]))
-                anchor_time = stac_items.parse_time(ranked[0]["datetime"])
-            elif not sensor.is_image:  # labels: the most recent map
-                ranked = sorted(eligible, key=lambda r: (-stac_items.parse_time(r["datetime"]).timestamp(), r["item_id"]))
-            else:
-                ranked = sorted(eligible, key=lambda r: (
-                    r.get("rank_last", False),
-                    math.floor(r["invalid_fraction"] / step + 1e-9),
-                    abs((stac_items.parse_time(r["datetime"]) - anchor_time).total_seconds()) if anchor_time else 0,
-                    r["invalid_fraction"], r["item_id"]))
-            chosen[name] = ranked[: 1 + int(cat["fallbacks"])]
-        for sensor in sensors:
-            picks = chosen.get(sensor, [])
-            best = picks[0] if picks else None
-            out.append({
-                "site_id": site.site_id,
-                "region": site.region,
-                "split": site.split,
-                "col": site.col,
-                "row": site.row,
-                "footprint_m": site.footprint_m,
-                "sensor": sensor,
-                "status": "dropped" if reason else "ok",
-                "reason": reason,
-                "collection": best["collection"] if best else "",
-                "item_id": best["item_id"] if best else "",
-                "datetime": best["datetime"] if best else "",
-                "eo_cloud_cover": best["eo_cloud_cover"] if best else None,
-                "cloud_fraction": best["cloud_fraction"] if best else None,
-                "nodata_fraction": best["nodata_fraction"] if best else None,
-                "invalid_fraction": best["invalid_fraction"] if best else None,
-                "assets": sensors[sensor].assets(),
-                "item_json": best["item_json"] if best else "",
-                "fallbacks_json": json.dumps([
-                    {k: r[k] for k in ("item_id", "datetime", "cloud_fraction", "nodata_fraction",
-                                       "invalid_fraction", "item_json")} for r in picks[1:]], sort_keys=True),
-                "n_candidates": len(_unique(by_site[site.site_id][sensor])),
-            })
+    for name, sensor in sensors.items():
+        picks = chosen.get(name, [])
+        best = picks[0] if picks else None
+        out.append(ManifestRow(
+            site_id=site.site_id, region=site.region, split=site.split, col=site.col, row=site.row,
+            footprint_m=site.footprint_m, sensor=name, status="dropped" if reason else "ok",
+            reason=reason.text if reason else "", reason_code=reason.code if reason else "",
+            reason_sensor=reason.sensor if reason else "",
+            collection=best.collection if best else "", item_id=best.item_id if best else "",
+            datetime=best.datetime if best else "", eo_cloud_cover=best.eo_cloud_cover if best else None,
+            cloud_fraction=best.cloud_fraction if best else None,
+            nodata_fraction=best.nodata_fraction if best else None,
+            invalid_fraction=best.invalid_fraction if best else None,
+            assets=tuple(sensor.assets()),
+            fallbacks=tuple(Fallback(r.item_id, r.datetime, r.cloud_fraction, r.nodata_fraction, r.invalid_fraction)
+                            for r in picks[1:]),
+            n_candidates=len(unique[name])))
     return out
 
 
-def _unique(rows: Sequence[dict]) -> list[dict]:
+def _unique(rows: Sequence[Candidate]) -> list[Candidate]:
     """One candidate per item (an item met in two windows or shards counts once)."""
-    seen: dict[str, dict] = {}
-    for row in sorted(rows, key=lambda r: (r["item_id"], r["window"])):
-        seen.setdefault(row["item_id"], row)
+    seen: dict[str, Candidate] = {}
+    for row in sorted(rows, key=lambda r: (r.item_id, r.window)):
+        seen.setdefault(row.item_id, row)
     return list(seen.values())
 
 
-def _no_candidate_reason(sensor: Sensor, rows: Sequence[dict], cat: Mapping[str, Any]) -> str:
+def _no_candidate_reason(sensor: Sensor, rows: Sequence[Candidate], cat: Mapping[str, Any]) -> DropReason:
     if not rows:
-        return f"{sensor.name}: no item covers the footprint in the searched windows"
+        return DropReason(sensor.name, "no_item", f"{sensor.name}: no item covers the footprint in the searched windows")
     if not sensor.is_image:
-        return f"{sensor.name}: no single item covers the whole footprint ({len(rows)} partial)"
-    best = min(r["invalid_fraction"] for r in rows)
-    return (f"{sensor.name}: all {len(rows)} scenes have more than {cat['max_invalid_fraction']:g} of the footprint "
-            f"cloudy or without data (best {best:.2f})")
+        return DropReason(sensor.name, "no_full_cover",
+                          f"{sensor.name}: no single item covers the whole footprint ({len(rows)} partial)")
+    best = min(r.invalid_fraction for r in rows)
+    return DropReason(sensor.name, "too_invalid",
+                      f"{sensor.name}: all {len(rows)} scenes have more than {cat['max_invalid_fraction']:g} of the "
+                      f"footprint cloudy or without data (best {best:.2f})")
 
 
 # ================================================================================== manifest
 
-#: Columns a manifest must have (checked in frozen mode).
-MANIFEST_COLUMNS: tuple[str, ...] = (
-    "site_id", "region", "split", "col", "row", "footprint_m", "sensor", "status", "reason", "collection",
-    "item_id", "datetime", "eo_cloud_cover", "cloud_fraction", "nodata_fraction", "invalid_fraction",
-    "assets", "item_json", "fallbacks_json", "n_candidates", "geometry",
-)
+
+def merge_manifest(config: Mapping[str, Any], sites: Sequence[Site], candidate_paths: Sequence[Path],
+                   out: Path) -> dict[str, Any]:
+    """The manifest job: select a scene per site and sensor from every shard's candidates and
+    write the manifest and its items (:mod:`xstars.manifest`); returns the summary.
+
+    Streams: the candidates are one Arrow table (no Python row for them all), turned into rows
+    one row group of sites at a time; the items are merged in Arrow, sensor by sensor."""
+    searches = [s for path in candidate_paths for s in json.loads(searches_path(path).read_text())]
+    table = candidates_table(candidate_paths)
+    site_of_row = table.column("site_id").to_numpy(zero_copy_only=False)
+    sensors = sensors_of(config)
+    per_group = int(config["build"]["samples_per_shard"])
+    writer = ManifestWriter(out, config["sites"]["crs"], provenance(config, searches), per_group)
+    counts = Summary()
+    ordered = sorted(sites, key=lambda s: s.site_id)
+    for start in range(0, len(ordered), per_group):
+        chunk = ordered[start:start + per_group]
+        lo = int(np.searchsorted(site_of_row, chunk[0].site_id, side="left"))
+        hi = int(np.searchsorted(site_of_row, chunk[-1].site_id, side="right"))
+        by_site: dict[str, list[Candidate]] = defaultdict(list)
+        for record in table.slice(lo, hi - lo).to_pylist():
+            by_site[record["site_id"]].append(Candidate(**record))
+        for site in chunk:
+            rows = select_site(site, by_site[site.site_id], sensors, config["catalog"])
+            writer.add_site(rows)
+            counts.add(rows)
+    del table, site_of_row
+    target = items_dir(out)
+    if target.exists():
+        shutil.rmtree(target)
+    pins = {name: merge_items([items_dir(p) / f"{name}.parquet" for p in candidate_paths],
+                              writer.referenced[name], target / f"{name}.parquet") for name in sensors}
+    writer.close(pins)
+    return counts.as_dict(searches)
 
 
-def write_manifest(rows: Sequence[dict], path: Path, sites_crs: str, provenance: Mapping[str, Any]) -> Path:
-    """Write the manifest as GeoParquet (footprint polygons in the sites CRS), atomically.
-
-    ``provenance`` (config sections, search log summary) goes into the Parquet metadata under
-    ``xstars``; it must not change between two identical builds (no timestamps).
-    """
-    import geopandas as gpd
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    frame = gpd.GeoDataFrame(
-        [dict(r) for r in rows],
-        geometry=[box(r["col"] * r["footprint_m"], r["row"] * r["footprint_m"], (r["col"] + 1) * r["footprint_m"],
-                      (r["row"] + 1) * r["footprint_m"]) for r in rows],
-        crs=sites_crs,
-    )
-    _check_unsigned(frame)
-    # geopandas writes the GeoParquet `geo` metadata; the provenance is added beside it.
-    buffer = io.BytesIO()
-    frame.to_parquet(buffer, index=False)
-    table = pq.read_table(pa.BufferReader(buffer.getvalue()))
-    table = table.replace_schema_metadata({
-        **(table.schema.metadata or {}),
-        b"xstars": json.dumps(provenance, sort_keys=True).encode(),
-    })
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    pq.write_table(table, tmp, compression="zstd")
-    tmp.replace(path)
-    return path
+def build_manifest(config: Mapping[str, Any], sites: Sequence[Site], path: Path) -> tuple[list[ManifestRow], list[dict]]:
+    """The whole catalog stage in one process, as the workflow's jobs do it in parallel (every
+    search shard into ``<path>.search/``, then :func:`merge_manifest`): for tests, benchmarks,
+    small worlds. Returns the manifest's rows and the search log."""
+    folder = Path(path).with_name(Path(path).stem + ".search")
+    outputs = [search_shard(config, sites, shard, folder / f"shard-{shard}.parquet")
+               for shard in range(config["catalog"]["search_shards"])]
+    merge_manifest(config, sites, [o.path for o in outputs], path)
+    return manifest_rows(Manifest(path)), [s for o in outputs for s in o.searches]
 
 
-def read_manifest(path: Path):
-    """Read a manifest (a GeoDataFrame) and check it is one; DataError naming the file if not."""
-    import geopandas as gpd
-
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"manifest {path} does not exist (catalog.manifest)")
-    try:
-        frame = gpd.read_parquet(path)
-    except (OSError, ValueError) as err:
-        raise DataError(f"{path}: not a GeoParquet manifest ({err})") from None
-    missing = [c for c in MANIFEST_COLUMNS if c not in frame.columns]
-    if missing:
-        raise DataError(f"{path}: not an xstars manifest, columns {missing} are missing")
-    _check_unsigned(frame, path)
-    return frame
-
-
-def manifest_provenance(path: Path) -> dict[str, Any]:
-    import pyarrow.parquet as pq
-
-    metadata = pq.read_schema(path).metadata or {}
-    return json.loads(metadata.get(b"xstars", b"{}"))
-
-
-def _check_unsigned(frame, path: Path | None = None) -> None:
-    for column in ("item_json", "fallbacks_json"):
-        for value in frame[column]:
-            if value and ("sig=" in value or "X-Amz-Signature" in value):
-                raise DataError(f"{path or 'manifest'}: a signed URL would be stored in {column}")
-
-
-def build_manifest(config: Mapping[str, Any], sites: Sequence[Site], path: Path) -> tuple[list[dict], list[dict]]:
-    """The whole catalog stage in one process (every search shard, the selection, the manifest
-    at ``path``), as the workflow's jobs do it in parallel: for tests, benchmarks, small worlds.
-
-    Returns the manifest rows and the search log."""
-    rows, searches = [], []
-    for shard in range(config["catalog"]["search_shards"]):
-        shard_rows, shard_searches = search_shard(config, sites, shard)
-        rows += shard_rows
-        searches += shard_searches
-    manifest_rows = select(config, sites, rows)
-    write_manifest(manifest_rows, path, config["sites"]["crs"], provenance(config, searches))
-    return manifest_rows, searches
+def manifest_rows(manifest: Manifest) -> list[ManifestRow]:
+    """Every row of a manifest (small manifests: tests, summaries of frozen ones stream instead)."""
+    return [row for part in range(manifest.file.num_row_groups)
+            for site in manifest.part(part, manifest.sites_per_row_group) for row in site]
 
 
 def provenance(config: Mapping[str, Any], searches: Sequence[dict]) -> dict[str, Any]:
@@ -858,22 +838,57 @@ def provenance(config: Mapping[str, Any], searches: Sequence[dict]) -> dict[str,
         "catalog": {k: v for k, v in config["catalog"].items() if k != "manifest"},
         "seed": config["seed"],
         "searches": sorted(({k: s[k] for k in ("collection", "window", "group_id", "body", "kept")}
-                            | ({"skipped": s["skipped"]} if s.get("skipped") else {}) for s in searches), key=lambda s: (s["group_id"], s["collection"], s["window"])),
+                            | ({"skipped": s["skipped"]} if s.get("skipped") else {}) for s in searches),
+                           key=lambda s: (s["group_id"], s["collection"], s["window"])),
     }
 
 
-def summary(rows: Sequence[dict], searches: Sequence[dict] = ()) -> dict[str, Any]:
+class Summary:
+    """Counts of sites kept and dropped (by :attr:`DropReason.key`), added up site by site."""
+
+    def __init__(self) -> None:
+        self.sites = 0
+        self.kept_by_split = {split: 0 for split in ("train", "val", "test")}
+        self.dropped: dict[str, int] = defaultdict(int)
+
+    def add(self, rows: Sequence[ManifestRow]) -> None:
+        """The rows of one site."""
+        self.sites += 1
+        reason = rows[0].drop_reason
+        if reason is None:
+            self.kept_by_split[rows[0].split] += 1
+        else:
+            self.dropped[reason.key] += 1
+
+    def as_dict(self, searches: Sequence[dict] = ()) -> dict[str, Any]:
+        return {"sites": self.sites, "kept": sum(self.kept_by_split.values()), "kept_by_split": self.kept_by_split,
+                "dropped_by_reason": dict(sorted(self.dropped.items())),
+                "items_skipped": len({entry for s in searches for entry in s.get("skipped", [])})}
+
+
+def summary(rows: Iterable[ManifestRow], searches: Sequence[dict] = ()) -> dict[str, Any]:
     """Counts of sites kept and dropped by reason, and of the items found but skipped (for logs
     and the report)."""
-    sites = {}
+    counts = Summary()
+    by_site: dict[str, list[ManifestRow]] = defaultdict(list)
     for row in rows:
-        sites[row["site_id"]] = (row["status"], row["reason"], row["split"])
-    kept = [s for s in sites.values() if s[0] == "ok"]
-    reasons: dict[str, int] = defaultdict(int)
-    for status, reason, _ in sites.values():
-        if status != "ok":
-            reasons[reason.split(":")[0] + ": " + reason.split(":", 1)[1].split("(")[0].strip()] += 1
-    return {"sites": len(sites), "kept": len(kept),
-            "kept_by_split": {split: sum(s[2] == split for s in kept) for split in ("train", "val", "test")},
-            "dropped_by_reason": dict(sorted(reasons.items())),
-            "items_skipped": len({entry for s in searches for entry in s.get("skipped", [])})}
+        by_site[row.site_id].append(row)
+    for site_rows in by_site.values():
+        counts.add(site_rows)
+    return counts.as_dict(searches)
+
+
+def manifest_summary(manifest: Manifest) -> dict[str, Any]:
+    """:func:`summary` of a manifest file, row group by row group (frozen mode)."""
+    counts = Summary()
+    for table in manifest.tables(["site_id", "split", "status", "reason", "reason_code", "reason_sensor"]):
+        previous = None
+        for record in table.to_pylist():
+            if record["site_id"] != previous:
+                previous = record["site_id"]
+                counts.sites += 1
+                if record["reason_code"]:
+                    counts.dropped[DropReason(record["reason_sensor"], record["reason_code"], record["reason"]).key] += 1
+                else:
+                    counts.kept_by_split[record["split"]] += 1
+    return counts.as_dict(manifest.provenance.get("searches", ()))

@@ -8,9 +8,10 @@
     xstars demo preview --root DIR --out preview.png
     xstars demo benchmarks --out DIR [--seed N] [--layouts eurosat_ms,flair]
     xstars catalog sites --out sites.parquet
-    xstars catalog search --sites sites.parquet --shard I --out candidates-I.jsonl
-    xstars catalog manifest --sites sites.parquet --out manifest.parquet candidates-*.jsonl
+    xstars catalog search --sites sites.parquet --shard I --out shard-I.parquet   # + shard-I.items/
+    xstars catalog manifest --sites sites.parquet --out manifest.parquet shard-*.parquet   # + manifest.items/
     xstars catalog freeze --out manifest.parquet      # frozen mode: check and copy catalog.manifest
+    xstars catalog convert --manifest OLD --out NEW   # a layout-1 manifest (item JSON in rows) to this layout
     xstars catalog wms-layers                         # configured WMS layers: which years are live
     xstars build init --manifest M --store dataset.zarr --out init.json
     xstars build part --manifest M --store dataset.zarr --part K --out part-K.json
@@ -78,8 +79,10 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "demo status": ("demo",),
     "catalog sites": ("seed", "sites", "sensors"),
     "catalog search": (*_SERVICES, "seed", "sites", "sensors", "dates", "catalog"),
-    "catalog manifest": ("seed", "sites", "catalogs", "sensors", "dates", "catalog"),
+    # build: the manifest's row groups are the build parts (build.samples_per_shard sites each)
+    "catalog manifest": ("seed", "sites", "catalogs", "sensors", "dates", "catalog", "build"),
     "catalog freeze": ("catalog",),
+    "catalog convert": ("build",),
     "catalog wms-layers": (*_SERVICES, "sensors"),
     "build init": ("sites", "catalogs", "sensors", "build", "catalog"),
     "build part": (*_SERVICES, "sites", "sensors", "build", "catalog"),
@@ -186,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     search = catalog_cmds.add_parser("search", parents=[config_opts], help="search one shard of sites")
     search.add_argument("--sites", type=Path, required=True, help="sites.parquet")
     search.add_argument("--shard", type=int, required=True, help="shard index, 0..catalog.search_shards-1")
-    search.add_argument("--out", type=Path, required=True, help="candidates (JSON lines)")
+    search.add_argument("--out", type=Path, required=True,
+                        help="candidates (Parquet); the items go beside it, in <out stem>.items/")
     search.set_defaults(func=cmd_catalog_search)
     manifest = catalog_cmds.add_parser("manifest", parents=[config_opts], help="select scenes, write the manifest")
     manifest.add_argument("--sites", type=Path, required=True, help="sites.parquet")
@@ -194,6 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     manifest.add_argument("--summary", type=Path, help="also write the kept/dropped counts as JSON")
     manifest.add_argument("candidates", type=Path, nargs="+", help="candidate files of every shard")
     manifest.set_defaults(func=cmd_catalog_manifest)
+    convert = catalog_cmds.add_parser("convert", parents=[config_opts],
+                                      help="a manifest of layout 1 (item JSON in every row) to this layout")
+    convert.add_argument("--manifest", type=Path, required=True, help="the old manifest.parquet")
+    convert.add_argument("--out", type=Path, required=True, help="the new manifest (its items go in <stem>.items/)")
+    convert.set_defaults(func=cmd_catalog_convert)
     freeze = catalog_cmds.add_parser("freeze", parents=[config_opts],
                                      help="frozen mode: check catalog.manifest and copy it (no search)")
     freeze.add_argument("--out", type=Path, required=True, help="manifest.parquet")
@@ -444,56 +453,55 @@ def cmd_catalog_sites(args: argparse.Namespace) -> int:
 
 
 def cmd_catalog_search(args: argparse.Namespace) -> int:
-    """Search one shard of the sites' groups and write its candidate scenes."""
-    from xstars.catalog import search_shard, write_candidates
+    """Search one shard of the sites' groups and write its candidate scenes and their items."""
+    from xstars.catalog import search_shard
     from xstars.sites import read_sites
 
     config = config_from_args(args)
     sites = read_sites(args.sites)
     serve_demo_if_needed(config)
-    rows, searches = search_shard(config, sites, args.shard)
-    write_candidates(rows, searches, args.out)
-    log.info("catalog search shard=%d searches=%d candidates=%d out=%s", args.shard, len(searches), len(rows),
-             args.out)
+    out = search_shard(config, sites, args.shard, args.out)
+    log.info("catalog search shard=%d searches=%d candidates=%d items=%s out=%s", args.shard, len(out.searches),
+             out.candidates, json.dumps(out.items, sort_keys=True), args.out)
     return 0
 
 
 def cmd_catalog_manifest(args: argparse.Namespace) -> int:
     """Select a scene per site and sensor from every shard's candidates; write the manifest."""
-    from xstars.catalog import (
-        provenance,
-        read_candidates,
-        searches_path,
-        select,
-        summary,
-        write_manifest,
-    )
+    from xstars.catalog import merge_manifest
     from xstars.sites import read_sites
 
-    config = config_from_args(args)
-    sites = read_sites(args.sites)
-    rows = select(config, sites, read_candidates(args.candidates))
-    searches = [s for path in args.candidates for s in json.loads(searches_path(path).read_text())]
-    write_manifest(rows, args.out, config["sites"]["crs"], provenance(config, searches))
-    _write_summary(summary(rows, searches), args.summary)
+    counts = merge_manifest(config_from_args(args), read_sites(args.sites), args.candidates, args.out)
+    _write_summary(counts, args.summary)
     return 0
 
 
 def cmd_catalog_freeze(args: argparse.Namespace) -> int:
-    """Frozen mode: check the manifest named by catalog.manifest and copy it, byte for byte."""
-    import shutil
-
-    from xstars.catalog import read_manifest, summary
+    """Frozen mode: check the manifest named by catalog.manifest and its pinned items files and
+    copy them, byte for byte."""
+    from xstars.catalog import manifest_summary
+    from xstars.manifest import Manifest
 
     config = config_from_args(args)
     source = config["catalog"]["manifest"]
     if not source:
         raise ConfigError("catalog.manifest: empty; frozen mode needs the path of an existing manifest")
-    frame = read_manifest(Path(source))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    if Path(source).resolve() != args.out.resolve():
-        shutil.copyfile(source, args.out)
-    _write_summary(summary(frame.drop(columns="geometry").to_dict("records")), args.summary)
+    manifest = Manifest(Path(source))
+    manifest.check_items()
+    manifest.copy_to(args.out)
+    _write_summary(manifest_summary(manifest), args.summary)
+    return 0
+
+
+def cmd_catalog_convert(args: argparse.Namespace) -> int:
+    """Write a layout-1 manifest (item JSON in every row) in this layout."""
+    from xstars.manifest import Manifest, convert_manifest
+
+    config = config_from_args(args)
+    out = convert_manifest(args.manifest, args.out, config["build"]["samples_per_shard"])
+    manifest = Manifest(out)
+    log.info("catalog convert %s -> %s: %d sites, items %s", args.manifest, out, manifest.n_sites,
+             json.dumps({s: p["items"] for s, p in manifest.layout["items"].items()}, sort_keys=True))
     return 0
 
 
@@ -531,13 +539,13 @@ def cmd_build_init(args: argparse.Namespace) -> int:
 
     The workflow planned its build jobs from the config (:func:`xstars.store.planned_sites`):
     a manifest with another number of sites stops here, before anything is written."""
-    from xstars.catalog import read_manifest
     from xstars.errors import DataError
-    from xstars.store import init_store, n_parts, planned_sites, stored_sites
+    from xstars.manifest import Manifest
+    from xstars.store import init_store, n_parts, planned_sites
 
     config = config_from_args(args)
-    manifest = read_manifest(args.manifest)
-    planned, found = planned_sites(config), len(stored_sites(manifest))
+    manifest = Manifest(args.manifest)
+    planned, found = planned_sites(config), manifest.n_sites
     if found != planned:
         raise DataError(f"{args.manifest}: {found} sites, but the config plans {planned} (sites.cities x "
                         "sites.sites_per_city + sites.uniform_count, or the frozen catalog.manifest's sites): "
@@ -551,24 +559,24 @@ def cmd_build_init(args: argparse.Namespace) -> int:
 
 def cmd_build_part(args: argparse.Namespace) -> int:
     """Acquire, co-register and write one part of the store."""
-    from xstars.catalog import read_manifest
+    from xstars.manifest import Manifest
     from xstars.store import build_part, write_part_record
 
     config = config_from_args(args)
     serve_demo_if_needed(config)
-    record = build_part(args.store, read_manifest(args.manifest), config, args.part)
+    record = build_part(args.store, Manifest(args.manifest), config, args.part)
     write_part_record(record, args.out)
     return 0
 
 
 def cmd_build_finalize(args: argparse.Namespace) -> int:
     """Check that every site is stored or dropped with its reason; statistics; consolidate."""
-    from xstars.catalog import read_manifest
+    from xstars.manifest import Manifest
     from xstars.store import finalize
 
     config = config_from_args(args)
     records = [json.loads(path.read_text()) for path in args.parts]
-    summary = finalize(args.store, read_manifest(args.manifest), records, config)
+    summary = finalize(args.store, Manifest(args.manifest), records, config)
     _write_json(args.out, summary)
     log.info("build finalize %s", json.dumps({k: v for k, v in summary.items() if k != "normalization"}))
     return 0
@@ -576,13 +584,13 @@ def cmd_build_finalize(args: argparse.Namespace) -> int:
 
 def cmd_build_verify(args: argparse.Namespace) -> int:
     """Write the verification report; exit 2 naming the problems when the store is not whole."""
-    from xstars.catalog import read_manifest
     from xstars.errors import DataError
     from xstars.layout import open_store
+    from xstars.manifest import Manifest
     from xstars.verify import verify_store
 
     open_store(args.store)  # a path that is not a store is named before the manifest is read
-    report = verify_store(args.store, read_manifest(args.manifest))
+    report = verify_store(args.store, Manifest(args.manifest))
     _write_json(args.out, report)
     if not report["ok"]:
         raise DataError(f"{args.store} does not verify:\n  " + "\n  ".join(report["problems"]))

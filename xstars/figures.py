@@ -32,10 +32,11 @@ def plot_manifest(path: Path, out: Path) -> Path:
     import matplotlib.dates as mdates
     import matplotlib.pyplot as plt
 
-    from xstars.catalog import manifest_provenance, read_manifest
+    from xstars.manifest import Manifest
     from xstars.sites import france_boundary
 
-    frame = read_manifest(path)
+    manifest = Manifest(path)
+    frame = manifest.frame()
     crs = frame.crs.to_string()
     sites = frame.drop_duplicates("site_id")
     fig, (ax_map, ax_time) = plt.subplots(1, 2, figsize=(12, 5.5), gridspec_kw={"width_ratios": [1, 1.3]})
@@ -55,7 +56,7 @@ def plot_manifest(path: Path, out: Path) -> Path:
     ax_map.set_xticks([])
     ax_map.set_yticks([])
     # The image sensors, as the manifest's provenance describes them (labels have no date to show).
-    kinds = {name: cfg["kind"] for name, cfg in manifest_provenance(path).get("sensors", {}).items()}
+    kinds = {name: cfg["kind"] for name, cfg in manifest.provenance.get("sensors", {}).items()}
     images = [name for name in dict.fromkeys(frame.sensor) if kinds.get(name, "stac_raster") != "stac_labels"]
     chosen = frame[(frame.status == "ok") & frame.sensor.isin(images)]
     sc = None

@@ -213,12 +213,12 @@ def unsigned(item: Mapping[str, Any]) -> Item:
     clean = copy.deepcopy(dict(item))
     for asset in clean.get("assets", {}).values():
         href = asset.get("href", "")
-        if "?" in href and _looks_signed(href):
+        if "?" in href and looks_signed(href):
             asset["href"] = href.split("?", 1)[0]
     clean.pop("links", None)  # server-specific (self/root/parent), not provenance
     return clean
 
 
-def _looks_signed(href: str) -> bool:
+def looks_signed(href: str) -> bool:
     query = href.split("?", 1)[1]
     return any(key in query for key in ("sig=", "se=", "sv=", "token=", "X-Amz-Signature="))

@@ -241,9 +241,10 @@ def render_card(meta: Mapping[str, Any], sensors: Sequence[SensorFacts], rows: S
               f"SHA-256 `{hashes['config']}` of its canonical JSON"),
               f"- store fingerprint (SHA-256 of the shard checksums recorded at build time): `{hashes['store']}`",
               "",
-              ("The manifest pins every scene (unsigned STAC item, asset keys, fallbacks): a build from it (frozen "
-               "mode) makes no catalogue search and stores the same bytes. With the same xstars, from this card's "
-               "folder:"),
+              ("The manifest pins every scene (item id, asset keys, fallbacks) and, by SHA-256, the files of its "
+               "unsigned STAC items beside it (`<manifest stem>.items/`, stac-geoparquet): a build from them "
+               "(frozen mode) makes no catalogue search and stores the same bytes. With the same xstars, from "
+               "this card's folder:"),
               "", "```bash",
               "snakemake -s <xstars checkout>/Snakefile --directory rebuild --cores 8 build_dataset \\",
               f"    --configfile \"$PWD/{paths['build_config']}\" --config \"catalog={{manifest: $PWD/{paths['manifest']}}}\"",
@@ -540,11 +541,12 @@ def publish(store: Path | str, manifest_path: Path | str, config: Mapping[str, A
     recorded, or (``validate``) when the STAC written is not valid."""
     import pystac
 
-    from xstars.catalog import manifest_provenance, read_manifest
+    from xstars.manifest import Manifest
 
     store, manifest_path, out_dir = Path(store), Path(manifest_path), Path(out_dir)
     root = open_store(store)
-    manifest = read_manifest(manifest_path)
+    opened = Manifest(manifest_path)
+    manifest = opened.frame()
     meta = root.attrs["xstars"]
     sensors = describe_sensors(root, manifest)
     licences = load_licences()
@@ -569,7 +571,7 @@ def publish(store: Path | str, manifest_path: Path | str, config: Mapping[str, A
     stac_dir = out_dir / STAC_DIR
     if stac_dir.exists():  # items of sites no longer stored must not linger
         shutil.rmtree(stac_dir)
-    provenance = manifest_provenance(manifest_path)
+    provenance = opened.provenance
     searched = {s["collection"] for s in provenance.get("searches", [])}
     source_links = source_item_links(config, provenance.get("catalogs", {}), searched)
     collection, items = build_stac(meta, sensors, rows, licences, config, source_links,

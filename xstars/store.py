@@ -34,6 +34,7 @@ import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ import numpy as np
 
 from xstars.errors import DataError, ServiceError
 from xstars.layout import LAYOUT_VERSION, open_store
+from xstars.manifest import DropReason, Manifest, ManifestRow
 from xstars.sensors import Sensor, image_sensors, sensors_of
 
 log = logging.getLogger(__name__)
@@ -49,9 +51,9 @@ PER_SAMPLE_STRINGS = ("site_id", "region", "split", "status", "date", "item_id",
 PER_SAMPLE_FLOATS = ("cloud_fraction", "shift_x_m", "shift_y_m", "shift_confidence")
 
 
-def stored_sites(manifest) -> list[str]:
+def stored_sites(manifest: Manifest) -> list[str]:
     """The site ids stored, in sample order: every site of the manifest, sorted."""
-    return sorted(manifest.site_id.unique())
+    return manifest.site_ids()
 
 
 def planned_sites(config: Mapping[str, Any]) -> int:
@@ -74,12 +76,12 @@ def n_parts(n_samples: int, samples_per_shard: int) -> int:
     return max(1, math.ceil(n_samples / samples_per_shard))
 
 
-def init_store(path: Path, manifest, config: Mapping[str, Any]) -> int:
+def init_store(path: Path, manifest: Manifest, config: Mapping[str, Any]) -> int:
     """Create the store's groups and arrays (metadata only); returns the number of samples."""
     import zarr
     from pyproj import CRS
 
-    n = len(stored_sites(manifest))
+    n = manifest.n_sites
     per_shard = int(config["build"]["samples_per_shard"])
     sensors = sensors_of(config)
     root = zarr.open_group(str(path), mode="w", zarr_format=3)
@@ -118,7 +120,7 @@ def init_store(path: Path, manifest, config: Mapping[str, Any]) -> int:
     return n
 
 
-def build_part(path: Path, manifest, config: Mapping[str, Any], part: int) -> dict[str, Any]:
+def build_part(path: Path, manifest: Manifest, config: Mapping[str, Any], part: int) -> dict[str, Any]:
     """Acquire, co-register and write the samples of one part (one shard of every array).
 
     Returns the part's records (one per site: status, per-sensor item, shift, fractions).
@@ -129,44 +131,41 @@ def build_part(path: Path, manifest, config: Mapping[str, Any], part: int) -> di
 
     from xstars.remote import WmsClient
 
-    sites = stored_sites(manifest)
-    per_shard = int(config["build"]["samples_per_shard"])
-    first, last = part * per_shard, min((part + 1) * per_shard, len(sites))
-    if not 0 <= part < n_parts(len(sites), per_shard):
-        raise DataError(f"part {part} is not in 0..{n_parts(len(sites), per_shard) - 1}")
-    root = open_store(path, mode="r+")
-    count = last - first
-    sensors = sensors_of(config)
-    buffers = {name: _empty_buffers(sensor, count, config) for name, sensor in sensors.items()}
-    records = []
     started = time.perf_counter()
+    plan = plan_part(manifest, config, part)
+    log.info("build part=%d planned: sites=%d items=%d in %.2fs", part, len(plan.sites),
+             sum(len(v) for v in plan.items.values()), time.perf_counter() - started)
+    root = open_store(path, mode="r+")
+    first, last = plan.first, plan.last
+    sensors = sensors_of(config)
+    buffers = {name: _empty_buffers(sensor, last - first, config) for name, sensor in sensors.items()}
+    records: list[dict[str, Any]] = []
     # Reading is latency-bound (HTTP ranges, WMS renders): every (site, sensor) tile of the part
     # is fetched by a pool of threads; sites are then co-registered and written in order, so
     # the result does not depend on which read finished first. Memory is bounded by the part.
-    part_sites = sites[first:last]
-    rows_of = {site_id: manifest[manifest.site_id == site_id].set_index("sensor") for site_id in part_sites}
-    kept = [site_id for site_id in part_sites if (rows_of[site_id].status == "ok").all()]
+    kept = [site for site in plan.sites if all(row.status == "ok" for row in site.values())]
     # One client per WMS, shared by the threads: its rate limit holds for the whole job.
     clients = {s.catalog_name: WmsClient(s.catalog_cfg, config["http"]) for s in sensors.values()
                if s.kind == "wms_layers"}
     with ThreadPoolExecutor(max_workers=int(config["build"]["read_threads"])) as pool:
-        futures = {(site_id, name): pool.submit(_first_usable, sensor, rows_of[site_id].loc[name],
-                                                rows_of[site_id].geometry.iloc[0].bounds, config,
-                                                clients.get(sensor.catalog_name))
-                   for site_id in kept for name, sensor in sensors.items()}
-        for offset, site_id in enumerate(tqdm(part_sites, desc=f"part {part}", unit="site", leave=False)):
-            rows = rows_of[site_id]
-            tiles, reason, tried, dropped_by = {}, "", {}, "build"
-            if site_id not in kept:  # dropped by the catalog: stored with its reason, nothing read
-                reason, dropped_by = str(rows.reason.iloc[0]), "catalog"
-            for name in sensors if site_id in kept else ():
-                tile, why, tried[name] = futures.pop((site_id, name)).result()
+        futures = {(rows[name].site_id, name): pool.submit(
+                       _first_usable, sensor, [plan.items[name][i] for i in rows[name].item_ids],
+                       rows[name].bounds, config, clients.get(sensor.catalog_name))
+                   for rows in kept for name, sensor in sensors.items()}
+        for offset, rows in enumerate(tqdm(plan.sites, desc=f"part {part}", unit="site", leave=False)):
+            head = next(iter(rows.values()))
+            tiles: dict[str, Any] = {}
+            reason, tried, dropped_by = head.drop_reason, {}, "build"
+            if reason is not None:  # dropped by the catalog: stored with its reason, nothing read
+                dropped_by = "catalog"
+            for name in sensors if reason is None else ():
+                tile, why, tried[name] = futures.pop((head.site_id, name)).result()
                 if tile is None:
                     reason = reason or why
                 else:
                     tiles[name] = tile
-            _store_site(buffers, records, offset, site_id, rows.split.iloc[0], tiles, reason, tried, config,
-                        dropped_by, rows.region.iloc[0])
+            _store_site(buffers, records, offset, head.site_id, head.split, tiles, reason, tried, config,
+                        dropped_by, head.region)
     for sensor in sensors:
         group = root[sensor]
         for name, values in buffers[sensor].items():
@@ -185,10 +184,41 @@ def build_part(path: Path, manifest, config: Mapping[str, Any], part: int) -> di
     statistics = {name: _partial_statistics(buffers[name], sensor.encoding.scale_factor)
                   for name, sensor in image_sensors(config).items()}
     seconds = time.perf_counter() - started
-    log.info("build part=%d sites=%d dropped=%d seconds=%.1f", part, count,
+    log.info("build part=%d sites=%d dropped=%d seconds=%.1f", part, last - first,
              sum(r["status"] != "ok" for r in records), seconds)
     return {"part": part, "first": first, "last": last, "records": records, "checksums": checksums,
             "statistics": statistics}
+
+
+@dataclass(frozen=True)
+class PartPlan:
+    """What a build part reads, known before its first request: its samples ``first:last``, each
+    site's manifest rows by sensor, and the items they name (parsed once, by sensor and id)."""
+
+    part: int
+    first: int
+    last: int
+    sites: list[dict[str, ManifestRow]]
+    items: dict[str, dict[str, dict[str, Any]]]
+
+
+def plan_part(manifest: Manifest, config: Mapping[str, Any], part: int) -> PartPlan:
+    """The part's rows (only its row groups of the manifest are decoded) and the items they name
+    (only the row groups of the items files holding them)."""
+    per_shard = int(config["build"]["samples_per_shard"])
+    if not 0 <= part < n_parts(manifest.n_sites, per_shard):
+        raise DataError(f"part {part} is not in 0..{n_parts(manifest.n_sites, per_shard) - 1}")
+    sites = [{row.sensor: row for row in rows} for rows in manifest.part(part, per_shard)]
+    sensors = sensors_of(config)
+    for rows in sites:
+        if set(rows) != set(sensors):
+            raise DataError(f"{manifest.path}: site {next(iter(rows.values())).site_id} has rows for "
+                            f"{sorted(rows)}, the config's sensors are {sorted(sensors)}")
+    wanted = {name: sorted({i for rows in sites if all(r.status == "ok" for r in rows.values())
+                            for i in rows[name].item_ids}) for name in sensors}
+    items = {name: manifest.items(name).get(ids) if ids else {} for name, ids in wanted.items()}
+    first = part * per_shard
+    return PartPlan(part, first, first + len(sites), sites, items)
 
 
 def file_sha256(path: Path) -> str:
@@ -201,8 +231,9 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _store_site(buffers: dict, records: list, offset: int, site_id: str, split: str, tiles: dict, reason: str,
-                tried: dict, config: Mapping[str, Any], dropped_by: str = "build", region: str = "") -> None:
+def _store_site(buffers: dict, records: list, offset: int, site_id: str, split: str, tiles: dict,
+                reason: DropReason | None, tried: dict, config: Mapping[str, Any], dropped_by: str = "build",
+                region: str = "") -> None:
     """Co-register one site's tiles and put them, with their metadata, at ``offset`` of the buffers.
 
     With a ``reason``, the site is stored as dropped (by the ``catalog``, or at ``build`` time)."""
@@ -211,7 +242,7 @@ def _store_site(buffers: dict, records: list, offset: int, site_id: str, split: 
     shifts = coregister_site(tiles, config) if not reason else {}
     for sensor, b in buffers.items():
         b["site_id"][offset], b["split"][offset], b["region"][offset] = site_id, split, region
-        b["status"][offset] = f"dropped: {reason}" if reason else "ok"
+        b["status"][offset] = f"dropped: {reason.text}" if reason else "ok"
         tile = tiles.get(sensor)
         if tile is None or reason:
             continue
@@ -227,8 +258,9 @@ def _store_site(buffers: dict, records: list, offset: int, site_id: str, split: 
             b["shift_confidence"][offset] = record.confidence
             b["shift_applied"][offset] = record.applied
             b["shift_flag"][offset] = record.flag
-    records.append({"site_id": site_id, "split": split, "status": "dropped" if reason else "ok", "reason": reason,
-                    "dropped_by": dropped_by if reason else "",
+    records.append({"site_id": site_id, "split": split, "status": "dropped" if reason else "ok",
+                    "reason": reason.text if reason else "", "reason_code": reason.code if reason else "",
+                    "reason_sensor": reason.sensor if reason else "", "dropped_by": dropped_by if reason else "",
                     "items": {s: t.item["id"] for s, t in tiles.items()}, "fallbacks_tried": tried,
                     "shifts": {s: vars(r) for s, r in shifts.items()}})
 
@@ -238,11 +270,12 @@ def _shard_file(path: Path, sensor: str, name: str, part: int, ndim: int) -> Pat
     return path.joinpath(sensor, name, "c", str(part), *(["0"] * (ndim - 1)))
 
 
-def _first_usable(sensor: Sensor, row, bounds, config: Mapping[str, Any], wms=None):
-    """The chosen scene, or the first fallback, whose tile is readable and clear enough."""
+def _first_usable(sensor: Sensor, candidates: Sequence[Mapping[str, Any]], bounds, config: Mapping[str, Any],
+                  wms=None):
+    """The chosen scene, or the first fallback, whose tile is readable and clear enough:
+    (tile, None, problems) or (None, the DropReason, problems)."""
     from xstars.acquire import acquire_tile
 
-    candidates = [json.loads(row.item_json)] + [json.loads(f["item_json"]) for f in json.loads(row.fallbacks_json)]
     problems = []
     for item in candidates:
         try:
@@ -251,10 +284,10 @@ def _first_usable(sensor: Sensor, row, bounds, config: Mapping[str, Any], wms=No
             problems.append(f"{item['id']}: {err}")
             continue
         if sensor.eligible(tile.invalid_fraction, float(config["catalog"]["max_invalid_fraction"])):
-            return tile, "", len(problems)
+            return tile, None, len(problems)
         problems.append(f"{item['id']}: {tile.invalid_fraction:.2f} of the footprint invalid")
-    return (None, f"{sensor.name}: no usable scene among {len(candidates)} ({'; '.join(problems)[:300]})",
-            len(problems))
+    text = f"{sensor.name}: no usable scene among {len(candidates)} ({'; '.join(problems)[:300]})"
+    return None, DropReason(sensor.name, "no_usable_scene", text), len(problems)
 
 
 def _empty_buffers(sensor: Sensor, count: int, config: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -288,7 +321,8 @@ def write_part_record(record: Mapping[str, Any], path: Path) -> Path:
     return path
 
 
-def finalize(path: Path, manifest, part_records: Sequence[Mapping[str, Any]], config: Mapping[str, Any]) -> dict:
+def finalize(path: Path, manifest: Manifest, part_records: Sequence[Mapping[str, Any]],
+             config: Mapping[str, Any]) -> dict:
     """Check completeness, add normalisation statistics (train split), consolidate metadata.
 
     Every site of the manifest must be either in the store (ok or dropped at build time, with
@@ -303,10 +337,18 @@ def finalize(path: Path, manifest, part_records: Sequence[Mapping[str, Any]], co
         missing = sorted(set(range(n)) - set(covered))
         raise DataError(f"{path}: samples {missing[:10]} were written by no part (parts missing?)")
     stored = {rec["site_id"]: rec for r in part_records for rec in r["records"]}
-    missing = set(manifest.site_id) - set(stored)
+    # The manifest's sites and the catalog's drops, a row group at a time (two columns).
+    manifest_sites: set[str] = set()
+    catalog_dropped: set[str] = set()
+    for table in manifest.tables(["site_id", "status"]):
+        for site_id, status in zip(table.column("site_id").to_pylist(), table.column("status").to_pylist(),
+                                   strict=True):
+            manifest_sites.add(site_id)
+            if status != "ok":
+                catalog_dropped.add(site_id)
+    missing = manifest_sites - set(stored)
     if missing:
         raise DataError(f"{path}: sites {sorted(missing)[:10]} of the manifest are not in the store")
-    catalog_dropped = set(manifest.loc[manifest.status != "ok", "site_id"])
     kept_anyway = sorted(s for s in catalog_dropped if stored[s]["status"] == "ok")
     if kept_anyway:
         raise DataError(f"{path}: sites {kept_anyway[:10]} were dropped by the catalog but are stored as ok")
@@ -325,7 +367,7 @@ def finalize(path: Path, manifest, part_records: Sequence[Mapping[str, Any]], co
     dropped: dict[str, int] = {}
     for rec in stored.values():
         if rec["status"] != "ok":
-            key = rec["reason"].split(":")[0] + ": " + rec.get("dropped_by", "build")
+            key = f"{rec['reason_sensor']}: {rec['dropped_by']}"
             dropped[key] = dropped.get(key, 0) + 1
     summary = {"samples": n, "kept": sum(r["status"] == "ok" for r in stored.values()),
                "dropped_by_reason": dict(sorted(dropped.items())), "normalization": stats}

@@ -11,17 +11,27 @@ from pathlib import Path
 from typing import Any
 
 from xstars.layout import open_store, store_sensors
-from xstars.store import _shard_file, file_sha256, stored_sites
+from xstars.manifest import Manifest
+from xstars.store import _shard_file, file_sha256
 
 
-def verify_store(path: Path | str, manifest) -> dict[str, Any]:
+def verify_store(path: Path | str, manifest: Manifest) -> dict[str, Any]:
     """The problems found (empty when the store is whole) and what was checked."""
     path = Path(path)
     root = open_store(path)
     meta = root.attrs["xstars"]
     sensors = list(store_sensors(root))
     problems: list[str] = []
-    expected = stored_sites(manifest)
+    # The manifest's side, a row group at a time: the site ids and the catalog's drops.
+    expected: list[str] = []
+    dropped: dict[str, str] = {}
+    for table in manifest.tables(["site_id", "status", "reason"]):
+        for site, state, reason in zip(*(table.column(c).to_pylist() for c in ("site_id", "status", "reason")),
+                                       strict=True):
+            if not expected or expected[-1] != site:
+                expected.append(site)
+            if state != "ok":
+                dropped[site] = reason
     stored = [str(s) for s in root[sensors[0]]["site_id"][:]]
     if stored != expected:
         missing = sorted(set(expected) - set(stored))
@@ -31,8 +41,7 @@ def verify_store(path: Path | str, manifest) -> dict[str, Any]:
     for site, state in status.items():
         if state != "ok" and not (str(state).startswith("dropped: ") and len(str(state)) > len("dropped: ")):
             problems.append(f"{site}: status {state!r} gives no reason")
-    dropped = manifest.loc[manifest.status != "ok"].drop_duplicates("site_id")
-    for site, reason in zip(dropped.site_id, dropped.reason, strict=True):
+    for site, reason in dropped.items():
         if not reason:
             problems.append(f"{site}: dropped by the catalog without a reason")
         elif status.get(site, "ok") == "ok" and site in status:

@@ -30,6 +30,7 @@ rule build_part:
     input:
         init=DATASET / "init.json",
         manifest=RESULTS / "catalog" / "manifest.parquet",
+        item_files=RESULTS / "catalog" / "manifest.items",  # the part reads the items its rows name
         world=demo_world_input,
     output:
         DATASET / "parts" / "part-{part}.json",

@@ -1,7 +1,10 @@
 """Catalog stage: sites -> STAC search in shards -> manifest (xstars/catalog.py).
 
-With `catalog.manifest` set (frozen mode) only `manifest` exists: it checks and copies the given
-manifest, and no search is made at all.
+Each search shard writes its candidates (Parquet, items named by id) and, once each, the items
+they name (`shard-K.items/<sensor>.parquet`, stac-geoparquet); `manifest` merges them into the
+manifest and its items (`manifest.items/`), whose row groups are the build parts (xstars/manifest.py).
+With `catalog.manifest` set (frozen mode) only `manifest` exists: it checks the given manifest
+and the items files it pins by checksum, copies them, and no search is made at all.
 """
 
 CATALOG = RESULTS / "catalog"
@@ -14,6 +17,7 @@ if config["catalog"]["manifest"]:
             frozen=config["catalog"]["manifest"],
         output:
             manifest=CATALOG / "manifest.parquet",
+            item_files=directory(str(CATALOG / "manifest.items")),
             summary=CATALOG / "summary.json",
         params:
             cfg=config_json("catalog freeze"),
@@ -45,7 +49,8 @@ else:
             sites=CATALOG / "sites.parquet",
             world=demo_world_input,
         output:
-            candidates=CATALOG / "search" / "shard-{shard}.jsonl",
+            candidates=CATALOG / "search" / "shard-{shard}.parquet",
+            item_files=directory(str(CATALOG / "search" / "shard-{shard}.items")),
             searches=CATALOG / "search" / "shard-{shard}.searches.json",
         params:
             cfg=config_json("catalog search"),
@@ -62,9 +67,11 @@ else:
     rule manifest:
         input:
             sites=CATALOG / "sites.parquet",
-            candidates=expand(CATALOG / "search" / "shard-{shard}.jsonl", shard=range(N_SHARDS)),
+            candidates=expand(CATALOG / "search" / "shard-{shard}.parquet", shard=range(N_SHARDS)),
+            item_files=expand(CATALOG / "search" / "shard-{shard}.items", shard=range(N_SHARDS)),
         output:
             manifest=CATALOG / "manifest.parquet",
+            item_files=directory(str(CATALOG / "manifest.items")),
             summary=CATALOG / "summary.json",
         params:
             cfg=config_json("catalog manifest"),

@@ -1,0 +1,227 @@
+"""The manifest's files: items once (stac-geoparquet), each job reads only its rows, frozen
+rebuilds, and manifests of the first layout (issue 15). On the demo world's real servers."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from tests.test_catalog import build_manifest, small_world_config
+from xstars import catalog, store
+from xstars.demo import server
+from xstars.errors import DataError
+from xstars.manifest import ITEMS_PER_ROW_GROUP, ItemsFile, Manifest, items_dir, write_items
+
+REPO = Path(__file__).resolve().parents[1]
+PER_SHARD = 3
+
+
+@pytest.fixture(scope="module")
+def catalogued(demo_root: Path, demo_server: server.ServerInfo, tmp_path_factory) -> dict:
+    server.set_faults(demo_server, {})
+    config = small_world_config(demo_root, demo_server, build={"samples_per_shard": PER_SHARD, "margin_m": 240})
+    folder = tmp_path_factory.mktemp("catalogued")
+    build_manifest(config, folder / "manifest.parquet")
+    return {"config": config, "path": folder / "manifest.parquet", "manifest": Manifest(folder / "manifest.parquet")}
+
+
+def build(config: dict, manifest: Manifest, path: Path, parts: list[int] | None = None) -> list[dict]:
+    n = store.init_store(path, manifest, config)
+    records = [store.build_part(path, manifest, config, k)
+               for k in (parts if parts is not None else range(store.n_parts(n, PER_SHARD)))]
+    if parts is None:
+        store.finalize(path, manifest, records, config)
+    return records
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def corrupt_row_groups(path: Path, keep: set[int]) -> None:
+    """Overwrite the column chunks (data pages) of every row group not in ``keep`` with garbage;
+    the footer stays, so the file opens and names its row groups as before."""
+    metadata = pq.ParquetFile(path).metadata
+    data = bytearray(path.read_bytes())
+    for group in range(metadata.num_row_groups):
+        if group in keep:
+            continue
+        for column in range(metadata.num_columns):
+            chunk = metadata.row_group(group).column(column)
+            start = min(o for o in (chunk.dictionary_page_offset, chunk.data_page_offset) if o is not None)
+            data[start:start + chunk.total_compressed_size] = b"\xa5" * chunk.total_compressed_size
+    path.write_bytes(bytes(data))
+
+
+# ------------------------------------------------------------------------------ the layout
+
+
+def test_items_are_stored_once_and_rows_name_them(catalogued) -> None:
+    manifest = catalogued["manifest"]
+    frame = manifest.frame()
+    # Row group k holds the sites of build part k.
+    assert manifest.file.num_row_groups == store.n_parts(manifest.n_sites, PER_SHARD)
+    for group in range(manifest.file.num_row_groups):
+        sites = sorted(set(manifest.file.read_row_group(group, columns=["site_id"]).column("site_id").to_pylist()))
+        assert sites == manifest.site_ids()[group * PER_SHARD:(group + 1) * PER_SHARD]
+    for sensor, rows in frame[frame.status == "ok"].groupby("sensor"):
+        named = {i for row in rows.itertuples() for i in [row.item_id, *(f["item_id"] for f in row.fallbacks)]}
+        stored = pq.read_table(manifest.items_path(sensor), columns=["id"]).column("id").to_pylist()
+        assert stored == sorted(stored) and len(stored) == len(set(stored))  # sorted, once each
+        assert named <= set(stored)
+        # A scene shared by several sites is one item, not one copy per row.
+        if sensor == "s2":
+            assert rows.item_id.nunique() < len(rows)
+        # The files are stac-geoparquet, as rustac (and the Planetary Computer) read them.
+        import rustac
+
+        assert {i["id"] for i in rustac.read_sync(str(manifest.items_path(sensor)))["features"]} == set(stored)
+        for item in manifest.items(sensor).get(sorted(named)).values():
+            assert all("sig=" not in a["href"] for a in item["assets"].values())
+    # Every items file is pinned by the manifest.
+    assert set(manifest.layout["items"]) == set(frame.sensor)
+    assert all(len(pin["sha256"]) == 64 for pin in manifest.layout["items"].values())
+
+
+def test_a_part_reads_only_its_rows(catalogued, tmp_path: Path) -> None:
+    """Part 1 builds the same bytes from a manifest whose other row groups are garbage: they
+    are not even decoded (reading one of them fails, so the garbage is real)."""
+    config, original = catalogued["config"], catalogued["manifest"]
+    corrupt = tmp_path / "corrupt.parquet"
+    shutil.copyfile(original.path, corrupt)
+    shutil.copytree(items_dir(original.path), items_dir(corrupt))
+    corrupt_row_groups(corrupt, keep={1})
+    damaged = Manifest(corrupt)  # the footer is intact: it opens
+    with pytest.raises(Exception):  # noqa: B017  (whatever pyarrow raises for garbage pages)
+        damaged.part(0, PER_SHARD)
+    assert damaged.part(1, PER_SHARD) == original.part(1, PER_SHARD)
+    a = build(config, original, tmp_path / "a.zarr", [1])
+    b = build(config, damaged, tmp_path / "b.zarr", [1])
+    assert a == b
+    assert files_of(tmp_path / "a.zarr") == files_of(tmp_path / "b.zarr")
+
+
+def test_an_items_file_is_read_by_the_row_groups_of_the_ids_asked(catalogued, tmp_path: Path) -> None:
+    """With more items than a row group holds, asking for one item decodes its row group only."""
+    import copy
+
+    manifest = catalogued["manifest"]
+    template = next(iter(manifest.items("s2").get([manifest.part(0, PER_SHARD)[0][0].item_id]).values()))
+    many = []
+    for k in range(2 * ITEMS_PER_ROW_GROUP + 10):
+        item = copy.deepcopy(template)
+        item["id"] = f"{template['id']}-{k:04d}"
+        many.append(item)
+    path = tmp_path / "s2.parquet"
+    pin = write_items(many, path)
+    assert pin["items"] == len(many) and pq.ParquetFile(path).num_row_groups == 3
+    last = many[-1]["id"]
+    corrupt_row_groups(path, keep={2})
+    assert ItemsFile(path).get([last])[last]["assets"] == template["assets"]
+    with pytest.raises(Exception):  # noqa: B017
+        ItemsFile(path).get([many[0]["id"]])
+    with pytest.raises(DataError, match=r"s2\.parquet: no item 'no-such-item'"):
+        ItemsFile(path).get(["no-such-item"])
+
+
+# ------------------------------------------------------------------------------ frozen rebuilds
+
+
+def test_a_frozen_rebuild_from_the_new_files_is_byte_identical(catalogued, tmp_path: Path) -> None:
+    config, manifest = catalogued["config"], catalogued["manifest"]
+    frozen = tmp_path / "frozen" / "manifest.parquet"
+    result = subprocess.run(
+        [sys.executable, "-m", "xstars", "catalog", "freeze", "--config-json",
+         json.dumps({"catalog": {"manifest": str(manifest.path)}}), "--out", str(frozen)],
+        capture_output=True, text=True, cwd=REPO, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert files_of(items_dir(frozen)) == files_of(items_dir(manifest.path)) and files_of(items_dir(frozen))
+    build(config, manifest, tmp_path / "first.zarr")
+    build(config, Manifest(frozen), tmp_path / "again.zarr")
+    first, again = files_of(tmp_path / "first.zarr"), files_of(tmp_path / "again.zarr")
+    assert first.keys() == again.keys() and first == again
+    # An items file changed after the catalog ran is refused, by name, before anything is built.
+    pinned = items_dir(frozen) / "l8.parquet"
+    pinned.write_bytes(pinned.read_bytes()[:-100] + b"\0" * 100)
+    result = subprocess.run(
+        [sys.executable, "-m", "xstars", "catalog", "freeze", "--config-json",
+         json.dumps({"catalog": {"manifest": str(frozen)}}), "--out", str(tmp_path / "refrozen.parquet")],
+        capture_output=True, text=True, cwd=REPO, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {pinned}: SHA-256 differs from the one manifest {frozen} pins; the items changed since the catalog ran")
+
+
+# ------------------------------------------------------------------------------ layout 1
+
+
+def layout_one(manifest: Manifest, out: Path) -> Path:
+    """``manifest`` as the first layout wrote it: every row carries its item's JSON, and its
+    fallbacks' JSON in ``fallbacks_json``; no reason codes; the provenance alone in the footer."""
+    import geopandas as gpd
+
+    frame = manifest.frame()
+    items = {sensor: manifest.items(sensor).get(sorted({i for row in rows.itertuples() for i in
+                                                        [row.item_id, *(f["item_id"] for f in row.fallbacks)] if i}))
+             for sensor, rows in frame.groupby("sensor")}
+
+    def as_json(sensor: str, item_id: str) -> str:
+        return json.dumps(items[sensor][item_id], sort_keys=True, separators=(",", ":")) if item_id else ""
+
+    frame["item_json"] = [as_json(r.sensor, r.item_id) for r in frame.itertuples()]
+    frame["fallbacks_json"] = [json.dumps([f | {"item_json": as_json(r.sensor, f["item_id"])} for f in r.fallbacks],
+                                          sort_keys=True) for r in frame.itertuples()]
+    old = gpd.GeoDataFrame(frame.drop(columns=["fallbacks", "reason_code", "reason_sensor"]), crs=frame.crs)
+    old.to_parquet(out, index=False)
+    table = pq.read_table(out)
+    pq.write_table(table.replace_schema_metadata({**table.schema.metadata,
+                                                  b"xstars": json.dumps(manifest.provenance).encode()}), out)
+    return out
+
+
+def test_an_old_manifest_gets_one_clear_error_and_converts_to_the_same_build(catalogued, tmp_path: Path) -> None:
+    config, manifest = catalogued["config"], catalogued["manifest"]
+    old = layout_one(manifest, tmp_path / "old.parquet")
+    result = subprocess.run(
+        [sys.executable, "-m", "xstars", "build", "init", "--config-json", json.dumps(config), "--manifest", str(old),
+         "--store", str(tmp_path / "dataset.zarr"), "--out", str(tmp_path / "init.json")],
+        capture_output=True, text=True, cwd=REPO, check=False)
+    assert result.returncode == 2 and not (tmp_path / "dataset.zarr").exists()
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {old}: a manifest of layout 1 (item JSON in every row), which this version reads no more; convert it "
+        f"once with `xstars catalog convert --manifest {old} --out NEW.parquet` (writes NEW.parquet and its items in "
+        "NEW.items/; the build from it is the same)")
+    converted = tmp_path / "new.parquet"
+    result = subprocess.run(
+        [sys.executable, "-m", "xstars", "catalog", "convert", "--config-json", json.dumps(config), "--manifest",
+         str(old), "--out", str(converted)], capture_output=True, text=True, cwd=REPO, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    again = Manifest(converted)
+    assert again.part(0, PER_SHARD) == manifest.part(0, PER_SHARD)  # the same rows, reason codes recovered
+    build(config, manifest, tmp_path / "first.zarr")
+    build(config, again, tmp_path / "converted.zarr")
+    assert files_of(tmp_path / "first.zarr") == files_of(tmp_path / "converted.zarr")
+
+
+# ------------------------------------------------------------------------------ drop reasons
+
+
+def test_drops_are_counted_by_their_code_not_by_parsing_the_sentence(catalogued) -> None:
+    rows = [r for site in catalogued["manifest"].part(0, PER_SHARD) for r in site]
+    site = rows[0].site_id
+    dropped = [dataclasses.replace(r, status="dropped", reason="Landsat: nothing clear, see the log",
+                                   reason_code="too_invalid", reason_sensor="l8") if r.site_id == site else r
+               for r in rows]
+    counts = catalog.summary(dropped)
+    assert counts["dropped_by_reason"] == {
+        "l8: every scene has too much of the footprint cloudy or without data": 1}
+    assert counts["kept"] == counts["sites"] - 1
+    with pytest.raises(ValueError, match="unknown drop reason code 'cloudy'"):
+        dataclasses.replace(dropped[0], reason_code="cloudy").drop_reason  # noqa: B018
