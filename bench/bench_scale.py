@@ -15,14 +15,21 @@ the CPU time spread over the nodes' cores and the IGN WMS limit (40 requests/s, 
 
     .venv/bin/xstars demo up --world demo
     .venv/bin/python bench/bench_scale.py [--nodes 1 4 16 64] [--cores-per-node 32]
+
+With ``--jobs DIR`` it simulates instead the jobs that need no network at France size, today's
+code beside this one (issue 15; bench/scale_jobs.py says how), and prints their table:
+
+    .venv/bin/python bench/bench_scale.py --jobs /tmp/france [--baseline-ref 058577c] [--old-shards 4]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
+import sys
 import tempfile
 import time
 from datetime import date
@@ -129,7 +136,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--cores-per-node", type=int, default=32)
+    parser.add_argument("--jobs", type=Path, metavar="DIR",
+                        help="simulate the France-size jobs in DIR (issue 15) instead of the demo's plan")
+    parser.add_argument("--baseline-ref", default="058577c",
+                        help="today's code for --jobs: the last commit with the item JSON in every row")
+    parser.add_argument("--old-shards", type=int, default=4,
+                        help="--jobs: shards written in today's layout too (the merge is compared on them)")
     args = parser.parse_args()
+    if args.jobs:
+        return france_jobs(args)
     # One process, the jobs one after the other: it has the WMS to itself.
     demo_config = load_config(None, {"world": "demo", "catalogs": {"geoplateforme": {"max_concurrent_jobs": 1}}})
     demo_cfg = demo_config["demo"]
@@ -141,6 +156,26 @@ def main() -> None:
     for name, overrides in (("default config", {}), ("all of France", FRANCE)):
         real = load_config(None, overrides)
         print(json.dumps({"plan": name, **plan(demo, demo_config, real, args.nodes, args.cores_per_node)}, indent=1))
+
+
+def france_jobs(args: argparse.Namespace) -> None:
+    """The France-size jobs' table (issue 15), as JSON then as Markdown rows for BENCHMARKS.md."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from scale_jobs import simulate
+
+    from xstars.config import load_config
+
+    config = load_config(None, FRANCE)
+    started = time.perf_counter()
+    result = simulate(config, args.jobs, args.baseline_ref, args.old_shards)
+    result |= {"date": date.today().isoformat(), "baseline_ref": args.baseline_ref,
+               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
+               "bench_wall_s": round(time.perf_counter() - started, 1)}
+    print(json.dumps(result, indent=1))
+    print("| job | today: peak MB | today: s | after: peak MB | after: s |\n|---|---:|---:|---:|---:|")
+    for name, row in result["jobs"].items():
+        today = row["today"] or {"peak_mb": "-", "seconds": "-"}
+        print(f"| {name} | {today['peak_mb']} | {today['seconds']} | {row['after']['peak_mb']} | {row['after']['seconds']} |")
 
 
 if __name__ == "__main__":

@@ -57,6 +57,7 @@ from xstars.manifest import (
     Manifest,
     ManifestRow,
     ManifestWriter,
+    candidates_in,
     candidates_table,
     items_dir,
     merge_items,
@@ -680,17 +681,32 @@ CANDIDATES = {"stac_raster": raster_candidates, "stac_labels": label_candidates,
 # ================================================================================= selection
 
 
+@dataclass(frozen=True)
+class Choosing:
+    """What the selection asks of a sensor, asked once per run rather than once per site."""
+
+    name: str
+    is_image: bool
+    max_invalid_fraction: float  # Sensor.invalid_limit: what Sensor.eligible lets through
+    assets: tuple[str, ...]
+
+    @classmethod
+    def of(cls, sensors: Mapping[str, Sensor], cat: Mapping[str, Any]) -> list[Choosing]:
+        limit = float(cat["max_invalid_fraction"])
+        return [cls(name, s.is_image, s.invalid_limit(limit), tuple(s.assets())) for name, s in sensors.items()]
+
+
 def select(config: Mapping[str, Any], sites: Sequence[Site], candidates: Iterable[Candidate]) -> list[ManifestRow]:
     """The manifest rows of ``sites`` from their candidates, site by site (:func:`select_site`)."""
     by_site: dict[str, list[Candidate]] = defaultdict(list)
     for candidate in candidates:
         by_site[candidate.site_id].append(candidate)
-    sensors = sensors_of(config)
+    choosing = Choosing.of(sensors_of(config), config["catalog"])
     return [row for site in sorted(sites, key=lambda s: s.site_id)
-            for row in select_site(site, by_site[site.site_id], sensors, config["catalog"])]
+            for row in select_site(site, by_site[site.site_id], choosing, config["catalog"])]
 
 
-def select_site(site: Site, candidates: Sequence[Candidate], sensors: Mapping[str, Sensor],
+def select_site(site: Site, candidates: Sequence[Candidate], sensors: Sequence[Choosing],
                 cat: Mapping[str, Any]) -> list[ManifestRow]:
     """Choose a scene per sensor for one site: its manifest rows, in sensor order.
 
@@ -705,15 +721,15 @@ def select_site(site: Site, candidates: Sequence[Candidate], sensors: Mapping[st
     by_sensor: dict[str, list[Candidate]] = defaultdict(list)
     for candidate in candidates:
         by_sensor[candidate.sensor].append(candidate)
-    unique = {name: _unique(by_sensor[name]) for name in sensors}
+    unique = {s.name: _unique(by_sensor[s.name]) for s in sensors}
     anchor = cat["anchor_sensor"]
     chosen: dict[str, list[Candidate]] = {}
     reason: DropReason | None = None
     anchor_time = None
-    for name in [anchor, *[s for s in sensors if s != anchor]]:
-        sensor = sensors[name]
+    for sensor in sorted(sensors, key=lambda s: s.name != anchor):  # the anchor first
+        name = sensor.name
         rows = unique[name]
-        eligible = [r for r in rows if sensor.eligible(r.invalid_fraction, cat["max_invalid_fraction"])]
+        eligible = [r for r in rows if r.invalid_fraction <= sensor.max_invalid_fraction]
         if not eligible:
             reason = reason or _no_candidate_reason(sensor, rows, cat)
             chosen[name] = []
@@ -731,12 +747,12 @@ def select_site(site: Site, candidates: Sequence[Candidate], sensors: Mapping[st
                 r.invalid_fraction, r.item_id))
         chosen[name] = ranked[: 1 + int(cat["fallbacks"])]
     out = []
-    for name, sensor in sensors.items():
-        picks = chosen.get(name, [])
+    for sensor in sensors:
+        picks = chosen.get(sensor.name, [])
         best = picks[0] if picks else None
         out.append(ManifestRow(
             site_id=site.site_id, region=site.region, split=site.split, col=site.col, row=site.row,
-            footprint_m=site.footprint_m, sensor=name, status="dropped" if reason else "ok",
+            footprint_m=site.footprint_m, sensor=sensor.name, status="dropped" if reason else "ok",
             reason=reason.text if reason else "", reason_code=reason.code if reason else "",
             reason_sensor=reason.sensor if reason else "",
             collection=best.collection if best else "", item_id=best.item_id if best else "",
@@ -744,22 +760,25 @@ def select_site(site: Site, candidates: Sequence[Candidate], sensors: Mapping[st
             cloud_fraction=best.cloud_fraction if best else None,
             nodata_fraction=best.nodata_fraction if best else None,
             invalid_fraction=best.invalid_fraction if best else None,
-            assets=tuple(sensor.assets()),
+            assets=sensor.assets,
             fallbacks=tuple(Fallback(r.item_id, r.datetime, r.cloud_fraction, r.nodata_fraction, r.invalid_fraction)
                             for r in picks[1:]),
-            n_candidates=len(unique[name])))
+            n_candidates=len(unique[sensor.name])))
     return out
 
 
 def _unique(rows: Sequence[Candidate]) -> list[Candidate]:
-    """One candidate per item (an item met in two windows or shards counts once)."""
+    """One candidate per item (an item met in two windows or shards counts once: the first
+    window by name), in no particular order: every ranking ends on the item id."""
     seen: dict[str, Candidate] = {}
-    for row in sorted(rows, key=lambda r: (r.item_id, r.window)):
-        seen.setdefault(row.item_id, row)
+    for row in rows:
+        kept = seen.get(row.item_id)
+        if kept is None or row.window < kept.window:
+            seen[row.item_id] = row
     return list(seen.values())
 
 
-def _no_candidate_reason(sensor: Sensor, rows: Sequence[Candidate], cat: Mapping[str, Any]) -> DropReason:
+def _no_candidate_reason(sensor: Choosing, rows: Sequence[Candidate], cat: Mapping[str, Any]) -> DropReason:
     if not rows:
         return DropReason(sensor.name, "no_item", f"{sensor.name}: no item covers the footprint in the searched windows")
     if not sensor.is_image:
@@ -783,24 +802,30 @@ def merge_manifest(config: Mapping[str, Any], sites: Sequence[Site], candidate_p
     one row group of sites at a time; the items are merged in Arrow, sensor by sensor."""
     searches = [s for path in candidate_paths for s in json.loads(searches_path(path).read_text())]
     table = candidates_table(candidate_paths)
-    site_of_row = table.column("site_id").to_numpy(zero_copy_only=False)
+    # Where each site's candidates start in the sorted table (one string per site, not per row).
+    runs = table.group_by("site_id", use_threads=False).aggregate([("site_id", "count")])
+    starts = dict(zip(runs.column("site_id").to_pylist(),
+                      np.concatenate([[0], np.cumsum(runs.column("site_id_count").to_numpy())]).tolist(), strict=False))
+    ends = dict(zip(runs.column("site_id").to_pylist(), np.cumsum(runs.column("site_id_count").to_numpy()).tolist(),
+                    strict=True))
     sensors = sensors_of(config)
+    choosing = Choosing.of(sensors, config["catalog"])
     per_group = int(config["build"]["samples_per_shard"])
     writer = ManifestWriter(out, config["sites"]["crs"], provenance(config, searches), per_group)
     counts = Summary()
     ordered = sorted(sites, key=lambda s: s.site_id)
     for start in range(0, len(ordered), per_group):
         chunk = ordered[start:start + per_group]
-        lo = int(np.searchsorted(site_of_row, chunk[0].site_id, side="left"))
-        hi = int(np.searchsorted(site_of_row, chunk[-1].site_id, side="right"))
+        with_rows = [s.site_id for s in chunk if s.site_id in starts]
         by_site: dict[str, list[Candidate]] = defaultdict(list)
-        for record in table.slice(lo, hi - lo).to_pylist():
-            by_site[record["site_id"]].append(Candidate(**record))
+        if with_rows:
+            for candidate in candidates_in(table, starts[with_rows[0]], ends[with_rows[-1]]):
+                by_site[candidate.site_id].append(candidate)
         for site in chunk:
-            rows = select_site(site, by_site[site.site_id], sensors, config["catalog"])
+            rows = select_site(site, by_site[site.site_id], choosing, config["catalog"])
             writer.add_site(rows)
             counts.add(rows)
-    del table, site_of_row
+    del table
     target = items_dir(out)
     if target.exists():
         shutil.rmtree(target)

@@ -84,8 +84,12 @@ def item_datetime(item: Mapping[str, Any]) -> datetime:
     raise DataError(f"item {item.get('id')!r}: no datetime nor start/end_datetime")
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def parse_time(text: str) -> datetime:
-    """RFC 3339 timestamp -> aware UTC datetime (``Z`` and fractional seconds accepted)."""
+    """RFC 3339 timestamp -> aware UTC datetime (``Z`` and fractional seconds accepted).
+
+    Cached: the selection ranks millions of candidates at France size, and they share the
+    dates of a few thousand scenes."""
     value = datetime.fromisoformat(text)
     return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
 

@@ -254,13 +254,14 @@ class Sensor:
         return empty
 
     def eligible(self, invalid_fraction: float, max_invalid_fraction: float) -> bool:
-        """Whether a scene with this invalid fraction of the footprint may be used.
+        """Whether a scene with this invalid fraction of the footprint may be used."""
+        return invalid_fraction <= self.invalid_limit(max_invalid_fraction)
 
-        Images: at most ``catalog.max_invalid_fraction`` cloudy or without data. Labels: the
-        whole footprint labelled (a map with holes would teach the probes nothing there).
-        """
-        limit = max_invalid_fraction if self.is_image else 1e-6
-        return invalid_fraction <= limit
+    def invalid_limit(self, max_invalid_fraction: float) -> float:
+        """The largest invalid fraction of the footprint a scene may have. Images: at most
+        ``catalog.max_invalid_fraction`` cloudy or without data. Labels: the whole footprint
+        labelled (a map with holes would teach the probes nothing there)."""
+        return max_invalid_fraction if self.is_image else 1e-6
 
 
 def _any_bit(mask: np.ndarray, bits: Sequence[int]) -> np.ndarray:
