@@ -12,7 +12,7 @@ from tests.test_build import build_store
 from tests.test_catalog import small_world_config
 from tests.test_pretrain import tiny_settings
 from xstars import evaluate, train
-from xstars.demo import server
+from xstars.demo import control
 from xstars.model import load_exported
 
 SEEDS = (1, 2, 3)
@@ -28,9 +28,9 @@ BUDGET = {"splits": ["train"], "views": {"global_px": 64, "local_px": 32, "local
 
 
 @pytest.fixture(scope="module")
-def demo_store(demo_root: Path, demo_server: server.ServerInfo, tmp_path_factory) -> Path:
+def demo_store(demo_root: Path, demo_server: control.ServerInfo, tmp_path_factory) -> Path:
     """A store of the small demo world: 240 m tiles, toulouse for training, bordeaux for testing."""
-    server.set_faults(demo_server, {})
+    control.set_faults(demo_server, {})
     config = small_world_config(demo_root, demo_server, build={"samples_per_shard": 4, "margin_m": 240},
                                 sites={"city_radius_m": 480, "sites_per_city": 11})
     return build_store(config, tmp_path_factory.mktemp("evaluate_demo"))["path"]
