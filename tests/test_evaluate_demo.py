@@ -11,8 +11,9 @@ import pytest
 from tests.test_build import build_store
 from tests.test_catalog import small_world_config
 from tests.test_pretrain import tiny_settings
-from xstars import evaluate, train
+from xstars import data, probes, train
 from xstars.demo import control
+from xstars.features import embed, model_infos
 from xstars.model import load_exported
 
 SEEDS = (1, 2, 3)
@@ -57,9 +58,9 @@ def test_xstars_beats_dino_on_cross_sensor_retrieval(demo_store: Path, tmp_path:
 def retrieval_top1(backbone, description, path: Path, settings: dict) -> float:
     """Mean top-1 over the ordered sensor pairs, on the test tiles."""
     sensors = settings["sensors"]
-    infos = evaluate.model_infos(path, description, sensors)
-    test_ids = evaluate.usable_samples(path, sensors, settings["test_splits"])
-    features = evaluate.embed(backbone, path, infos, test_ids, settings["input_px"])
-    values = [evaluate.retrieval(features[a].tile_features("mean"), features[b].tile_features("mean"))[0]["top1"]
+    infos = model_infos(path, description, sensors)
+    test_ids = data.usable_samples(path, sensors, settings["test_splits"])
+    features = embed(backbone, path, infos, test_ids, settings["input_px"])
+    values = [probes.retrieval(features[a].tile_features("mean"), features[b].tile_features("mean"))[0]["top1"]
               for a in sensors for b in sensors if a != b]
     return float(np.mean(values))
