@@ -125,7 +125,7 @@ def run(mode: str, manifest: Path, config: dict, **extra) -> dict:
 
 def main() -> int:
     from xstars.config import load_config
-    from xstars.demo.server import ensure_up
+    from xstars.demo.control import ensure_up
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--manifest", type=Path, default=Path("results/demo/catalog/manifest.parquet"))

@@ -47,12 +47,12 @@ def cpu_seconds() -> float:
 
 
 def measure(stage, url: str) -> dict:
-    from xstars.demo import server
+    from xstars.demo import control
 
-    server.reset_stats(url)
+    control.reset_stats(url)
     cpu, wall = cpu_seconds(), time.perf_counter()
     stage()
-    stats = server.get_stats(url)
+    stats = control.get_stats(url)
     return {"cpu_s": cpu_seconds() - cpu, "wall_s": time.perf_counter() - wall, "requests": stats["requests"],
             "bytes_read": stats["file_bytes"] + stats["wms_bytes"], "wms_bytes": stats["wms_bytes"]}
 
@@ -60,7 +60,7 @@ def measure(stage, url: str) -> dict:
 def run_demo(config: dict, workdir: Path) -> dict:
     """The catalog then the build of ``config`` (the demo world), measured stage by stage."""
     from xstars import catalog, store
-    from xstars.demo.server import read_server_json
+    from xstars.demo.control import read_server_json
     from xstars.manifest import Manifest
     from xstars.sites import sample_sites
 
@@ -131,7 +131,7 @@ def plan(demo: dict, demo_config: dict, real: dict, nodes: list[int], cores_per_
 
 def main() -> None:
     from xstars.config import load_config
-    from xstars.demo.server import ensure_up
+    from xstars.demo.control import ensure_up
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, nargs="+", default=[1, 4, 16, 64])

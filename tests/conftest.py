@@ -98,11 +98,11 @@ def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def demo_server(demo_root: Path):
     """The demo world served on free loopback ports; stopped at the end of the session."""
-    from xstars.demo import server
+    from xstars.demo import control
 
-    info = server.start(demo_root, host="127.0.0.1", port=free_port(), backend_port=free_port())
+    info = control.start(demo_root, host="127.0.0.1", port=free_port(), backend_port=free_port())
     yield info
-    server.stop(demo_root)
+    control.stop(demo_root)
 
 
 def in_ci() -> bool:
@@ -164,9 +164,9 @@ def demo_build(demo_root: Path, demo_server, tmp_path_factory: pytest.TempPathFa
     The reference build: the frozen rebuild (test_workflow_build) and the SLURM build
     (test_slurm) must give the same store.
     """
-    from xstars.demo import server
+    from xstars.demo import control
 
-    server.set_faults(demo_server, {})
+    control.set_faults(demo_server, {})
     workdir = tmp_path_factory.mktemp("demo_build")
     configfile = world_configfile(workdir.parent / f"{workdir.name}.yaml", demo_root, demo_server,
                                   overlay={"pretrain": TINY_PRETRAIN, "evaluate": TINY_EVALUATE})

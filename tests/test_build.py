@@ -16,15 +16,15 @@ import pytest
 from tests.conftest import free_port
 from tests.test_catalog import build_manifest, small_world_config
 from xstars import store
-from xstars.demo import server
+from xstars.demo import control
 from xstars.manifest import Manifest
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def built(demo_root: Path, demo_server: server.ServerInfo, tmp_path_factory) -> dict:
-    server.set_faults(demo_server, {})
+def built(demo_root: Path, demo_server: control.ServerInfo, tmp_path_factory) -> dict:
+    control.set_faults(demo_server, {})
     config = small_world_config(demo_root, demo_server, build={"samples_per_shard": 3, "margin_m": 240})
     return build_store(config, tmp_path_factory.mktemp("build"))
 
@@ -224,7 +224,7 @@ def test_an_unreadable_scene_falls_back_to_the_next_one(built, tmp_path: Path) -
     assert record["items"]["s2"] == row.fallbacks[0].item_id
 
 
-def test_a_403_is_answered_by_signing_again(built, demo_server: server.ServerInfo, monkeypatch) -> None:
+def test_a_403_is_answered_by_signing_again(built, demo_server: control.ServerInfo, monkeypatch) -> None:
     """An expired token (HTTP 403 AuthenticationFailed) makes the read sign the href afresh."""
     from xstars import acquire, remote
 
@@ -235,7 +235,7 @@ def test_a_403_is_answered_by_signing_again(built, demo_server: server.ServerInf
     config = built["config"]
     row = built["manifest"][(built["manifest"].status == "ok") & (built["manifest"].sensor == "l8")].iloc[0]
     item = built["opened"].items("l8").get([row.item_id])[row.item_id]
-    server.set_faults(demo_server, {"status_403_every": 1, "routes": ["files"]})
+    control.set_faults(demo_server, {"status_403_every": 1, "routes": ["files"]})
     try:
         grid = acquire.site_grid(row.geometry.bounds, 30, "EPSG:2154")
         href = item["assets"]["red"]["href"].replace("red.tif", "red.tif?st=x&se=y&sig=SECRET")
@@ -244,13 +244,13 @@ def test_a_403_is_answered_by_signing_again(built, demo_server: server.ServerInf
             remote.read_source(href, grid, catalog_cfg=pc, http_cfg=config["http"] | {"max_retries": 2}, what="x/red")
         assert "SECRET" not in str(failure.value) and "403" in str(failure.value)
         assert signed == [False, True, True]  # every retry after a 403 asked for a fresh token
-        server.set_faults(demo_server, {"status_403_every": 2, "routes": ["files"]})
+        control.set_faults(demo_server, {"status_403_every": 2, "routes": ["files"]})
         signed.clear()
         source = remote.read_source(item["assets"]["red"]["href"], grid, catalog_cfg=pc, http_cfg=config["http"],
                                     what="x/red")
-        assert source.data.size > 0 and server.get_stats(demo_server)["faults"]["status_403"] > 0
+        assert source.data.size > 0 and control.get_stats(demo_server)["faults"]["status_403"] > 0
     finally:
-        server.set_faults(demo_server, {})
+        control.set_faults(demo_server, {})
 
 
 BLOB = "http://xstarstest.blob.core.windows.net/files"
@@ -452,9 +452,9 @@ def earth_search_world(demo_root: Path, tmp_path_factory):
         es.append(as_earth_search(item, seen[key]))
     assert len({i["id"] for i in es}) == len(es)
     (root / "stac" / "items.ndjson").write_text("".join(json.dumps(i) + "\n" for i in es))
-    info = server.start(root, port=free_port(), backend_port=free_port())
+    info = control.start(root, port=free_port(), backend_port=free_port())
     yield info
-    server.stop(root)
+    control.stop(root)
 
 
 def test_sentinel2_from_earth_search_builds_the_same_store(built: dict, demo_root: Path, demo_server, earth_search_world,
@@ -483,7 +483,7 @@ def test_sentinel2_from_earth_search_builds_the_same_store(built: dict, demo_roo
 
 
 @pytest.fixture(scope="module")
-def split_worldcover_world(demo_root: Path, demo_server: server.ServerInfo, tmp_path_factory):
+def split_worldcover_world(demo_root: Path, demo_server: control.ServerInfo, tmp_path_factory):
     """The demo world with toulouse's WorldCover map cut into two items at a meridian through a
     site (as a site on the edge of two 3-degree tiles sees it): the same pixels, two files."""
     import rasterio
@@ -527,9 +527,9 @@ def split_worldcover_world(demo_root: Path, demo_server: server.ServerInfo, tmp_
     kept = [i for i in items if i["id"] != whole["id"]]
     (root / "stac").mkdir()
     (root / "stac" / "items.ndjson").write_text("".join(json.dumps(i) + "\n" for i in [*kept, *halves]))
-    info = server.start(root, port=free_port(), backend_port=free_port())
+    info = control.start(root, port=free_port(), backend_port=free_port())
     yield info, site, whole
-    server.stop(root)
+    control.stop(root)
 
 
 def test_a_footprint_on_a_label_tile_edge_is_labelled_from_both_tiles(demo_root: Path, demo_server,

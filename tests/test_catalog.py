@@ -15,7 +15,7 @@ from tests.conftest import FIXTURES, SMALL_DEMO, free_port
 from xstars import catalog, figures
 from xstars import items as stac_items
 from xstars.config import load_config
-from xstars.demo import server
+from xstars.demo import control
 from xstars.errors import ConfigError, ServiceError
 from xstars.manifest import MANIFEST_COLUMNS, Manifest, items_dir
 from xstars.sensors import sensors_of
@@ -24,7 +24,7 @@ from xstars.sites import Site, sample_sites, write_sites
 REPO = Path(__file__).resolve().parents[1]
 
 
-def small_world_config(root: Path, info: server.ServerInfo, **overrides) -> dict:
+def small_world_config(root: Path, info: control.ServerInfo, **overrides) -> dict:
     """The demo config shrunk to the tests' small world (1.28 km cities), on its server."""
     base = {
         "world": "demo",
@@ -45,12 +45,12 @@ def small_world_config(root: Path, info: server.ServerInfo, **overrides) -> dict
 
 
 @pytest.fixture
-def served(demo_root: Path, demo_server: server.ServerInfo):
+def served(demo_root: Path, demo_server: control.ServerInfo):
     """The session's demo server with faults off and counters reset, before and after."""
-    server.set_faults(demo_server, {})
-    server.reset_stats(demo_server)
+    control.set_faults(demo_server, {})
+    control.reset_stats(demo_server)
     yield demo_server
-    server.set_faults(demo_server, {})
+    control.set_faults(demo_server, {})
 
 
 def build_manifest(config: dict, path: Path) -> tuple[list[dict], list[dict]]:
@@ -61,8 +61,8 @@ def build_manifest(config: dict, path: Path) -> tuple[list[dict], list[dict]]:
 
 
 @pytest.fixture(scope="module")
-def clean_manifest(demo_root: Path, demo_server: server.ServerInfo, tmp_path_factory) -> tuple[Path, list[dict]]:
-    server.set_faults(demo_server, {})
+def clean_manifest(demo_root: Path, demo_server: control.ServerInfo, tmp_path_factory) -> tuple[Path, list[dict]]:
+    control.set_faults(demo_server, {})
     config = small_world_config(demo_root, demo_server)
     path = tmp_path_factory.mktemp("manifest") / "manifest.parquet"
     rows, _ = build_manifest(config, path)
@@ -127,37 +127,37 @@ def test_manifest_is_identical_under_injected_faults(clean_manifest, demo_root: 
     path, _ = clean_manifest
     # While the pages link to the next one, searches keep the server's own order (no sortby:
     # the Planetary Computer's fast path).
-    server.set_faults(served, {})
-    server.reset_stats(served)
+    control.set_faults(served, {})
+    control.reset_stats(served)
     _, searches = build_manifest(small_world_config(demo_root, served), tmp_path / "natural.parquet")
-    requests = server.get_stats(served)["requests"]
+    requests = control.get_stats(served)["requests"]
     assert requests["stac_search"] >= len(searches) and requests["stac_search_sorted"] == 0
     assert not any(s["continuations"] for s in searches)
     # Small pages so that paging (and its failures) happens on every search.
     config = small_world_config(demo_root, served, catalogs={"planetary_computer": {"page_limit": 1}},
                                 http={"backoff_s": 0.01, "max_retries": 8})
-    server.set_faults(served, {"status_429_every": 4, "retry_after_s": 0, "status_503_every": 7, "drop_every": 11,
-                               "duplicate_items": True, "routes": ["stac"]})
+    control.set_faults(served, {"status_429_every": 4, "retry_after_s": 0, "status_503_every": 7, "drop_every": 11,
+                                "duplicate_items": True, "routes": ["stac"]})
     faulty = tmp_path / "faulty.parquet"
     build_manifest(config, faulty)
-    stats = server.get_stats(served)
+    stats = control.get_stats(served)
     for kind in ("status_429", "status_503", "drop", "duplicate_items"):
         assert stats["faults"][kind] > 0, (kind, stats["faults"])
     assert_same_manifest(path, faulty)
 
     # Missing `next` links: the client pages by sorted id (the gateway conforms to sort and
     # filter, as the Planetary Computer does)...
-    server.set_faults(served, {"omit_next": True})
+    control.set_faults(served, {"omit_next": True})
     config = small_world_config(demo_root, served, catalogs={"planetary_computer": {"page_limit": 1}})
     by_id = tmp_path / "by_id.parquet"
     _, searches = build_manifest(config, by_id)
-    assert server.get_stats(served)["faults"]["omit_next"] > 0
+    assert control.get_stats(served)["faults"]["omit_next"] > 0
     assert any(c.startswith("after id") for s in searches for c in s["continuations"])
     assert any(c == "again, sorted by id" for s in searches for c in s["continuations"])
-    assert server.get_stats(served)["requests"]["stac_search_sorted"] > 0
+    assert control.get_stats(served)["requests"]["stac_search_sorted"] > 0
     assert_same_manifest(path, by_id)
     # ...and, on an API without sort and filter, by splitting the date window.
-    server.set_faults(served, {"omit_next": True, "no_sort_filter": True})
+    control.set_faults(served, {"omit_next": True, "no_sort_filter": True})
     config = small_world_config(demo_root, served, catalogs={"planetary_computer": {"page_limit": 2}})
     split = tmp_path / "split.parquet"
     _, searches = build_manifest(config, split)
@@ -180,7 +180,7 @@ def assert_same_manifest(expected: Path, actual: Path) -> None:
 def test_file_faults_on_mask_reads_are_retried(clean_manifest, demo_root: Path, served, tmp_path: Path) -> None:
     path, _ = clean_manifest
     config = small_world_config(demo_root, served)
-    server.set_faults(served, {"status_503_every": 5, "drop_every": 7, "truncate_every": 3, "routes": ["files"]})
+    control.set_faults(served, {"status_503_every": 5, "drop_every": 7, "truncate_every": 3, "routes": ["files"]})
     # In a fresh process, as a workflow job: GDAL's in-process cache would otherwise answer.
     sites_path = write_sites(sample_sites(config), tmp_path / "sites.parquet", "EPSG:2154")
     candidates = tmp_path / "shard-0.parquet"
@@ -188,7 +188,7 @@ def test_file_faults_on_mask_reads_are_retried(clean_manifest, demo_root: Path, 
         [sys.executable, "-m", "xstars", "catalog", "search", "--config-json", json.dumps(config), "--sites",
          str(sites_path), "--shard", "0", "--out", str(candidates)], capture_output=True, text=True, cwd=REPO, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
-    faults = server.get_stats(served)["faults"]
+    faults = control.get_stats(served)["faults"]
     assert faults["status_503"] > 0 and faults["drop"] > 0 and faults["truncate"] > 0, faults
     out = tmp_path / "files.parquet"
     catalog.merge_manifest(config, sample_sites(config), [candidates], out)
@@ -199,10 +199,10 @@ def test_searches_grow_with_groups_not_sites(demo_root: Path, served, tmp_path: 
     counts = {}
     for per_city in (1, 4):
         config = small_world_config(demo_root, served, sites={"sites_per_city": per_city})
-        server.reset_stats(served)
+        control.reset_stats(served)
         sites = sample_sites(config)
         searches = catalog.search_shard(config, sites, 0, tmp_path / f"shard-{per_city}.parquet").searches
-        counts[per_city] = (len(searches), server.get_stats(served)["requests"]["stac_search"])
+        counts[per_city] = (len(searches), control.get_stats(served)["requests"]["stac_search"])
     windows = len(catalog.season_windows(config["dates"]))
     groups = 2  # one search cell per city
     assert counts[1] == counts[4]
@@ -222,7 +222,7 @@ def test_frozen_mode_makes_no_request_and_copies_the_manifest(clean_manifest, se
     assert result.returncode == 0, result.stderr
     assert out.read_bytes() == path.read_bytes()
     assert json.loads((tmp_path / "s.json").read_text())["sites"] == 8
-    stats = server.get_stats(served)["requests"]
+    stats = control.get_stats(served)["requests"]
     assert stats["stac_search"] == 0 and stats["files"] == 0 and stats["wms_getmap"] == 0
 
 
@@ -250,7 +250,7 @@ def test_empty_date_window_names_dates() -> None:
         catalog.season_windows(dates)
 
 
-def test_unreachable_endpoint_names_the_url(demo_root: Path, demo_server: server.ServerInfo) -> None:
+def test_unreachable_endpoint_names_the_url(demo_root: Path, demo_server: control.ServerInfo) -> None:
     port = free_port()
     config = small_world_config(demo_root, demo_server,
                                 catalogs={"planetary_computer": {"url": f"http://127.0.0.1:{port}/stac"}},
@@ -300,12 +300,12 @@ def pc_server(tmp_path_factory):
     features.append(no_mask)
     (root / "stac").mkdir()
     (root / "stac" / "items.ndjson").write_text("".join(json.dumps(f) + "\n" for f in features))
-    info = server.start(root, port=free_port(), backend_port=free_port())
+    info = control.start(root, port=free_port(), backend_port=free_port())
     yield info, original, reprocessed, no_mask
-    server.stop(root)
+    control.stop(root)
 
 
-def pc_searcher(info: server.ServerInfo) -> catalog.StacSearcher:
+def pc_searcher(info: control.ServerInfo) -> catalog.StacSearcher:
     config = load_config()
     pc = config["catalogs"]["planetary_computer"] | {"url": info.stac_url, "page_limit": 5}
     return catalog.StacSearcher(pc, config["http"] | {"backoff_s": 0.01})

@@ -30,8 +30,9 @@ from rasterio.transform import Affine
 from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 
-from xstars.demo import layout, server
-from xstars.demo.server import Faults, ServerInfo
+from xstars.demo import control, gateway_files, gateway_stac, layout
+from xstars.demo.control import ServerInfo
+from xstars.demo.faults import Faults
 from xstars.errors import ServiceError
 
 pytestmark = pytest.mark.timeout(120)
@@ -249,9 +250,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def info(world: Path) -> ServerInfo:
     port, backend_port = free_ports(2)
-    started = server.start(world, port=port, backend_port=backend_port)
+    started = control.start(world, port=port, backend_port=backend_port)
     yield started
-    server.stop(world)
+    control.stop(world)
 
 
 @pytest.fixture(autouse=True)
@@ -260,14 +261,14 @@ def no_faults_after(request: pytest.FixtureRequest) -> None:
     running = request.getfixturevalue("info") if "info" in request.fixturenames else None
     yield
     if running is not None:
-        server.set_faults(running, Faults())
+        control.set_faults(running, Faults())
 
 
 # -------------------------------------------------------------------------------------- STAC
 
 
 def test_stac_search_pages_through_gateway(info: ServerInfo) -> None:
-    server.reset_stats(info)
+    control.reset_stats(info)
     client = Client.open(info.stac_url, modifier=planetary_computer.sign_inplace)
     items = list(client.search(**SEARCH, limit=4).items())
 
@@ -277,7 +278,7 @@ def test_stac_search_pages_through_gateway(info: ServerInfo) -> None:
         assert item.assets["B04"].href == f"{info.files_url}/sentinel-2-l2a/{item.id}/B04.tif"
         assert item.get_self_href().startswith(info.stac_url)
     # 26 items by 4: 7 pages, every next link followed through the gateway.
-    assert server.get_stats(info)["requests"]["stac_search"] >= 7
+    assert control.get_stats(info)["requests"]["stac_search"] >= 7
 
 
 def test_stac_get_search_is_translated_for_rustac(info: ServerInfo) -> None:
@@ -297,11 +298,11 @@ def test_search_params_roundtrip() -> None:
         "bbox=1.3,43.5,1.6,43.7&collections=a,b&limit=5&skip=10"
         "&datetime=2021-01-01T00:00:00Z/..&sortby=-properties.datetime"
     )
-    params = server.search_params_from_query(query)
+    params = gateway_stac.search_params_from_query(query)
     assert params["bbox"] == [1.3, 43.5, 1.6, 43.7] and params["collections"] == ["a", "b"]
     assert params["limit"] == 5
     assert params["sortby"] == [{"field": "properties.datetime", "direction": "desc"}]
-    assert server.search_params_from_query(server.search_query_from_params(params)) == params
+    assert gateway_stac.search_params_from_query(gateway_stac.search_query_from_params(params)) == params
 
 
 def test_collections_come_from_collections_json(info: ServerInfo) -> None:
@@ -323,7 +324,7 @@ def test_cog_window_over_vsicurl_reads_only_the_window(info: ServerInfo, world: 
     with rasterio.open(local) as ds:
         expected = ds.read(1, window=window)
 
-    server.reset_stats(info)
+    control.reset_stats(info)
     url = f"/vsicurl/{info.files_url}/sentinel-2-l2a/{item_id}/B04.tif"
     # This COG is read over HTTP by this test only, so GDAL's cache cannot hide requests.
     with rasterio.Env(GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR"), rasterio.open(url) as ds:
@@ -331,7 +332,7 @@ def test_cog_window_over_vsicurl_reads_only_the_window(info: ServerInfo, world: 
         got = ds.read(1, window=window)
 
     np.testing.assert_array_equal(got, expected)
-    stats = server.get_stats(info)
+    stats = control.get_stats(info)
     assert stats["requests"]["files"] >= 1
     assert 0 < stats["file_bytes"] < local.stat().st_size / 2
 
@@ -380,13 +381,13 @@ def test_file_ranges_head_and_errors(info: ServerInfo, world: Path) -> None:
     ],
 )
 def test_parse_range(header: str | None, expected: tuple[int, int] | None) -> None:
-    assert server.parse_range(header, 100) == expected
+    assert gateway_files.parse_range(header, 100) == expected
 
 
 @pytest.mark.parametrize("header", ["bytes=100-", "bytes=-0"])
 def test_parse_range_unsatisfiable(header: str) -> None:
-    with pytest.raises(server.RangeNotSatisfiable):
-        server.parse_range(header, 100)
+    with pytest.raises(gateway_files.RangeNotSatisfiable):
+        gateway_files.parse_range(header, 100)
 
 
 # --------------------------------------------------------------------------------------- WMS
@@ -427,10 +428,10 @@ def test_wms_capabilities_lists_the_layer(info: ServerInfo) -> None:
 def test_wms_getmap_native_resolution_is_exact(info: ServerInfo) -> None:
     x0, y0 = CITY_ORIGINS["toulouse"]
     # Columns 10..59, rows 100..149 of the Toulouse ortho, one output pixel per source pixel.
-    before = server.get_stats(info)["wms_bytes"]
+    before = control.get_stats(info)["wms_bytes"]
     response = getmap(info, (x0 + 10, y0 - 150, x0 + 60, y0 - 100), width=50, height=50)
     assert response.status_code == 200 and response.headers["Content-Type"] == "image/png"
-    assert server.get_stats(info)["wms_bytes"] - before == len(response.content)  # the scale plan's bytes read
+    assert control.get_stats(info)["wms_bytes"] - before == len(response.content)  # the scale plan's bytes read
     assert response.content.startswith(b"\x89PNG")
     image = decode(response.content)
     assert image.shape == (3, 50, 50)
@@ -489,7 +490,7 @@ def test_wms_errors_are_service_exceptions(info: ServerInfo, change: dict, code:
 
 
 def test_fault_429_has_retry_after(info: ServerInfo) -> None:
-    server.set_faults(info, {"status_429_every": 2, "retry_after_s": 3, "routes": ["files"]})
+    control.set_faults(info, {"status_429_every": 2, "retry_after_s": 3, "routes": ["files"]})
     url = f"{info.files_url}/sentinel-2-l2a/{COG_IDS[0]}/B04.tif"
     assert requests.head(url, timeout=10).status_code == 200
     limited = requests.head(url, timeout=10)
@@ -499,28 +500,28 @@ def test_fault_429_has_retry_after(info: ServerInfo) -> None:
     assert body.status_code == 429 and body.text == "Too many requests. Try again in 3 seconds"
     # Other routes are not in scope.
     assert requests.get(f"{info.stac_url}/", timeout=10).status_code == 200
-    assert server.get_stats(info)["faults"]["status_429"] >= 2
+    assert control.get_stats(info)["faults"]["status_429"] >= 2
 
 
 def test_fault_503_only_on_scoped_routes(info: ServerInfo) -> None:
-    server.set_faults(info, Faults(status_503_every=1, routes=["wms"]))
+    control.set_faults(info, Faults(status_503_every=1, routes=["wms"]))
     params = {"SERVICE": "WMS", "REQUEST": "GetCapabilities"}
     assert requests.get(info.wms_url, params=params, timeout=10).status_code == 503
     assert requests.get(f"{info.stac_url}/", timeout=10).status_code == 200
-    assert server.get_stats(info)["requests"]["wms_capabilities"] >= 1  # admin never faulted
+    assert control.get_stats(info)["requests"]["wms_capabilities"] >= 1  # admin never faulted
 
 
 def test_fault_drop_closes_the_connection(info: ServerInfo) -> None:
-    server.set_faults(info, Faults(drop_every=1, routes=["stac"]))
+    control.set_faults(info, Faults(drop_every=1, routes=["stac"]))
     with pytest.raises(requests.exceptions.ConnectionError):
         requests.get(f"{info.stac_url}/", timeout=10)
-    assert server.get_stats(info)["faults"]["drop"] >= 1
+    assert control.get_stats(info)["faults"]["drop"] >= 1
 
 
 def test_fault_truncate_sends_half_the_body(info: ServerInfo, world: Path) -> None:
     relative = f"sentinel-2-l2a/{COG_IDS[0]}/B04.tif"
     size = (layout.files_dir(world) / relative).stat().st_size
-    server.set_faults(info, Faults(truncate_every=1))
+    control.set_faults(info, Faults(truncate_every=1))
     conn = http.client.HTTPConnection(info.host, info.port, timeout=10)
     conn.request("GET", f"/files/{relative}")
     response = conn.getresponse()
@@ -534,12 +535,12 @@ def test_fault_truncate_sends_half_the_body(info: ServerInfo, world: Path) -> No
 
 
 def test_fault_omit_next_stops_paging(info: ServerInfo) -> None:
-    server.set_faults(info, Faults(omit_next=True))
+    control.set_faults(info, Faults(omit_next=True))
     assert len(search_ids(info, limit=4)) == 4
 
 
 def test_fault_duplicate_items_repeats_ids_across_pages(info: ServerInfo) -> None:
-    server.set_faults(info, Faults(duplicate_items=True))
+    control.set_faults(info, Faults(duplicate_items=True))
     ids = search_ids(info, limit=4)
     assert len(set(ids)) == N_MATCHING  # nothing lost...
     assert len(ids) == N_MATCHING + 6  # ...and each of the 6 later pages repeats one item
@@ -557,7 +558,7 @@ def test_fault_duplicate_items_repeats_ids_across_pages(info: ServerInfo) -> Non
 
 
 def test_faults_roundtrip_and_validation(info: ServerInfo) -> None:
-    applied = server.set_faults(info.admin_url, {"drop_every": 5, "routes": ["files"]})
+    applied = control.set_faults(info.admin_url, {"drop_every": 5, "routes": ["files"]})
     assert applied == Faults(drop_every=5, routes=["files"])
     assert requests.get(f"{info.admin_url}/faults", timeout=10).json()["drop_every"] == 5
     bad = requests.post(f"{info.admin_url}/faults", json={"drop_evry": 1}, timeout=10)
@@ -577,12 +578,12 @@ def test_lifecycle_start_ensure_up_stop(tmp_path: Path) -> None:
         blocker.bind(("127.0.0.1", taken))
         blocker.listen()
         with pytest.raises(ServiceError, match=f"127.0.0.1:{taken}"):
-            server.start(root, port=taken, backend_port=backend_port)
+            control.start(root, port=taken, backend_port=backend_port)
 
     results: list[ServerInfo] = []
     threads = [
         threading.Thread(
-            target=lambda: results.append(server.ensure_up(root, "127.0.0.1", port, backend_port))
+            target=lambda: results.append(control.ensure_up(root, "127.0.0.1", port, backend_port))
         )
         for _ in range(2)
     ]
@@ -591,22 +592,22 @@ def test_lifecycle_start_ensure_up_stop(tmp_path: Path) -> None:
             t.start()
         for t in threads:
             t.join()
-        again = server.ensure_up(root, "127.0.0.1", port, backend_port)
+        again = control.ensure_up(root, "127.0.0.1", port, backend_port)
         assert len(results) == 2 and results[0].pid == results[1].pid == again.pid
-        assert server.read_server_json(root) == again
+        assert control.read_server_json(root) == again
         assert requests.get(f"{again.stac_url}/search", timeout=10).json()["numberReturned"] == 3
         with pytest.raises(ServiceError, match="already runs"):
-            server.start(root, port=port, backend_port=backend_port)
+            control.start(root, port=port, backend_port=backend_port)
     finally:
-        assert server.stop(root) is True
-    assert server.stop(root) is False
-    assert not server.server_json_path(root).exists()
+        assert control.stop(root) is True
+    assert control.stop(root) is False
+    assert not control.server_json_path(root).exists()
     assert port_is_free(port) and port_is_free(backend_port)
     with pytest.raises(requests.exceptions.ConnectionError):
         requests.get(f"http://127.0.0.1:{port}/_admin/health", timeout=5)
     # The same ports can serve again right away.
-    restarted = server.start(root, port=port, backend_port=backend_port)
+    restarted = control.start(root, port=port, backend_port=backend_port)
     try:
         assert restarted.pid != again.pid
     finally:
-        server.stop(root)
+        control.stop(root)

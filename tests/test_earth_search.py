@@ -23,7 +23,7 @@ from xstars import catalog
 from xstars import items as stac_items
 from xstars.acquire import acquire_tile
 from xstars.config import load_config
-from xstars.demo import server
+from xstars.demo import control
 from xstars.demo.layout import FILES_URL_PLACEHOLDER
 from xstars.sensors import sensors_of
 from xstars.sites import Site
@@ -98,12 +98,12 @@ def earth_search(tmp_path_factory):
     props["s2:processing_baseline"], props["s2:generation_time"] = "05.10", "2024-02-01T00:00:00.000000Z"
     (root / "stac").mkdir()
     (root / "stac" / "items.ndjson").write_text("".join(json.dumps(f) + "\n" for f in [*items, reprocessed]))
-    info = server.start(root, port=free_port(), backend_port=free_port())
+    info = control.start(root, port=free_port(), backend_port=free_port())
     yield info, scene, reprocessed
-    server.stop(root)
+    control.stop(root)
 
 
-def earth_search_config(info: server.ServerInfo) -> dict:
+def earth_search_config(info: control.ServerInfo) -> dict:
     """The project's config with the Sentinel-2 sensor read from Earth Search (config only)."""
     return load_config(REPO / "config.yaml", {
         "catalogs": {"earth_search": {"url": info.stac_url}},

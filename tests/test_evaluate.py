@@ -11,7 +11,7 @@ import torch
 
 from tests.synthetic_store import SENSORS, write_store
 from tests.test_pretrain import tiny_settings
-from xstars import evaluate, figures, train
+from xstars import evaluate, figures, probes, train
 from xstars.config import load_config, validate
 from xstars.errors import DataError
 from xstars.model import load_exported
@@ -32,29 +32,29 @@ def settings(**overrides) -> dict:
 
 def test_metrics_on_known_answers() -> None:
     features = torch.eye(4)
-    assert evaluate.retrieval(features, features)[0] == {"top1": 1.0, "top5": 1.0}
+    assert probes.retrieval(features, features)[0] == {"top1": 1.0, "top5": 1.0}
     shifted = torch.roll(features, 1, dims=0)  # every tile finds its neighbour first
-    scores, ranking = evaluate.retrieval(features, shifted)
+    scores, ranking = probes.retrieval(features, shifted)
     assert scores["top1"] == 0.0 and ranking[0, 0] == 1
     labels = torch.tensor([0, 0, 1, 1])
-    assert evaluate.knn_accuracy(features + 0.01, labels, features, labels, classes=2, k=1) == 1.0
+    assert probes.knn_accuracy(features + 0.01, labels, features, labels, classes=2, k=1) == 1.0
     targets = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
-    assert evaluate.mean_average_precision(targets * 2 - 1, targets) == 1.0
-    assert evaluate.mean_average_precision(torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.5, 0.5]]), targets) < 1.0
+    assert probes.mean_average_precision(targets * 2 - 1, targets) == 1.0
+    assert probes.mean_average_precision(torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.5, 0.5]]), targets) < 1.0
     head = torch.nn.Conv2d(2, 2, 1, bias=False)
     head.weight.data = torch.eye(2)[:, :, None, None]
     maps = torch.tensor([[[0, 1], [1, 0]]])
     patches = torch.nn.functional.one_hot(maps, 2).float()  # [1, 2, 2, 2]: the class as a feature
-    assert evaluate.mean_iou(head, patches, maps, 2) == 1.0
+    assert probes.mean_iou(head, patches, maps, 2) == 1.0
     maps_with_hole = maps.clone()
-    maps_with_hole[0, 0, 0] = evaluate.NO_LABEL
-    assert evaluate.mean_iou(head, patches, maps_with_hole, 2) == 1.0  # unknown pixels are ignored
+    maps_with_hole[0, 0, 0] = probes.NO_LABEL
+    assert probes.mean_iou(head, patches, maps_with_hole, 2) == 1.0  # unknown pixels are ignored
 
 
 def test_label_subsets_are_seeded_and_never_empty() -> None:
-    assert len(evaluate.subset(50, 0.01, 0)) == 1
-    assert torch.equal(evaluate.subset(50, 0.1, 3), evaluate.subset(50, 0.1, 3))
-    assert not torch.equal(evaluate.subset(50, 0.1, 3), evaluate.subset(50, 0.1, 4))
+    assert len(probes.subset(50, 0.01, 0)) == 1
+    assert torch.equal(probes.subset(50, 0.1, 3), probes.subset(50, 0.1, 3))
+    assert not torch.equal(probes.subset(50, 0.1, 3), probes.subset(50, 0.1, 4))
 
 
 def test_every_task_for_a_random_and_a_trained_model(store: Path, tmp_path: Path) -> None:

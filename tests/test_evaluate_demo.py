@@ -11,8 +11,9 @@ import pytest
 from tests.test_build import build_store
 from tests.test_catalog import small_world_config
 from tests.test_pretrain import tiny_settings
-from xstars import evaluate, train
-from xstars.demo import server
+from xstars import data, probes, train
+from xstars.demo import control
+from xstars.features import embed, model_infos
 from xstars.model import load_exported
 
 SEEDS = (1, 2, 3)
@@ -28,9 +29,9 @@ BUDGET = {"splits": ["train"], "views": {"global_px": 64, "local_px": 32, "local
 
 
 @pytest.fixture(scope="module")
-def demo_store(demo_root: Path, demo_server: server.ServerInfo, tmp_path_factory) -> Path:
+def demo_store(demo_root: Path, demo_server: control.ServerInfo, tmp_path_factory) -> Path:
     """A store of the small demo world: 240 m tiles, toulouse for training, bordeaux for testing."""
-    server.set_faults(demo_server, {})
+    control.set_faults(demo_server, {})
     config = small_world_config(demo_root, demo_server, build={"samples_per_shard": 4, "margin_m": 240},
                                 sites={"city_radius_m": 480, "sites_per_city": 11})
     return build_store(config, tmp_path_factory.mktemp("evaluate_demo"))["path"]
@@ -57,9 +58,9 @@ def test_xstars_beats_dino_on_cross_sensor_retrieval(demo_store: Path, tmp_path:
 def retrieval_top1(backbone, description, path: Path, settings: dict) -> float:
     """Mean top-1 over the ordered sensor pairs, on the test tiles."""
     sensors = settings["sensors"]
-    infos = evaluate.model_infos(path, description, sensors)
-    test_ids = evaluate.usable_samples(path, sensors, settings["test_splits"])
-    features = evaluate.embed(backbone, path, infos, test_ids, settings["input_px"])
-    values = [evaluate.retrieval(features[a].tile_features("mean"), features[b].tile_features("mean"))[0]["top1"]
+    infos = model_infos(path, description, sensors)
+    test_ids = data.usable_samples(path, sensors, settings["test_splits"])
+    features = embed(backbone, path, infos, test_ids, settings["input_px"])
+    values = [probes.retrieval(features[a].tile_features("mean"), features[b].tile_features("mean"))[0]["top1"]
               for a in sensors for b in sensors if a != b]
     return float(np.mean(values))

@@ -15,7 +15,7 @@ import pytest
 
 from tests.test_catalog import build_manifest, small_world_config
 from xstars import catalog, store
-from xstars.demo import server
+from xstars.demo import control
 from xstars.errors import DataError
 from xstars.manifest import ITEMS_PER_ROW_GROUP, ItemsFile, Manifest, items_dir, write_items
 
@@ -24,8 +24,8 @@ PER_SHARD = 3
 
 
 @pytest.fixture(scope="module")
-def catalogued(demo_root: Path, demo_server: server.ServerInfo, tmp_path_factory) -> dict:
-    server.set_faults(demo_server, {})
+def catalogued(demo_root: Path, demo_server: control.ServerInfo, tmp_path_factory) -> dict:
+    control.set_faults(demo_server, {})
     config = small_world_config(demo_root, demo_server, build={"samples_per_shard": PER_SHARD, "margin_m": 240})
     folder = tmp_path_factory.mktemp("catalogued")
     build_manifest(config, folder / "manifest.parquet")

@@ -17,7 +17,7 @@ import yaml
 from tests.test_build import build_store
 from tests.test_catalog import small_world_config
 from xstars import publish, store
-from xstars.demo import server
+from xstars.demo import control
 from xstars.errors import DataError
 from xstars.layout import open_store, store_sensors
 
@@ -25,10 +25,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def built(demo_root: Path, demo_server: server.ServerInfo, tmp_path_factory) -> dict:
+def built(demo_root: Path, demo_server: control.ServerInfo, tmp_path_factory) -> dict:
     """The small demo world built through the library, one of its sites dropped by the catalog
     (stored with its reason), then published."""
-    server.set_faults(demo_server, {})
+    control.set_faults(demo_server, {})
     config = small_world_config(demo_root, demo_server, build={"samples_per_shard": 3, "margin_m": 240})
     folder = tmp_path_factory.mktemp("published")
     result = build_store(config, folder)

@@ -21,7 +21,8 @@ from tests.conftest import free_port
 from tests.loopback import Answer, capabilities_answer, serve
 from xstars import acquire, catalog
 from xstars.config import load_config
-from xstars.demo import layout, server
+from xstars.demo import control, layout
+from xstars.demo.gateway import GatewayServer, GatewayState
 from xstars.errors import ConfigError, ServiceError
 from xstars.remote import WmsClient, read_wms
 from xstars.sensors import sensors_of
@@ -166,14 +167,14 @@ def demo_layers(demo_root: Path) -> dict:
     return doc
 
 
-def wms_world(root: Path, doc: dict) -> server.ServerInfo:
+def wms_world(root: Path, doc: dict) -> control.ServerInfo:
     """A demo WMS for ``doc`` (a layers.json), served in this process on a free loopback port."""
     layout.wms_layers_path(root).parent.mkdir(parents=True, exist_ok=True)
     layout.wms_layers_path(root).write_text(json.dumps(doc))
     port = free_port()
-    gateway = server.GatewayServer(("127.0.0.1", port), server.GatewayState(root, "127.0.0.1", port, free_port()))
+    gateway = GatewayServer(("127.0.0.1", port), GatewayState(root, "127.0.0.1", port, free_port()))
     threading.Thread(target=gateway.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    return server.ServerInfo(host="127.0.0.1", port=port, backend_port=0, pid=0, root=root), gateway
+    return control.ServerInfo(host="127.0.0.1", port=port, backend_port=0, pid=0, root=root), gateway
 
 
 @pytest.fixture
@@ -185,7 +186,7 @@ def limited_wms(tmp_path: Path, demo_layers: dict):
     gateway.server_close()
 
 
-def demo_ign(demo_root: Path, info: server.ServerInfo, **sensor) -> tuple[dict, object]:
+def demo_ign(demo_root: Path, info: control.ServerInfo, **sensor) -> tuple[dict, object]:
     config = load_config(REPO / "config.yaml", {"world": "demo", "demo": {"root": str(demo_root)},
                                                 "catalogs": {"geoplateforme": {"url": info.wms_url}},
                                                 "http": HTTP, "sensors": {"ign": sensor}})
@@ -218,7 +219,7 @@ def test_a_getmap_over_the_limits_is_a_mosaic_of_tiles_equal_to_one_request(demo
     limited, href = clients["limited"], clients["limited href"]
     tiled = read_wms(href, grid, margin, limited, "tiled")
     assert (limited.capabilities().max_width, limited.capabilities().max_height) == (100, 70)
-    assert server.get_stats(limited_wms)["requests"]["wms_getmap"] == 12
+    assert control.get_stats(limited_wms)["requests"]["wms_getmap"] == 12
     assert tiled.data.shape == one.data.shape == (3, 280, 280)
     assert tiled.transform == one.transform and np.array_equal(tiled.data, one.data)
     assert one.data.std() > 10  # an image, not a fill

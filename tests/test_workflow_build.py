@@ -9,7 +9,7 @@ import geopandas as gpd
 import pytest
 
 from tests.conftest import WorkflowRun, snakemake, world_configfile
-from xstars.demo import server
+from xstars.demo import control
 
 
 @pytest.mark.slow
@@ -25,10 +25,10 @@ def test_build_dataset_runs_the_catalog_and_the_store_then_rebuilds_frozen(
     frame = gpd.read_parquet(manifest)
     assert frame.site_id.nunique() == 8 and set(frame.sensor) == {"s2", "l8", "ign", "spot", "labels"}
     # The servers were up before the run: the workflow leaves them running.
-    assert server.health(demo_server.base_url) is not None
+    assert control.health(demo_server.base_url) is not None
 
     # Frozen: same manifest, no search job, no request to the catalogue.
-    server.reset_stats(demo_server)
+    control.reset_stats(demo_server)
     second = tmp_path / "second"
     second.mkdir()
     configfile = world_configfile(tmp_path / "second.yaml", demo_root, demo_server, manifest=str(manifest))
@@ -36,7 +36,7 @@ def test_build_dataset_runs_the_catalog_and_the_store_then_rebuilds_frozen(
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert "rule search_shard:" not in result.stdout + result.stderr
     assert (second / "results" / "catalog" / "manifest.parquet").read_bytes() == manifest.read_bytes()
-    assert server.get_stats(demo_server)["requests"]["stac_search"] == 0
+    assert control.get_stats(demo_server)["requests"]["stac_search"] == 0
     # ...and the same dataset.
     import zarr
 

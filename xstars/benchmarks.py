@@ -24,7 +24,7 @@ and ``test/`` subfolders are their split. A benchmark's bands are matched to the
 bands by name (those the model lacks are dropped and recorded, a model band the benchmark lacks
 refuses the mapping), its images are resampled to the sensor's ground sampling or kept at their
 own (``resolution``), normalised with the model's statistics, embedded, and probed with
-:mod:`xstars.evaluate`'s probes for every probe seed and label fraction: k-NN and linear probe
+:mod:`xstars.probes` for every probe seed and label fraction: k-NN and linear probe
 (classification), linear probe mAP (multi-label), a linear head on the patch tokens (segmentation).
 
 A copy written by :mod:`xstars.demo.benchmarks` carries a ``xstars-fake.json`` marker: its rows
@@ -48,7 +48,7 @@ from xstars.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
-NO_LABEL = 255  # as xstars.evaluate: pixels without a class, ignored by every metric
+NO_LABEL = 255  # as xstars.probes: pixels without a class, ignored by every metric
 FAKE_MARKER = "xstars-fake.json"
 SPLITS = ("train", "val", "test")
 
@@ -567,7 +567,8 @@ def evaluate_benchmark(backbone, description: Mapping[str, Any], spec: Mapping[s
     and what was run: bands used and dropped, ground sampling, pixels, split, counts."""
     import torch
 
-    from xstars import evaluate as ev
+    from xstars import probes
+    from xstars.features import embed_views
 
     reader = open_benchmark(spec)
     sensor = spec["sensor"]
@@ -596,7 +597,7 @@ def evaluate_benchmark(backbone, description: Mapping[str, Any], spec: Mapping[s
     batch = settings["batch_size"]
     for start in range(0, len(samples), batch):
         chunk = samples[start:start + batch]
-        embedded = ev.embed_views(backbone, torch.stack([view(reader.read_image(s)) for s in chunk]), sensor,
+        embedded = embed_views(backbone, torch.stack([view(reader.read_image(s)) for s in chunk]), sensor,
                                   batch, device)
         features.append(embedded.tile_features(settings["feature"]))
         if reader.task == "segmentation":
@@ -625,20 +626,21 @@ def evaluate_benchmark(backbone, description: Mapping[str, Any], spec: Mapping[s
         train, test = split_indices(samples, spec, seed, reader.task)
         counts = counts or {"train": len(train), "test": len(test)}
         for fraction in settings["label_fractions"]:
-            chosen = train[ev.subset(len(train), fraction, seed)]
+            chosen = train[probes.subset(len(train), fraction, seed)]
             if reader.task == "segmentation":
-                head = ev.fit_segmentation(tokens[chosen], y[chosen], n_classes, seed, settings["segmentation_epochs"])
-                record("miou", ev.mean_iou(head, tokens[test], y[test], n_classes), fraction, seed)
+                head = probes.fit_segmentation(tokens[chosen], y[chosen], n_classes, seed,
+                                               settings["segmentation_epochs"])
+                record("miou", probes.mean_iou(head, tokens[test], y[test], n_classes), fraction, seed)
                 continue
-            x_train, x_test = ev.standardise(x[chosen], x[test])
-            probe = ev.fit_linear(x_train, y[chosen], n_classes, seed, multilabel=reader.task == "multilabel")
+            x_train, x_test = probes.standardise(x[chosen], x[test])
+            probe = probes.fit_linear(x_train, y[chosen], n_classes, seed, multilabel=reader.task == "multilabel")
             with torch.no_grad():
                 scores = probe(x_test)
             if reader.task == "multilabel":
-                record("map", ev.mean_average_precision(scores, y[test]), fraction, seed)
+                record("map", probes.mean_average_precision(scores, y[test]), fraction, seed)
             else:
-                record("knn_accuracy", ev.knn_accuracy(x[chosen], y[chosen], x[test], y[test], n_classes,
-                                                       settings["knn_k"]), fraction, seed)
+                record("knn_accuracy", probes.knn_accuracy(x[chosen], y[chosen], x[test], y[test], n_classes,
+                                                           settings["knn_k"]), fraction, seed)
                 record("linear_accuracy", float((scores.argmax(dim=1) == y[test]).float().mean()), fraction, seed)
     footprint_m = first.shape[-1] * reader.gsd_m
     info = {"name": spec["name"], "task_name": task, "layout": reader.layout, "title": reader.title,

@@ -385,7 +385,7 @@ def cmd_demo_generate(args: argparse.Namespace) -> int:
 
 def cmd_demo_up(args: argparse.Namespace) -> int:
     """Start the demo servers (or reuse the running ones) and print their URLs as key=value."""
-    from xstars.demo.server import ensure_up
+    from xstars.demo.control import ensure_up
 
     demo = config_from_args(args)["demo"]
     root = args.root or Path(demo["root"])
@@ -398,7 +398,7 @@ def cmd_demo_up(args: argparse.Namespace) -> int:
 
 def cmd_demo_down(args: argparse.Namespace) -> int:
     """Stop the demo servers started for --root; not running is not an error."""
-    from xstars.demo.server import stop
+    from xstars.demo.control import stop
 
     root = args.root or Path(config_from_args(args)["demo"]["root"])
     stopped = stop(root)
@@ -409,7 +409,7 @@ def cmd_demo_down(args: argparse.Namespace) -> int:
 
 def cmd_demo_status(args: argparse.Namespace) -> int:
     """Whether the servers recorded for --root answer their health check (exit 0 up, 1 down)."""
-    from xstars.demo.server import health, read_server_json
+    from xstars.demo.control import health, read_server_json
 
     root = args.root or Path(config_from_args(args)["demo"]["root"])
     info = read_server_json(root)
@@ -434,7 +434,7 @@ def serve_demo_if_needed(config: dict[str, Any]) -> None:
     """In the demo world, make sure its servers run (started, or reused if already up)."""
     if config["world"] != "demo":
         return
-    from xstars.demo.server import ensure_up
+    from xstars.demo.control import ensure_up
 
     demo = config["demo"]
     info = ensure_up(Path(demo["root"]), demo["host"], demo["port"], demo["stac_backend_port"])

@@ -16,6 +16,10 @@ classes):
 
 Every probe runs for each of ``probe_seeds`` (its initialisation and, below 100 %, its subset
 of training tiles); the records keep the seed so that the report gives mean and spread.
+
+This module is the driver (:func:`evaluate_model`, :func:`random_model`), the labels of the
+store's tiles and the report tables; the features are computed by :mod:`xstars.features`, the
+probes and metrics are :mod:`xstars.probes`.
 """
 
 from __future__ import annotations
@@ -29,91 +33,26 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from xstars.data import (
-    SensorInfo,
-    StoreReader,
-    footprint_box,
-    resample_box,
-    sensor_infos,
-    usable_samples,
-)
+from xstars.data import sensor_infos, usable_samples
 from xstars.errors import DataError
+from xstars.features import embed, footprint_views, model_infos
 from xstars.layout import labels_sensor, open_store
 from xstars.model import ViT
+from xstars.probes import (
+    NO_LABEL,
+    finetune_accuracy,
+    fit_linear,
+    fit_segmentation,
+    knn_accuracy,
+    mean_average_precision,
+    mean_iou,
+    retrieval,
+    standardise,
+    subset,
+)
 
 log = logging.getLogger(__name__)
-
-NO_LABEL = 255  # label pixels without a class (no data), ignored by every metric
-
-
-# ================================================================================ features
-
-
-@dataclass
-class Embedded:
-    """Frozen features of some tiles by one sensor."""
-
-    cls: torch.Tensor  # [n, D]
-    patches: torch.Tensor  # [n, h, w, D]
-
-    def tile_features(self, kind: str = "cls_mean") -> torch.Tensor:
-        """One vector per tile: CLS, mean of patch tokens, or both (each L2-normalised)."""
-        mean = self.patches.flatten(1, 2).mean(dim=1)
-        parts = {"cls": [self.cls], "mean": [mean], "cls_mean": [self.cls, mean]}[kind]
-        return torch.cat([F.normalize(p, dim=-1) for p in parts], dim=-1)
-
-
-def model_infos(store: Path | str, description: Mapping[str, Any], sensors: Sequence[str]) -> dict[str, SensorInfo]:
-    """How the model reads each sensor (its bands and normalisation), located in the store."""
-    infos = {}
-    for sensor in sensors:
-        if sensor not in description["sensors"]:
-            raise DataError(f"the model was not trained on {sensor!r} (it knows {sorted(description['sensors'])})")
-        wanted = description["sensors"][sensor]
-        store_info = sensor_infos(store, [sensor], {sensor: wanted["bands"]})[sensor]
-        infos[sensor] = SensorInfo(sensor, tuple(wanted["bands"]), store_info.band_index,
-                                   np.asarray(wanted["mean"], dtype=np.float32),
-                                   np.asarray(wanted["std"], dtype=np.float32), store_info.scale, store_info.tile_px)
-    return infos
-
-
-def footprint_views(store: Path | str, infos: Mapping[str, SensorInfo], samples: Sequence[int],
-                    px: int) -> dict[str, torch.Tensor]:
-    """Whole footprints of ``samples`` as ``px``-pixel normalised views, per sensor ``[n, C, px, px]``."""
-    reader = StoreReader(store, infos)
-    per_shard = reader.samples_per_shard
-    views: dict[str, list[torch.Tensor]] = {s: [] for s in infos}
-    by_shard: dict[int, list[int]] = {}
-    for i in samples:
-        by_shard.setdefault(int(i) // per_shard, []).append(int(i))
-    for chunk in by_shard.values():  # one read per shard
-        tiles = reader.read(min(chunk), max(chunk) + 1)
-        for i in chunk:
-            for sensor, (image, _, transform) in tiles[i].items():
-                views[sensor].append(resample_box(image, transform, footprint_box(transform, image.shape[-1]), px))
-    return {sensor: torch.stack(images) for sensor, images in views.items()}
-
-
-@torch.no_grad()
-def embed_views(backbone: ViT, images: torch.Tensor, sensor: str, batch_size: int = 64,
-                device: torch.device | None = None) -> Embedded:
-    device = device or next(backbone.parameters()).device
-    grid = images.shape[-1] // backbone.patch_size
-    cls, patches = [], []
-    for start in range(0, len(images), batch_size):
-        tokens = backbone(images[start:start + batch_size].to(device), sensor).float().cpu()
-        cls.append(tokens[:, 0])
-        patches.append(tokens[:, 1:].reshape(-1, grid, grid, tokens.shape[-1]))
-    return Embedded(torch.cat(cls), torch.cat(patches))
-
-
-def embed(backbone: ViT, store: Path | str, infos: Mapping[str, SensorInfo], samples: Sequence[int], px: int,
-          batch_size: int = 64, device: torch.device | None = None) -> dict[str, Embedded]:
-    """Features of ``samples`` by every sensor of ``infos`` (whole footprints at ``px`` pixels)."""
-    views = footprint_views(store, infos, samples, px)
-    return {sensor: embed_views(backbone, images, sensor, batch_size, device) for sensor, images in views.items()}
 
 
 # ================================================================================== labels
@@ -163,136 +102,6 @@ def _label_group(store: Path | str):
     if name is None:
         raise DataError(f"{store}: no label group (no sensor with role `labels`)")
     return root[name]
-
-
-# ================================================================================== probes
-
-
-def subset(n: int, fraction: float, seed: int) -> torch.Tensor:
-    """``fraction`` of ``n`` training tiles (at least one), drawn by ``seed``."""
-    size = max(1, round(fraction * n))
-    return torch.from_numpy(np.sort(np.random.default_rng([seed, 17]).permutation(n)[:size]))
-
-
-def knn_accuracy(train: torch.Tensor, train_y: torch.Tensor, test: torch.Tensor, test_y: torch.Tensor,
-                 classes: int, k: int = 20, temperature: float = 0.07) -> float:
-    """DINO's weighted k-NN classifier on cosine similarity."""
-    sims = F.normalize(test, dim=-1) @ F.normalize(train, dim=-1).T
-    k = min(k, train.shape[0])
-    top, index = sims.topk(k, dim=1)
-    votes = torch.zeros(test.shape[0], classes).scatter_add_(1, train_y[index], (top / temperature).exp())
-    return float((votes.argmax(dim=1) == test_y).float().mean())
-
-
-def standardise(train: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
-    mean, std = train.mean(dim=0), train.std(dim=0, unbiased=False).clamp(min=1e-6)
-    return [(x - mean) / std for x in (train, *others)]
-
-
-def fit_linear(x: torch.Tensor, y: torch.Tensor, outputs: int, seed: int, multilabel: bool = False,
-               weight_decay: float = 1e-3, iterations: int = 100) -> torch.nn.Linear:
-    """A linear probe, full batch, L-BFGS (deterministic given the seed)."""
-    torch.manual_seed(seed)
-    probe = torch.nn.Linear(x.shape[1], outputs)
-    optimizer = torch.optim.LBFGS(probe.parameters(), lr=1.0, max_iter=iterations, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        logits = probe(x)
-        loss = (F.binary_cross_entropy_with_logits(logits, y) if multilabel else F.cross_entropy(logits, y))
-        loss = loss + weight_decay * probe.weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    return probe
-
-
-def mean_average_precision(scores: torch.Tensor, targets: torch.Tensor) -> float:
-    """Mean over classes with at least one positive of the average precision."""
-    aps = []
-    for c in range(targets.shape[1]):
-        positives = targets[:, c].sum()
-        if positives == 0:
-            continue
-        order = scores[:, c].argsort(descending=True)
-        hits = targets[order, c]
-        precision = hits.cumsum(0) / torch.arange(1, len(hits) + 1)
-        aps.append(float((precision * hits).sum() / positives))
-    return float(np.mean(aps)) if aps else float("nan")
-
-
-def fit_segmentation(patches: torch.Tensor, maps: torch.Tensor, classes: int, seed: int, epochs: int = 60,
-                     lr: float = 1e-2, batch_size: int = 64) -> torch.nn.Conv2d:
-    """A linear layer on patch tokens (1x1 convolution), logits upsampled to the label grid."""
-    torch.manual_seed(seed)
-    head = torch.nn.Conv2d(patches.shape[-1], classes, kernel_size=1)
-    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        for index in torch.randperm(len(patches), generator=generator).split(batch_size):
-            logits = segment(head, patches[index], maps.shape[-2:])
-            loss = F.cross_entropy(logits, maps[index], ignore_index=NO_LABEL)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    return head
-
-
-def segment(head: torch.nn.Conv2d, patches: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    logits = head(patches.permute(0, 3, 1, 2))
-    return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
-
-
-def mean_iou(head: torch.nn.Conv2d, patches: torch.Tensor, maps: torch.Tensor, classes: int) -> float:
-    """mIoU over the classes present in the reference maps."""
-    with torch.no_grad():
-        predicted = segment(head, patches, maps.shape[-2:]).argmax(dim=1)
-    keep = maps != NO_LABEL
-    confusion = torch.bincount(maps[keep] * classes + predicted[keep], minlength=classes * classes)
-    confusion = confusion.reshape(classes, classes).double()
-    present = confusion.sum(dim=1) > 0
-    iou = confusion.diag() / (confusion.sum(dim=0) + confusion.sum(dim=1) - confusion.diag()).clamp(min=1)
-    return float(iou[present].mean())
-
-
-def retrieval(query: torch.Tensor, gallery: torch.Tensor, top: Sequence[int] = (1, 5)) -> tuple[dict, torch.Tensor]:
-    """Tile i by one sensor must find tile i by the other: top-k accuracies, and the ranking."""
-    sims = F.normalize(query, dim=-1) @ F.normalize(gallery, dim=-1).T
-    ranking = sims.argsort(dim=1, descending=True)
-    truth = torch.arange(len(query))[:, None]
-    return {f"top{k}": float((ranking[:, :k] == truth).any(dim=1).float().mean()) for k in top}, ranking
-
-
-def finetune_accuracy(backbone: ViT, sensor: str, train_x: torch.Tensor, train_y: torch.Tensor,
-                      test_x: torch.Tensor, test_y: torch.Tensor, classes: int, seed: int, epochs: int, lr: float,
-                      batch_size: int, device: torch.device | None = None) -> float:
-    """Fine-tune a copy of the backbone with a linear head (mean patch token) on the majority
-    class of whole-footprint views (random flips and rotations); accuracy on the test views."""
-    import copy
-
-    from xstars.data import dihedral
-
-    torch.manual_seed(seed)
-    device = device or torch.device("cpu")
-    model = copy.deepcopy(backbone).to(device).train()
-    head = torch.nn.Linear(model.embed_dim, classes).to(device)
-    optimizer = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=lr, weight_decay=0.05)
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        for index in torch.randperm(len(train_x), generator=generator).split(batch_size):
-            rotation, flip = int(torch.randint(4, (1,), generator=generator)), bool(torch.rand(1, generator=generator) < 0.5)
-            images = dihedral(train_x[index], rotation, flip).to(device)
-            logits = head(model(images, sensor)[:, 1:].mean(dim=1))
-            loss = F.cross_entropy(logits, train_y[index].to(device))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    model.eval()
-    with torch.no_grad():
-        predicted = torch.cat([head(model(test_x[i:i + batch_size].to(device), sensor)[:, 1:].mean(dim=1)).argmax(1).cpu()
-                               for i in range(0, len(test_x), batch_size)])
-    return float((predicted == test_y).float().mean())
 
 
 # ================================================================================ evaluate

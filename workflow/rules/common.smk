@@ -88,14 +88,14 @@ def output_folder(wildcards, output):
 
 def demo_servers_up():
     """Whether the demo world's servers answer (on the configured address)."""
-    from xstars.demo.server import health
+    from xstars.demo.control import health
 
     return health(f"http://{config['demo']['host']}:{config['demo']['port']}") is not None
 
 
 def stop_demo_servers():
     """Stop the demo servers of DEMO_ROOT (nothing to do when none runs)."""
-    from xstars.demo.server import stop
+    from xstars.demo.control import stop
 
     stop(DEMO_ROOT)
 

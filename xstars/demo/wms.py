@@ -1,6 +1,6 @@
 """Pure logic of the demo WMS: layers, GetCapabilities XML, GetMap parsing and rendering.
 
-The demo gateway (:mod:`xstars.demo.server`) answers ``/wms`` like the IGN Géoplateforme's
+The demo gateway (:mod:`xstars.demo.gateway`) answers ``/wms`` like the IGN Géoplateforme's
 raster WMS (``https://data.geopf.fr/wms-r``, OGC WMS 1.3.0). This module holds everything that
 does not touch HTTP, as small functions that tests can call directly; the HTTP handler only
 dispatches to them.
