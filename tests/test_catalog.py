@@ -18,8 +18,10 @@ from xstars.config import load_config
 from xstars.demo import control
 from xstars.errors import ConfigError, ServiceError
 from xstars.manifest import MANIFEST_COLUMNS, Manifest, items_dir
+from xstars.selection import summary
 from xstars.sensors import sensors_of
 from xstars.sites import Site, sample_sites, write_sites
+from xstars.stac_search import StacSearcher
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -305,10 +307,10 @@ def pc_server(tmp_path_factory):
     control.stop(root)
 
 
-def pc_searcher(info: control.ServerInfo) -> catalog.StacSearcher:
+def pc_searcher(info: control.ServerInfo) -> StacSearcher:
     config = load_config()
     pc = config["catalogs"]["planetary_computer"] | {"url": info.stac_url, "page_limit": 5}
-    return catalog.StacSearcher(pc, config["http"] | {"backoff_s": 0.01})
+    return StacSearcher(pc, config["http"] | {"backoff_s": 0.01})
 
 
 def test_real_sentinel2_items_reprocessing_and_projection(pc_server) -> None:
@@ -371,7 +373,7 @@ def test_an_item_without_a_configured_asset_is_skipped_not_fatal(pc_server) -> N
     assert rows == []
     [entry] = services.search_log()
     assert entry["kept"] == 1 and entry["skipped"] == [f"{no_mask['id']}: no asset qa_pixel (sensors.l8)"]
-    counted = catalog.summary([], [entry])
+    counted = summary([], [entry])
     assert counted["items_skipped"] == 1
 
 

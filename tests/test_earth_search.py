@@ -27,6 +27,7 @@ from xstars.demo import control
 from xstars.demo.layout import FILES_URL_PLACEHOLDER
 from xstars.sensors import sensors_of
 from xstars.sites import Site
+from xstars.stac_search import StacSearcher
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -145,7 +146,7 @@ def test_search_dedupe_rank_and_read_through_earth_search(earth_search) -> None:
     info, scene, reprocessed = earth_search
     config = earth_search_config(info)
     s2 = sensors_of(config)["s2"]
-    searcher = catalog.StacSearcher(s2.catalog_cfg, config["http"], s2.catalog_name)
+    searcher = StacSearcher(s2.catalog_cfg, config["http"], s2.catalog_name)
     searcher.check_collection(s2.collection, "sensors.s2.collection")
     window = catalog.SearchWindow("2023-10", stac_items.parse_time("2023-10-01T00:00:00Z"),
                                   stac_items.parse_time("2023-10-31T23:59:59Z"))

@@ -14,10 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.test_catalog import build_manifest, small_world_config
-from xstars import catalog, store
+from xstars import store
 from xstars.demo import control
 from xstars.errors import DataError
 from xstars.manifest import ITEMS_PER_ROW_GROUP, ItemsFile, Manifest, items_dir, write_items
+from xstars.selection import summary
 
 REPO = Path(__file__).resolve().parents[1]
 PER_SHARD = 3
@@ -219,7 +220,7 @@ def test_drops_are_counted_by_their_code_not_by_parsing_the_sentence(catalogued)
     dropped = [dataclasses.replace(r, status="dropped", reason="Landsat: nothing clear, see the log",
                                    reason_code="too_invalid", reason_sensor="l8") if r.site_id == site else r
                for r in rows]
-    counts = catalog.summary(dropped)
+    counts = summary(dropped)
     assert counts["dropped_by_reason"] == {
         "l8: every scene has too much of the footprint cloudy or without data": 1}
     assert counts["kept"] == counts["sites"] - 1

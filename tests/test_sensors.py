@@ -60,8 +60,8 @@ def test_landsat_mask_resolution_comes_from_the_item() -> None:
 def test_landsat_tier2_ranked_last_and_values_outside_the_valid_range() -> None:
     import numpy as np
 
-    from xstars.catalog import select
     from xstars.manifest import Candidate
+    from xstars.selection import select
     from xstars.sensors import sensors_of
     from xstars.sites import Site
 

@@ -5,7 +5,7 @@ The stage runs in three steps, each a Snakemake rule (``workflow/rules/catalog.s
 1. :func:`xstars.sites.sample_sites` draws the sites (``sites.parquet``).
 2. :func:`search_shard`, in parallel shards: sites are grouped into square search cells
    (:func:`search_groups`); for each group, sensor and season window one small STAC search
-   (:class:`StacSearcher`), so the number of requests grows with groups, not sites x scenes.
+   (:class:`xstars.stac_search.StacSearcher`), so the number of requests grows with groups, not sites x scenes.
    The least cloudy scenes of each search have their quality mask read over the group's
    footprints (:func:`footprint_fractions`): a scene is judged by the clouds *over the site*,
    not only by its scene-level ``eo:cloud_cover``. IGN orthophotos, which have no catalogue,
@@ -13,19 +13,17 @@ The stage runs in three steps, each a Snakemake rule (``workflow/rules/catalog.s
    site and campaign year, with a GetMap request as asset. Output: one candidate row per site,
    sensor and scene.
    Each shard writes its candidates and, once each, the items they name (:func:`search_shard`).
-3. :func:`merge_manifest` ranks each site's candidates (:func:`select_site`) and writes the
+3. :func:`merge_manifest` ranks each site's candidates (:func:`xstars.selection.select_site`) and writes the
    manifest (:mod:`xstars.manifest`): one row per site and sensor with the chosen item and its
    fallbacks by id, the footprint, the date, the cloud figures, and the reason a site was
    dropped if it was; the items themselves once each beside it, as stac-geoparquet.
 
 A manifest given as ``catalog.manifest`` (frozen mode) replaces steps 1-3: no search at all.
 
-Robustness against the real services (see ``../shared/reference/sources.md``): POST searches
-retried on 429/5xx honouring Retry-After (urllib3 ``Retry`` under pystac-client), whole searches
-retried on dropped or truncated answers, items deduplicated by id, a result page that is full
-but has no ``next`` link (a known Planetary Computer failure) continued by sorted id where the
-server supports ``sortby`` and ``filter``, and otherwise by splitting the date window in halves.
-Sentinel-2 reprocessed duplicates are resolved to the highest processing baseline.
+The searches themselves, made robust against the real services, are :mod:`xstars.stac_search`;
+the choice of a scene per site and sensor is :mod:`xstars.selection`; the manifest's files are
+:mod:`xstars.manifest`. Sentinel-2 reprocessed duplicates are resolved to the highest
+processing baseline (:func:`xstars.items.dedupe_s2_reprocessed`).
 """
 
 from __future__ import annotations
@@ -37,23 +35,20 @@ import shutil
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import requests
 from shapely.geometry import box, mapping, shape
 
 from xstars import items as stac_items
-from xstars.errors import ConfigError, DataError, ServiceError
+from xstars.errors import ConfigError, DataError
 from xstars.manifest import (
     MOSAIC_KEY,
     Candidate,
     CandidatesWriter,
-    DropReason,
-    Fallback,
     Manifest,
     ManifestRow,
     ManifestWriter,
@@ -68,12 +63,12 @@ from xstars.remote import (
     WmsClient,
     WmsLayer,
     check_wms_sensor,
-    http_retry,
     read_on_grid,
-    with_retries,
 )
+from xstars.selection import Choosing, Summary, select_site
 from xstars.sensors import Sensor, sensors_of
 from xstars.sites import Site, reproject_geometry
+from xstars.stac_search import SearchLog, StacSearcher
 
 log = logging.getLogger(__name__)
 
@@ -92,15 +87,11 @@ class SearchWindow:
     @property
     def interval(self) -> str:
         """RFC 3339 interval with full timestamps (date-only intervals are refused by some APIs)."""
-        return f"{_iso(self.start)}/{_iso(self.end)}"
+        return f"{stac_items.iso_time(self.start)}/{stac_items.iso_time(self.end)}"
 
     @property
     def middle(self) -> datetime:
         return self.start + (self.end - self.start) / 2
-
-
-def _iso(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def season_windows(dates_cfg: Mapping[str, Any]) -> list[SearchWindow]:
@@ -182,194 +173,6 @@ def shard_of(groups: Sequence[SearchGroup], shard: int, n_shards: int) -> list[S
 def to_wgs84(geometry, crs: str):
     """A shapely geometry in ``crs`` -> WGS84 (lon, lat)."""
     return reproject_geometry(geometry, crs, "EPSG:4326")
-
-
-# ============================================================================== STAC search
-
-
-@dataclass
-class SearchLog:
-    """What one search asked and got: provenance for the manifest, figures for the tests."""
-
-    collection: str
-    window: str
-    group_id: str
-    body: dict[str, Any]
-    returned: int = 0
-    kept: int = 0
-    attempts: int = 0
-    continuations: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)  # "<item id>: <why>", items found but not usable
-
-
-class StacSearcher:
-    """pystac-client on a STAC API, with the robustness the real services need.
-
-    Retries of single requests (429/5xx honouring Retry-After, dropped connections; POST
-    included) are urllib3's, configured on pystac-client's own session; a search whose answer
-    is truncated or unparsable is retried whole. Server-side filtering (``query``) is used when
-    the API conforms to it; the same filter always runs client-side as well.
-    ``catalog_cfg`` is the catalogue's entry (``catalogs.<name>``), ``http_cfg`` the ``http`` section.
-    """
-
-    def __init__(self, catalog_cfg: Mapping[str, Any], http_cfg: Mapping[str, Any],
-                 name: str = "stac") -> None:
-        from pystac_client import Client
-        from pystac_client.stac_api_io import StacApiIO
-
-        self.cfg = dict(catalog_cfg)
-        self.http_cfg = dict(http_cfg)
-        stac_io = StacApiIO(max_retries=http_retry(http_cfg, all_methods=True), timeout=float(http_cfg["timeout_s"]))
-        self.url = catalog_cfg["url"]
-        try:
-            self.client = self._with_retries(lambda: Client.open(self.url, stac_io=stac_io), f"opening {self.url}")
-        except ServiceError as err:
-            raise ServiceError(f"catalogs.{name}.url {self.url} is unreachable: {err}") from None
-        self.conforms_query = self._conforms("QUERY")
-        self.conforms_sort_filter = self._conforms("SORT") and self._conforms("FILTER")
-        self.logs: list[SearchLog] = []
-        log.info("stac url=%s query=%s sort+filter=%s", self.url, self.conforms_query, self.conforms_sort_filter)
-
-    def _conforms(self, name: str) -> bool:
-        from pystac_client import ConformanceClasses
-
-        return bool(self.client.conforms_to(getattr(ConformanceClasses, name)))
-
-    def check_collection(self, collection: str, key: str) -> None:
-        """Raise ConfigError naming ``key`` when the API has no such collection."""
-        from pystac_client.exceptions import APIError
-
-        missing = ConfigError(f"{key}: collection {collection!r} does not exist at {self.url}")
-        try:
-            # pystac-client answers None for a 404 on some versions and raises on others.
-            found = self._with_retries(lambda: self.client.get_collection(collection), f"collection {collection}")
-        except (ServiceError, APIError, KeyError) as err:
-            if "404" in str(err) or isinstance(err, KeyError) or "not found" in str(err).lower():
-                raise missing from None
-            raise
-        if found is None:
-            raise missing
-
-    def search(
-        self,
-        collection: str,
-        bbox: Sequence[float] | None,
-        window: SearchWindow | None,
-        *,
-        group_id: str,
-        max_cloud_cover: float | None = None,
-        platforms: Sequence[str] | None = None,
-    ) -> list[stac_items.Item]:
-        """All items of ``collection`` over ``bbox`` (WGS84) in ``window``, filtered and deduplicated."""
-        query: dict[str, Any] = {}
-        if self.conforms_query:
-            if max_cloud_cover is not None:
-                query["eo:cloud_cover"] = {"lte": max_cloud_cover}
-            if platforms:  # an exact comparison on the server: every spelling of each platform
-                query["platform"] = {"in": sorted({s for p in platforms for s in stac_items.platform_spellings(p)})}
-        entry = SearchLog(collection, window.name if window else "-", group_id,
-                          {"collections": [collection], "bbox": [round(v, 7) for v in bbox] if bbox else None,
-                           "datetime": window.interval if window else None, "query": query or None,
-                           "limit": int(self.cfg["page_limit"])})
-        self.logs.append(entry)
-        start, end = (window.start, window.end) if window else (None, None)
-        found = self._search_range(entry, collection, bbox, start, end, query)
-        entry.returned = len(found)
-        kept = [
-            item for item in stac_items.dedupe_by_id(found)
-            if stac_items.platform_matches(item, platforms)
-            and (max_cloud_cover is None or (stac_items.cloud_cover(item) or 0.0) <= max_cloud_cover)
-        ]
-        entry.kept = len(kept)
-        return sorted(kept, key=lambda i: i["id"])
-
-    def _search_range(self, entry: SearchLog, collection: str, bbox, start: datetime | None,
-                      end: datetime | None, query: dict, after_id: str | None = None,
-                      by_id: bool = False) -> list[dict]:
-        """One search; continued by id or by halving the window when a full page has no next link.
-
-        The first request keeps the server's own order (the Planetary Computer's fast path);
-        only when a continuation is needed is the search asked again sorted by id (``by_id``),
-        so that it can be resumed after the last id seen.
-        """
-        limit = int(self.cfg["page_limit"])
-        params: dict[str, Any] = {"collections": [collection], "limit": limit}
-        if bbox is not None:
-            params["bbox"] = list(bbox)
-        if start is not None:
-            params["datetime"] = f"{_iso(start)}/{_iso(end)}"
-        if query:
-            params["query"] = query
-        if by_id:
-            # Sorted by id, the search can be resumed after the last id seen.
-            params["sortby"] = [{"field": "id", "direction": "asc"}]
-            if after_id is not None:
-                params["filter"] = {"op": ">", "args": [{"property": "id"}, after_id]}
-                params["filter_lang"] = "cql2-json"
-        pages = self._with_retries(lambda: self._all_pages(params), f"search of {collection} at {self.url}", entry)
-        found = [f for page in pages for f in page.get("features", [])]
-        last = pages[-1] if pages else {"features": [], "links": []}
-        # A page repeating items of the previous one (a known PC failure) is not fuller for it.
-        earlier = {f["id"] for page in pages[:-1] for f in page.get("features", [])}
-        new_on_last = {f["id"] for f in last.get("features", [])} - earlier
-        truncated = len(new_on_last) >= limit and not any(link.get("rel") == "next" for link in last.get("links", []))
-        if not truncated:
-            return found
-        if self.conforms_sort_filter and not by_id:
-            entry.continuations.append("again, sorted by id")
-            log.warning("search %s %s: full page without next link, searching again sorted by id", collection,
-                        entry.window)
-            return self._search_range(entry, collection, bbox, start, end, query, by_id=True)
-        if self.conforms_sort_filter:
-            last_id = max(new_on_last)
-            entry.continuations.append(f"after id {last_id}")
-            log.warning("search %s %s: full page without next link, continuing after id %s", collection,
-                        entry.window, last_id)
-            return found + self._search_range(entry, collection, bbox, start, end, query, after_id=last_id,
-                                              by_id=True)
-        if start is None or (end - start) <= timedelta(seconds=1):
-            # Nothing left to split: either the page was the last one and happened to be full
-            # (then nothing is missing), or more than page_limit items share one second here.
-            entry.continuations.append(f"unsplittable full page at {_iso(start) if start else '-'}")
-            log.warning("search %s %s: a full page of %d items without next link in a window of one second; "
-                        "kept as complete (raise stac.page_limit if items are missing)", collection, entry.window,
-                        limit)
-            return found
-        middle = start + (end - start) / 2
-        entry.continuations.append(f"split at {_iso(middle)}")
-        log.warning("search %s %s: full page without next link, splitting the window at %s", collection,
-                    entry.window, _iso(middle))
-        return (self._search_range(entry, collection, bbox, start, middle, query)
-                + self._search_range(entry, collection, bbox, middle + timedelta(seconds=1), end, query))
-
-    def _all_pages(self, params: dict[str, Any]) -> list[dict]:
-        search = self.client.search(method="POST", **params)
-        return list(search.pages_as_dicts())
-
-    def _with_retries(self, call, what: str, entry: SearchLog | None = None):
-        """``call()``, retried whole when an answer arrived broken (truncated, not JSON).
-
-        Statuses 429/5xx and failed connections are already retried by urllib3 under
-        pystac-client (with backoff and Retry-After): what reaches here from them is final.
-        """
-        from pystac_client.exceptions import APIError
-
-        def attempt(number: int):
-            if entry is not None:
-                entry.attempts += 1
-            return call()
-
-        def broken_answer(err: Exception) -> bool:
-            return isinstance(err, json.JSONDecodeError) or any(sign in str(err) for sign in _BROKEN_ANSWER)
-
-        return with_retries(attempt, what=what, http_cfg=self.http_cfg, retryable=broken_answer,
-                            errors=(APIError, json.JSONDecodeError, requests.RequestException))
-
-
-#: How a broken answer body shows in requests/urllib3 errors (urllib3 retries only whole requests
-#: that fail before the body is read).
-_BROKEN_ANSWER = ("IncompleteRead", "Connection broken", "ChunkedEncodingError", "Expecting value",
-                  "Unterminated string", "Expecting ',' delimiter")
 
 
 # ======================================================================= footprint fractions
@@ -518,7 +321,7 @@ class Services:
             self.items[sensor.name][item["id"]] = stac_items.unsigned(item)
         return Candidate(site_id=site.site_id, sensor=sensor.name, item_id=item["id"],
                          collection=item.get("collection", ""), window=window,
-                         datetime=_iso(stac_items.item_datetime(item)), eo_cloud_cover=stac_items.cloud_cover(item),
+                         datetime=stac_items.iso_time(stac_items.item_datetime(item)), eo_cloud_cover=stac_items.cloud_cover(item),
                          **{key: float(fractions[key]) for key in ("cloud_fraction", "nodata_fraction",
                                                                    "invalid_fraction")},
                          rank_last=rank_last)
@@ -678,118 +481,6 @@ def wms_candidates(sensor: Sensor, group: SearchGroup, services: Services) -> li
 CANDIDATES = {"stac_raster": raster_candidates, "stac_labels": label_candidates, "wms_layers": wms_candidates}
 
 
-# ================================================================================= selection
-
-
-@dataclass(frozen=True)
-class Choosing:
-    """What the selection asks of a sensor, asked once per run rather than once per site."""
-
-    name: str
-    is_image: bool
-    max_invalid_fraction: float  # Sensor.invalid_limit: what Sensor.eligible lets through
-    assets: tuple[str, ...]
-
-    @classmethod
-    def of(cls, sensors: Mapping[str, Sensor], cat: Mapping[str, Any]) -> list[Choosing]:
-        limit = float(cat["max_invalid_fraction"])
-        return [cls(name, s.is_image, s.invalid_limit(limit), tuple(s.assets())) for name, s in sensors.items()]
-
-
-def select(config: Mapping[str, Any], sites: Sequence[Site], candidates: Iterable[Candidate]) -> list[ManifestRow]:
-    """The manifest rows of ``sites`` from their candidates, site by site (:func:`select_site`)."""
-    by_site: dict[str, list[Candidate]] = defaultdict(list)
-    for candidate in candidates:
-        by_site[candidate.site_id].append(candidate)
-    choosing = Choosing.of(sensors_of(config), config["catalog"])
-    return [row for site in sorted(sites, key=lambda s: s.site_id)
-            for row in select_site(site, by_site[site.site_id], choosing, config["catalog"])]
-
-
-def select_site(site: Site, candidates: Sequence[Candidate], sensors: Sequence[Choosing],
-                cat: Mapping[str, Any]) -> list[ManifestRow]:
-    """Choose a scene per sensor for one site: its manifest rows, in sensor order.
-
-    Ranking: candidates over ``catalog.max_invalid_fraction`` are out. The anchor sensor's best
-    scene is the one with the least cloud/no-data over the footprint. For every other sensor,
-    footprint fractions within the same ``cloud_fraction_step`` count as equally clear and the
-    scene closest in date to the anchor's wins. Labels: the item covering the footprint, most
-    recent first. Ties go to the smallest item id, so the choice never depends on order.
-    A site lacking a scene for any sensor is dropped, with the reason on every row of it.
-    """
-    step = float(cat["cloud_fraction_step"])
-    by_sensor: dict[str, list[Candidate]] = defaultdict(list)
-    for candidate in candidates:
-        by_sensor[candidate.sensor].append(candidate)
-    unique = {s.name: _unique(by_sensor[s.name]) for s in sensors}
-    anchor = cat["anchor_sensor"]
-    chosen: dict[str, list[Candidate]] = {}
-    reason: DropReason | None = None
-    anchor_time = None
-    for sensor in sorted(sensors, key=lambda s: s.name != anchor):  # the anchor first
-        name = sensor.name
-        rows = unique[name]
-        eligible = [r for r in rows if r.invalid_fraction <= sensor.max_invalid_fraction]
-        if not eligible:
-            reason = reason or _no_candidate_reason(sensor, rows, cat)
-            chosen[name] = []
-            continue
-        if name == anchor:
-            ranked = sorted(eligible, key=lambda r: (r.rank_last, r.invalid_fraction, r.datetime, r.item_id))
-            anchor_time = stac_items.parse_time(ranked[0].datetime)
-        elif not sensor.is_image:  # labels: the most recent map
-            ranked = sorted(eligible, key=lambda r: (-stac_items.parse_time(r.datetime).timestamp(), r.item_id))
-        else:
-            ranked = sorted(eligible, key=lambda r: (
-                r.rank_last,
-                math.floor(r.invalid_fraction / step + 1e-9),
-                abs((stac_items.parse_time(r.datetime) - anchor_time).total_seconds()) if anchor_time else 0,
-                r.invalid_fraction, r.item_id))
-        chosen[name] = ranked[: 1 + int(cat["fallbacks"])]
-    out = []
-    for sensor in sensors:
-        picks = chosen.get(sensor.name, [])
-        best = picks[0] if picks else None
-        out.append(ManifestRow(
-            site_id=site.site_id, region=site.region, split=site.split, col=site.col, row=site.row,
-            footprint_m=site.footprint_m, sensor=sensor.name, status="dropped" if reason else "ok",
-            reason=reason.text if reason else "", reason_code=reason.code if reason else "",
-            reason_sensor=reason.sensor if reason else "",
-            collection=best.collection if best else "", item_id=best.item_id if best else "",
-            datetime=best.datetime if best else "", eo_cloud_cover=best.eo_cloud_cover if best else None,
-            cloud_fraction=best.cloud_fraction if best else None,
-            nodata_fraction=best.nodata_fraction if best else None,
-            invalid_fraction=best.invalid_fraction if best else None,
-            assets=sensor.assets,
-            fallbacks=tuple(Fallback(r.item_id, r.datetime, r.cloud_fraction, r.nodata_fraction, r.invalid_fraction)
-                            for r in picks[1:]),
-            n_candidates=len(unique[sensor.name])))
-    return out
-
-
-def _unique(rows: Sequence[Candidate]) -> list[Candidate]:
-    """One candidate per item (an item met in two windows or shards counts once: the first
-    window by name), in no particular order: every ranking ends on the item id."""
-    seen: dict[str, Candidate] = {}
-    for row in rows:
-        kept = seen.get(row.item_id)
-        if kept is None or row.window < kept.window:
-            seen[row.item_id] = row
-    return list(seen.values())
-
-
-def _no_candidate_reason(sensor: Choosing, rows: Sequence[Candidate], cat: Mapping[str, Any]) -> DropReason:
-    if not rows:
-        return DropReason(sensor.name, "no_item", f"{sensor.name}: no item covers the footprint in the searched windows")
-    if not sensor.is_image:
-        return DropReason(sensor.name, "no_full_cover",
-                          f"{sensor.name}: no single item covers the whole footprint ({len(rows)} partial)")
-    best = min(r.invalid_fraction for r in rows)
-    return DropReason(sensor.name, "too_invalid",
-                      f"{sensor.name}: all {len(rows)} scenes have more than {cat['max_invalid_fraction']:g} of the "
-                      f"footprint cloudy or without data (best {best:.2f})")
-
-
 # ================================================================================== manifest
 
 
@@ -866,54 +557,3 @@ def provenance(config: Mapping[str, Any], searches: Sequence[dict]) -> dict[str,
                             | ({"skipped": s["skipped"]} if s.get("skipped") else {}) for s in searches),
                            key=lambda s: (s["group_id"], s["collection"], s["window"])),
     }
-
-
-class Summary:
-    """Counts of sites kept and dropped (by :attr:`DropReason.key`), added up site by site."""
-
-    def __init__(self) -> None:
-        self.sites = 0
-        self.kept_by_split = {split: 0 for split in ("train", "val", "test")}
-        self.dropped: dict[str, int] = defaultdict(int)
-
-    def add(self, rows: Sequence[ManifestRow]) -> None:
-        """The rows of one site."""
-        self.sites += 1
-        reason = rows[0].drop_reason
-        if reason is None:
-            self.kept_by_split[rows[0].split] += 1
-        else:
-            self.dropped[reason.key] += 1
-
-    def as_dict(self, searches: Sequence[dict] = ()) -> dict[str, Any]:
-        return {"sites": self.sites, "kept": sum(self.kept_by_split.values()), "kept_by_split": self.kept_by_split,
-                "dropped_by_reason": dict(sorted(self.dropped.items())),
-                "items_skipped": len({entry for s in searches for entry in s.get("skipped", [])})}
-
-
-def summary(rows: Iterable[ManifestRow], searches: Sequence[dict] = ()) -> dict[str, Any]:
-    """Counts of sites kept and dropped by reason, and of the items found but skipped (for logs
-    and the report)."""
-    counts = Summary()
-    by_site: dict[str, list[ManifestRow]] = defaultdict(list)
-    for row in rows:
-        by_site[row.site_id].append(row)
-    for site_rows in by_site.values():
-        counts.add(site_rows)
-    return counts.as_dict(searches)
-
-
-def manifest_summary(manifest: Manifest) -> dict[str, Any]:
-    """:func:`summary` of a manifest file, row group by row group (frozen mode)."""
-    counts = Summary()
-    for table in manifest.tables(["site_id", "split", "status", "reason", "reason_code", "reason_sensor"]):
-        previous = None
-        for record in table.to_pylist():
-            if record["site_id"] != previous:
-                previous = record["site_id"]
-                counts.sites += 1
-                if record["reason_code"]:
-                    counts.dropped[DropReason(record["reason_sensor"], record["reason_code"], record["reason"]).key] += 1
-                else:
-                    counts.kept_by_split[record["split"]] += 1
-    return counts.as_dict(manifest.provenance.get("searches", ()))

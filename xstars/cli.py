@@ -479,8 +479,8 @@ def cmd_catalog_manifest(args: argparse.Namespace) -> int:
 def cmd_catalog_freeze(args: argparse.Namespace) -> int:
     """Frozen mode: check the manifest named by catalog.manifest and its pinned items files and
     copy them, byte for byte."""
-    from xstars.catalog import manifest_summary
     from xstars.manifest import Manifest
+    from xstars.selection import manifest_summary
 
     config = config_from_args(args)
     source = config["catalog"]["manifest"]

@@ -84,6 +84,11 @@ def item_datetime(item: Mapping[str, Any]) -> datetime:
     raise DataError(f"item {item.get('id')!r}: no datetime nor start/end_datetime")
 
 
+def iso_time(moment: datetime) -> str:
+    """An aware datetime as the RFC 3339 UTC text the catalogues and the manifest use."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 @functools.lru_cache(maxsize=1 << 16)
 def parse_time(text: str) -> datetime:
     """RFC 3339 timestamp -> aware UTC datetime (``Z`` and fractional seconds accepted).
