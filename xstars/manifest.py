@@ -581,6 +581,7 @@ class Manifest:
 
 
 def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, read a MiB at a time (items files, shards, the dataset card's files)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

@@ -145,7 +145,7 @@ def store_fingerprint(root) -> str:
 
 
 def file_sha256(path: Path) -> str:
-    from xstars.store import file_sha256 as sha
+    from xstars.manifest import file_sha256 as sha
 
     return sha(path)
 

@@ -42,7 +42,7 @@ import numpy as np
 
 from xstars.errors import DataError, ServiceError
 from xstars.layout import LAYOUT_VERSION, open_store
-from xstars.manifest import DropReason, Manifest, ManifestRow
+from xstars.manifest import DropReason, Manifest, ManifestRow, file_sha256
 from xstars.sensors import Sensor, image_sensors, sensors_of
 
 log = logging.getLogger(__name__)
@@ -219,16 +219,6 @@ def plan_part(manifest: Manifest, config: Mapping[str, Any], part: int) -> PartP
     items = {name: manifest.items(name).get(ids) if ids else {} for name, ids in wanted.items()}
     first = part * per_shard
     return PartPlan(part, first, first + len(sites), sites, items)
-
-
-def file_sha256(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _store_site(buffers: dict, records: list, offset: int, site_id: str, split: str, tiles: dict,

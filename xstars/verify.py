@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from xstars.layout import open_store, store_sensors
-from xstars.manifest import Manifest
-from xstars.store import _shard_file, file_sha256
+from xstars.manifest import Manifest, file_sha256
+from xstars.store import _shard_file
 
 
 def verify_store(path: Path | str, manifest: Manifest) -> dict[str, Any]:
