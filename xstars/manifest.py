@@ -313,22 +313,24 @@ def merge_items(sources: Sequence[Path], wanted: set[str], path: Path) -> dict[s
     for source in sources:
         if not missing or not source.exists():
             continue
-        ids = pq.read_table(source, columns=["id"]).column("id")
-        if not pc.any(pc.is_in(ids, pa.array(sorted(missing), pa.string()))).as_py():
-            continue  # nothing new here (a scene many shards searched): the rest of the file is not read
+        # The shard's ids first (one column): a shard with nothing new is read no further, and
+        # the filter is built from what this shard holds, not from all that is still missing.
+        here = set(pq.read_table(source, columns=["id"]).column("id").to_pylist()) & missing
+        if not here:
+            continue
         table = _read_items_table(source)
         metadata = metadata or table.schema.metadata
-        chosen = table.filter(pc.is_in(table.column("id"), pa.array(sorted(missing), pa.string())))
+        chosen = table.filter(pc.is_in(table.column("id"), pa.array(sorted(here), pa.string())))
         if MOSAIC_KEY in chosen.column_names:  # a mosaic's members are stored in the same shard, read with it
             members = {m for ms in chosen.column(MOSAIC_KEY).to_pylist() if ms for m in ms} - set(wanted)
             if members:
                 wanted = wanted | members
                 missing |= members
-                chosen = table.filter(pc.is_in(table.column("id"), pa.array(sorted(missing), pa.string())))
+                here |= members
+                chosen = table.filter(pc.is_in(table.column("id"), pa.array(sorted(here), pa.string())))
         del table
-        if chosen.num_rows:
-            pieces.append(chosen)
-            missing -= set(chosen.column("id").to_pylist())
+        pieces.append(chosen)
+        missing -= set(chosen.column("id").to_pylist())
     if missing:
         raise DataError(f"items {sorted(missing)[:5]} are referenced but in no shard's items file ({path.name})")
     if not pieces:
