@@ -27,7 +27,8 @@ PER_SHARD = 3
 @pytest.fixture(scope="module")
 def catalogued(demo_root: Path, demo_server: control.ServerInfo, tmp_path_factory) -> dict:
     control.set_faults(demo_server, {})
-    config = small_world_config(demo_root, demo_server, build={"samples_per_shard": PER_SHARD, "margin_m": 240})
+    config = small_world_config(demo_root, demo_server, build={"samples_per_shard": PER_SHARD, "margin_m": 240},
+                                catalog={"search_shards": 2, "search_cell_m": 4800})
     folder = tmp_path_factory.mktemp("catalogued")
     build_manifest(config, folder / "manifest.parquet")
     return {"config": config, "path": folder / "manifest.parquet", "manifest": Manifest(folder / "manifest.parquet")}
@@ -132,6 +133,51 @@ def test_an_items_file_is_read_by_the_row_groups_of_the_ids_asked(catalogued, tm
         ItemsFile(path).get(["no-such-item"])
 
 
+def test_the_manifest_job_chooses_as_the_rule_does_site_by_site(catalogued) -> None:
+    """The manifest job's rows (candidates of two shards, a row group of sites at a time) are
+    those of the selection rule applied to all the candidates at once."""
+    from xstars.catalog import manifest_rows
+    from xstars.manifest import read_candidates
+    from xstars.selection import select
+    from xstars.sites import sample_sites
+
+    config, manifest = catalogued["config"], catalogued["manifest"]
+    shards = sorted((manifest.path.parent / "manifest.search").glob("shard-*.parquet"))
+    assert len(shards) == 2
+    expected = select(config, sample_sites(config), read_candidates(shards))
+    assert manifest_rows(manifest) == expected
+    assert {r.n_candidates for r in expected if r.sensor == "s2"} != {0}
+
+
+def test_each_sites_candidates_are_found_in_the_merged_table(tmp_path: Path) -> None:
+    """Shards whose sites interleave, several row groups each (as search groups write them):
+    the merge finds each site's rows by position in the table sorted by site. (A first version
+    took the positions from a group-by, whose groups do not come out in sorted order: sites
+    got the candidates of others, or none.)"""
+    import random
+
+    from xstars.catalog import site_rows
+    from xstars.manifest import Candidate, CandidatesWriter, candidates_table
+
+    rng = random.Random(3)
+    sites = [f"{city}_{i}_{j}" for city in ("bordeaux", "lyon", "toulouse") for i in range(10) for j in range(10)]
+    paths = []
+    for shard in range(3):
+        writer = CandidatesWriter(tmp_path / f"shard-{shard}.parquet")
+        mine = sites[shard::3]
+        for group in range(0, len(mine), 20):
+            writer.write([Candidate(site, sensor, f"{sensor}-{rng.randrange(40)}", "c", "w", "2021-06-01T00:00:00Z",
+                                    1.0, 0.1, 0.0, 0.1)
+                          for site in mine[group:group + 20] for sensor in ("s2", "l8") for _ in range(rng.randrange(1, 4))])
+        paths.append(writer.close())
+    table = candidates_table(paths)
+    ids = table.column("site_id").to_pylist()
+    found = site_rows(table)
+    assert sorted(found) == sorted(sites)
+    for site, (start, stop) in found.items():
+        assert set(ids[start:stop]) == {site} and stop - start == ids.count(site)
+
+
 # ------------------------------------------------------------------------------ frozen rebuilds
 
 
@@ -226,3 +272,22 @@ def test_drops_are_counted_by_their_code_not_by_parsing_the_sentence(catalogued)
     assert counts["kept"] == counts["sites"] - 1
     with pytest.raises(ValueError, match="unknown drop reason code 'cloudy'"):
         dataclasses.replace(dropped[0], reason_code="cloudy").drop_reason  # noqa: B018
+
+
+def test_a_subset_of_the_sites_is_a_manifest_with_their_items(catalogued, tmp_path: Path) -> None:
+    """A city out of a France-wide catalog run: its rows, the items they name, nothing else."""
+    config, manifest = catalogued["config"], catalogued["manifest"]
+    keep = manifest.site_ids()[1:3]
+    sub = manifest.subset(keep, tmp_path / "city.parquet")
+    assert sub.site_ids() == keep and sub.provenance == manifest.provenance
+    assert sub.part(0, PER_SHARD) == [site for site in manifest.part(0, PER_SHARD) if site[0].site_id in keep]
+    plan = store.plan_part(sub, config, 0)
+
+    def named(sites) -> dict[str, set[str]]:
+        return {sensor: {i for rows in sites for i in rows[sensor].item_ids} for sensor in plan.items}
+
+    kept = [rows for rows in plan.sites if all(r.status == "ok" for r in rows.values())]
+    assert {sensor: set(items) for sensor, items in plan.items.items()} == named(kept)  # what the part reads
+    for sensor, ids in named(plan.sites).items():  # what the subset stores: every item its rows name
+        stored = set(pq.read_table(sub.items_path(sensor), columns=["id"]).column("id").to_pylist()) if ids else set()
+        assert stored == ids

@@ -493,12 +493,7 @@ def merge_manifest(config: Mapping[str, Any], sites: Sequence[Site], candidate_p
     one row group of sites at a time; the items are merged in Arrow, sensor by sensor."""
     searches = [s for path in candidate_paths for s in json.loads(searches_path(path).read_text())]
     table = candidates_table(candidate_paths)
-    # Where each site's candidates start in the sorted table (one string per site, not per row).
-    runs = table.group_by("site_id", use_threads=False).aggregate([("site_id", "count")])
-    starts = dict(zip(runs.column("site_id").to_pylist(),
-                      np.concatenate([[0], np.cumsum(runs.column("site_id_count").to_numpy())]).tolist(), strict=False))
-    ends = dict(zip(runs.column("site_id").to_pylist(), np.cumsum(runs.column("site_id_count").to_numpy()).tolist(),
-                    strict=True))
+    rows_of = site_rows(table)
     sensors = sensors_of(config)
     choosing = Choosing.of(sensors, config["catalog"])
     per_group = int(config["build"]["samples_per_shard"])
@@ -507,10 +502,10 @@ def merge_manifest(config: Mapping[str, Any], sites: Sequence[Site], candidate_p
     ordered = sorted(sites, key=lambda s: s.site_id)
     for start in range(0, len(ordered), per_group):
         chunk = ordered[start:start + per_group]
-        with_rows = [s.site_id for s in chunk if s.site_id in starts]
+        with_rows = [s.site_id for s in chunk if s.site_id in rows_of]
         by_site: dict[str, list[Candidate]] = defaultdict(list)
         if with_rows:
-            for candidate in candidates_in(table, starts[with_rows[0]], ends[with_rows[-1]]):
+            for candidate in candidates_in(table, rows_of[with_rows[0]][0], rows_of[with_rows[-1]][1]):
                 by_site[candidate.site_id].append(candidate)
         for site in chunk:
             rows = select_site(site, by_site[site.site_id], choosing, config["catalog"])
@@ -524,6 +519,21 @@ def merge_manifest(config: Mapping[str, Any], sites: Sequence[Site], candidate_p
                               writer.referenced[name], target / f"{name}.parquet") for name in sensors}
     writer.close(pins)
     return counts.as_dict(searches)
+
+
+def site_rows(table) -> dict[str, tuple[int, int]]:
+    """Each site's rows ``(start, stop)`` in a candidates table sorted by site, found without a
+    Python string per row: the sorted column dictionary-encoded gets its codes in order."""
+    import pyarrow.compute as pc
+
+    encoded = pc.dictionary_encode(table.column("site_id").combine_chunks())
+    codes = encoded.indices.to_numpy()
+    if codes.size and np.any(np.diff(codes) < 0):
+        raise DataError("candidates are not sorted by site")  # candidates_table sorts them
+    starts = np.flatnonzero(np.r_[True, np.diff(codes) != 0]) if codes.size else np.array([], dtype=int)
+    stops = np.r_[starts[1:], codes.size]
+    names = encoded.dictionary.to_pylist()
+    return {names[codes[a]]: (int(a), int(b)) for a, b in zip(starts, stops, strict=True)}
 
 
 def build_manifest(config: Mapping[str, Any], sites: Sequence[Site], path: Path) -> tuple[list[ManifestRow], list[dict]]:
