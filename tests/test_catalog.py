@@ -393,6 +393,23 @@ def test_site_grouping_is_stable() -> None:
     assert sum(len(catalog.shard_of(groups, i, 2)) for i in range(2)) == 3
 
 
+def test_search_shards_are_compact_patches_of_about_equal_size() -> None:
+    """Each search shard gets a compact patch of the map (so it searches few tiles and stores
+    few items), every group exactly once, and about as many sites as the others."""
+    sites = [Site(f"c_{c}_{r}", "c", c, r, 2400.0, "train") for c in range(64) for r in range(48)
+             if (c - 32) ** 2 + (r - 24) ** 2 < 24 ** 2]  # a round country of 1,800 sites, one per cell
+    groups = catalog.search_groups(sites, 2400)
+    shards = [catalog.shard_of(groups, k, 16) for k in range(16)]
+    assert sorted(g.group_id for shard in shards for g in shard) == sorted(g.group_id for g in groups)
+    sizes = [sum(len(g.sites) for g in shard) for shard in shards]
+    assert max(sizes) - min(sizes) <= 1, sizes
+    # "Tiles" of 8 x 8 cells (a Sentinel-2 tile is some 46 search cells of 2.4 km across): a
+    # patch of 1/16 of the country touches a few; dealt round robin, each shard touched them all.
+    tiles = [{(g.cell[0] // 8, g.cell[1] // 8) for g in shard} for shard in shards]
+    all_tiles = {t for shard in tiles for t in shard}
+    assert max(len(t) for t in tiles) <= 6 < len(all_tiles) / 4, [len(t) for t in tiles]
+
+
 def _debug_diff(expected: Path, actual: Path) -> str:
     import geopandas as gpd
 

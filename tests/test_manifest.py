@@ -149,33 +149,66 @@ def test_the_manifest_job_chooses_as_the_rule_does_site_by_site(catalogued) -> N
     assert {r.n_candidates for r in expected if r.sensor == "s2"} != {0}
 
 
-def test_each_sites_candidates_are_found_in_the_merged_table(tmp_path: Path) -> None:
-    """Shards whose sites interleave, several row groups each (as search groups write them):
-    the merge finds each site's rows by position in the table sorted by site. (A first version
-    took the positions from a group-by, whose groups do not come out in sorted order: sites
-    got the candidates of others, or none.)"""
+def test_the_table_selection_chooses_as_the_rule_does_on_every_tie(tmp_path: Path) -> None:
+    """The manifest job's NumPy ranking (:class:`TableSelection`) against the rule
+    (:func:`select_site`) on random candidates made for ties: few dates and fractions, items met
+    in several windows and shards, Tier-2 items ranked last, labels, candidates over the limit,
+    sensors and sites without any, unconfigured sensors; three shards whose sites interleave,
+    a row group per site. Every row must be the same."""
     import random
 
-    from xstars.catalog import site_rows
-    from xstars.manifest import Candidate, CandidatesWriter, candidates_table
+    from xstars.manifest import Candidate, CandidatesWriter, candidates_table, row_from_record
+    from xstars.selection import Choosing, TableSelection, select_site
+    from xstars.sites import Site
 
-    rng = random.Random(3)
-    sites = [f"{city}_{i}_{j}" for city in ("bordeaux", "lyon", "toulouse") for i in range(10) for j in range(10)]
-    paths = []
-    for shard in range(3):
-        writer = CandidatesWriter(tmp_path / f"shard-{shard}.parquet")
-        mine = sites[shard::3]
-        for group in range(0, len(mine), 20):
-            writer.write([Candidate(site, sensor, f"{sensor}-{rng.randrange(40)}", "c", "w", "2021-06-01T00:00:00Z",
-                                    1.0, 0.1, 0.0, 0.1)
-                          for site in mine[group:group + 20] for sensor in ("s2", "l8") for _ in range(rng.randrange(1, 4))])
-        paths.append(writer.close())
-    table = candidates_table(paths)
-    ids = table.column("site_id").to_pylist()
-    found = site_rows(table)
-    assert sorted(found) == sorted(sites)
-    for site, (start, stop) in found.items():
-        assert set(ids[start:stop]) == {site} and stop - start == ids.count(site)
+    sensors = [Choosing("s2", True, 0.5, ("B04",)), Choosing("l8", True, 0.4, ("red",)),
+               Choosing("ign", True, 1.0, ("RGB",)), Choosing("labels", False, 0.0, ("map",))]
+    dates = [f"2021-0{m}-1{d}T10:5{d}:0{m}Z" for m in range(4, 8) for d in range(3)] + ["2021-05-11T10:51:05.5+00:00"]
+    for seed in range(4):
+        rng = random.Random(seed)
+        cat = {"anchor_sensor": "s2", "cloud_fraction_step": rng.choice([0.05, 0.1, 0.25]),
+               "fallbacks": rng.choice([0, 2, 3]), "max_invalid_fraction": 0.5}
+        sites = [Site(f"c{seed}_{i}_{j}", "c", i, j, 480.0, "train") for i in range(9) for j in range(9)]
+        paths = []
+        for shard in range(3):
+            writer = CandidatesWriter(tmp_path / f"{seed}" / f"shard-{shard}.parquet")
+            for site in sites[shard::3]:
+                if rng.random() < 0.05:
+                    continue  # a site no search found anything for
+                rows = []
+                for sensor in ("s2", "l8", "ign", "labels", "spot"):
+                    for _ in range(rng.choice([0, 1, 2, 5, 9] if rng.random() < 0.1 else [2, 5, 9])):
+                        invalid = rng.choice([0.0, 0.04, 0.05, 0.1, 0.24, 0.25, 0.3, 0.45, 0.6, 1.0]
+                                             if sensor != "labels" else [0.0, 0.0, 0.0, 0.3])
+                        rows.append(Candidate(site.site_id, sensor, f"{sensor}-{rng.randrange(6)}", f"col-{sensor}",
+                                              rng.choice(["2021-spring", "2021-summer", "-"]), rng.choice(dates),
+                                              rng.choice([None, 3.0]), invalid / 2, invalid / 2, invalid,
+                                              rank_last=rng.random() < 0.2))
+                writer.write(rows)
+            paths.append(writer.close())
+        table = candidates_table(paths)
+        by_site: dict[str, list[Candidate]] = {}
+        for candidate in candidates_in_all(table):
+            by_site.setdefault(candidate.site_id, []).append(candidate)
+        choice = TableSelection(table, sorted(sites, key=lambda s: s.site_id), sensors, cat)
+        compared = {"ok": 0, "dropped": 0}
+        every = []
+        for site in sites:
+            expected = select_site(site, by_site.get(site.site_id, []), sensors, cat)
+            assert choice.rows(site) == expected, site.site_id
+            compared[expected[0].status] += 1
+            every += expected
+        # The row groups the job writes: many sites a table.
+        assert [row_from_record(r) for a in range(0, len(sites), 7)
+                for r in choice.table_of(a, min(a + 7, len(sites))).to_pylist()] == every
+        assert choice.summary().as_dict() == summary(every)
+        assert compared["ok"] > 5 and compared["dropped"] > 5, compared
+
+
+def candidates_in_all(table):
+    from xstars.manifest import candidates_in
+
+    return candidates_in(table, 0, table.num_rows)
 
 
 # ------------------------------------------------------------------------------ frozen rebuilds

@@ -13,7 +13,8 @@ The stage runs in three steps, each a Snakemake rule (``workflow/rules/catalog.s
    site and campaign year, with a GetMap request as asset. Output: one candidate row per site,
    sensor and scene.
    Each shard writes its candidates and, once each, the items they name (:func:`search_shard`).
-3. :func:`merge_manifest` ranks each site's candidates (:func:`xstars.selection.select_site`) and writes the
+3. :func:`merge_manifest` ranks each site's candidates (the rule: :func:`xstars.selection.select_site`; the
+   job applies it to all of them at once, :class:`xstars.selection.TableSelection`) and writes the
    manifest (:mod:`xstars.manifest`): one row per site and sensor with the chosen item and its
    fallbacks by id, the footprint, the date, the cloud figures, and the reason a site was
    dropped if it was; the items themselves once each beside it, as stac-geoparquet.
@@ -35,6 +36,7 @@ import shutil
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -52,7 +54,6 @@ from xstars.manifest import (
     Manifest,
     ManifestRow,
     ManifestWriter,
-    candidates_in,
     candidates_table,
     items_dir,
     merge_items,
@@ -65,7 +66,7 @@ from xstars.remote import (
     check_wms_sensor,
     read_on_grid,
 )
-from xstars.selection import Choosing, Summary, select_site
+from xstars.selection import Choosing, TableSelection
 from xstars.sensors import Sensor, sensors_of
 from xstars.sites import Site, reproject_geometry
 from xstars.stac_search import SearchLog, StacSearcher
@@ -144,6 +145,7 @@ class SearchGroup:
 
     group_id: str
     sites: tuple[Site, ...]
+    cell: tuple[int, int] = (0, 0)  # the search cell's column and row
 
     @property
     def bounds(self) -> tuple[float, float, float, float]:
@@ -158,16 +160,37 @@ def search_groups(sites: Iterable[Site], cell_m: float) -> list[SearchGroup]:
     for site in sites:
         xmin, ymin, xmax, ymax = site.bounds
         cells[(math.floor((xmin + xmax) / 2 / cell_m), math.floor((ymin + ymax) / 2 / cell_m))].append(site)
-    groups = [SearchGroup(f"g{cx}_{cy}", tuple(sorted(members, key=lambda s: s.site_id)))
+    groups = [SearchGroup(f"g{cx}_{cy}", tuple(sorted(members, key=lambda s: s.site_id)), (cx, cy))
               for (cx, cy), members in cells.items()]
     return sorted(groups, key=lambda g: g.group_id)
 
 
 def shard_of(groups: Sequence[SearchGroup], shard: int, n_shards: int) -> list[SearchGroup]:
-    """The groups of one search shard (round-robin over the sorted groups)."""
+    """The groups of one search shard: the groups along a Z-order curve of their cells, cut into
+    ``n_shards`` runs of about as many sites each.
+
+    A run of a Z-order curve is a compact patch of the map, so a shard searches the scenes of a
+    few tiles and stores few items, and the manifest job merges few copies of each (dealt round
+    robin, every shard of the France build searched nearly every Sentinel-2 tile)."""
     if not 0 <= shard < n_shards:
         raise ConfigError(f"search shard {shard} is not in 0..{n_shards - 1} (catalog.search_shards)")
-    return [g for i, g in enumerate(groups) if i % n_shards == shard]
+    ordered = sorted(groups, key=lambda g: (_z_order(*g.cell), g.group_id))
+    sizes = np.cumsum([len(g.sites) for g in ordered])
+    if not len(ordered):
+        return []
+    # A group goes to the shard its first site falls in, counting sites along the curve.
+    first_site = np.r_[0, sizes[:-1]]
+    owner = (first_site * n_shards) // int(sizes[-1])
+    return [g for g, k in zip(ordered, owner, strict=True) if k == shard]
+
+
+def _z_order(col: int, row: int) -> int:
+    """Position of a cell on the Z-order (Morton) curve: the bits of column and row interleaved
+    (offset so that cells of negative index order too)."""
+    x, y, z = col + (1 << 20), row + (1 << 20), 0
+    for bit in range(21):
+        z |= ((x >> bit) & 1) << (2 * bit) | ((y >> bit) & 1) << (2 * bit + 1)
+    return z
 
 
 def to_wgs84(geometry, crs: str):
@@ -492,48 +515,28 @@ def merge_manifest(config: Mapping[str, Any], sites: Sequence[Site], candidate_p
     Streams: the candidates are one Arrow table (no Python row for them all), turned into rows
     one row group of sites at a time; the items are merged in Arrow, sensor by sensor."""
     searches = [s for path in candidate_paths for s in json.loads(searches_path(path).read_text())]
-    table = candidates_table(candidate_paths)
-    rows_of = site_rows(table)
     sensors = sensors_of(config)
-    choosing = Choosing.of(sensors, config["catalog"])
+    ordered = sorted(sites, key=lambda s: s.site_id)
+    # Ranked in NumPy over the whole table; only the picks are kept (the table is let go).
+    choice = TableSelection(candidates_table(candidate_paths), ordered, Choosing.of(sensors, config["catalog"]),
+                            config["catalog"])
     per_group = int(config["build"]["samples_per_shard"])
     writer = ManifestWriter(out, config["sites"]["crs"], provenance(config, searches), per_group)
-    counts = Summary()
-    ordered = sorted(sites, key=lambda s: s.site_id)
     for start in range(0, len(ordered), per_group):
-        chunk = ordered[start:start + per_group]
-        with_rows = [s.site_id for s in chunk if s.site_id in rows_of]
-        by_site: dict[str, list[Candidate]] = defaultdict(list)
-        if with_rows:
-            for candidate in candidates_in(table, rows_of[with_rows[0]][0], rows_of[with_rows[-1]][1]):
-                by_site[candidate.site_id].append(candidate)
-        for site in chunk:
-            rows = select_site(site, by_site[site.site_id], choosing, config["catalog"])
-            writer.add_site(rows)
-            counts.add(rows)
-    del table
+        stop = min(start + per_group, len(ordered))
+        writer.add_row_group(choice.table_of(start, stop), stop - start)
+    counts = choice.summary()
+    del choice
     target = items_dir(out)
     if target.exists():
         shutil.rmtree(target)
-    pins = {name: merge_items([items_dir(p) / f"{name}.parquet" for p in candidate_paths],
-                              writer.referenced[name], target / f"{name}.parquet") for name in sensors}
+    # Sensor by sensor in threads: Arrow reads, sorts and writes outside the GIL.
+    with ThreadPoolExecutor(max_workers=min(len(sensors), 4) or 1) as pool:
+        pins = dict(zip(sensors, pool.map(
+            lambda name: merge_items([items_dir(p) / f"{name}.parquet" for p in candidate_paths],
+                                     writer.referenced[name], target / f"{name}.parquet"), sensors), strict=True))
     writer.close(pins)
     return counts.as_dict(searches)
-
-
-def site_rows(table) -> dict[str, tuple[int, int]]:
-    """Each site's rows ``(start, stop)`` in a candidates table sorted by site, found without a
-    Python string per row: the sorted column dictionary-encoded gets its codes in order."""
-    import pyarrow.compute as pc
-
-    encoded = pc.dictionary_encode(table.column("site_id").combine_chunks())
-    codes = encoded.indices.to_numpy()
-    if codes.size and np.any(np.diff(codes) < 0):
-        raise DataError("candidates are not sorted by site")  # candidates_table sorts them
-    starts = np.flatnonzero(np.r_[True, np.diff(codes) != 0]) if codes.size else np.array([], dtype=int)
-    stops = np.r_[starts[1:], codes.size]
-    names = encoded.dictionary.to_pylist()
-    return {names[codes[a]]: (int(a), int(b)) for a, b in zip(starts, stops, strict=True)}
 
 
 def build_manifest(config: Mapping[str, Any], sites: Sequence[Site], path: Path) -> tuple[list[ManifestRow], list[dict]]:

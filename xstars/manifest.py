@@ -173,7 +173,8 @@ ROW_SCHEMA = _schema(ManifestRow)
 MANIFEST_COLUMNS: tuple[str, ...] = (*ROW_SCHEMA.names, "geometry")
 
 
-def _row(record: Mapping[str, Any]) -> ManifestRow:
+def row_from_record(record: Mapping[str, Any]) -> ManifestRow:
+    """A manifest row from its record (a row of :data:`ROW_SCHEMA` as a dict)."""
     record = {k: v for k, v in record.items() if k != "geometry"}
     return ManifestRow(**{**record, "assets": tuple(record["assets"]),
                           "fallbacks": tuple(Fallback(**f) for f in record["fallbacks"])})
@@ -233,7 +234,7 @@ def candidates_in(table: pa.Table, start: int, stop: int) -> list[Candidate]:
 
 
 def candidates_table(paths: Iterable[Path]) -> pa.Table:
-    """The candidates of every shard as one table sorted by site (Arrow columns, no Python rows;
+    """The candidates of every shard as one table (Arrow columns, no Python rows;
     the strings sites share dictionary-encoded: some 70 B a candidate)."""
     tables = []
     for path in paths:
@@ -242,8 +243,9 @@ def candidates_table(paths: Iterable[Path]) -> pa.Table:
         except (OSError, pa.ArrowInvalid) as err:
             raise DataError(f"{path}: not a candidates file of a search shard ({err})") from None
     table = pa.concat_tables(tables) if tables else _CANDIDATE_COLUMNS.empty_table()
-    # By site only (stable): the selection orders a site's candidates itself.
-    return table.unify_dictionaries().sort_by([("site_id", "ascending")])
+    # In shard order (a site's candidates all come from the shard that searched its group):
+    # the selection orders a site's candidates itself.
+    return table.unify_dictionaries()
 
 
 # =================================================================================== items
@@ -408,6 +410,7 @@ class ManifestWriter:
         self._writer = pq.ParquetWriter(self._tmp, self.schema, compression="zstd")
         self._pending: list[ManifestRow] = []
         self._pending_sites = 0
+        self._closing_group_written = False
         self.sites = 0
         self.rows = 0
         self.referenced: dict[str, set[str]] = defaultdict(set)
@@ -418,23 +421,34 @@ class ManifestWriter:
             self.referenced[row.sensor].update(row.item_ids)
         self._pending += rows
         self._pending_sites += 1
-        self.sites += 1
         if self._pending_sites == self.sites_per_row_group:
             self._flush()
 
+    def add_row_group(self, table: pa.Table, n_sites: int) -> None:
+        """The rows of the next ``n_sites`` sites as one table (:data:`ROW_SCHEMA`): a whole row
+        group, or the last one (what :class:`xstars.selection.TableSelection` makes)."""
+        self._flush()
+        if n_sites != self.sites_per_row_group and self._closing_group_written:
+            raise ValueError("only the last row group of a manifest may hold fewer sites")
+        self._closing_group_written = n_sites != self.sites_per_row_group
+        for sensor, ids in _referenced(table).items():
+            self.referenced[sensor].update(ids)
+        self._write(table, n_sites)
+
     def _flush(self) -> None:
-        if not self._pending:
-            return
-        import numpy as np
+        if self._pending:
+            self._write(pa.table(_columns(self._pending, ROW_SCHEMA), schema=ROW_SCHEMA), self._pending_sites)
+        self._pending, self._pending_sites = [], 0
+
+    def _write(self, table: pa.Table, n_sites: int) -> None:
         import shapely
 
-        columns = _columns(self._pending, ROW_SCHEMA)
-        side = np.array(columns["footprint_m"])
-        x, y = np.array(columns["col"]) * side, np.array(columns["row"]) * side
-        columns["geometry"] = list(shapely.to_wkb(shapely.box(x, y, x + side, y + side)))
-        self._writer.write_table(pa.table(columns, schema=self.schema))
-        self.rows += len(self._pending)
-        self._pending, self._pending_sites = [], 0
+        side = table.column("footprint_m").to_numpy()
+        x, y = table.column("col").to_numpy() * side, table.column("row").to_numpy() * side
+        geometry = pa.array(shapely.to_wkb(shapely.box(x, y, x + side, y + side)), pa.binary())
+        self._writer.write_table(table.append_column(self.schema.field("geometry"), geometry).cast(self.schema))
+        self.rows += table.num_rows
+        self.sites += n_sites
 
     def close(self, items: Mapping[str, Mapping[str, Any] | None]) -> Path:
         """Finish the file: ``items`` are the pins of the items files written beside it."""
@@ -447,6 +461,20 @@ class ManifestWriter:
         self._writer.close()
         self._tmp.replace(self.path)
         return self.path
+
+
+def _referenced(table: pa.Table) -> dict[str, set[str]]:
+    """The item ids manifest rows name (chosen and fallbacks), by sensor."""
+    out: dict[str, set[str]] = defaultdict(set)
+    sensors = table.column("sensor").to_pylist()
+    for sensor, item_id in zip(sensors, table.column("item_id").to_pylist(), strict=True):
+        if item_id:
+            out[sensor].add(item_id)
+    fallbacks = table.column("fallbacks").combine_chunks()
+    for parent, item_id in zip(pc.list_parent_indices(fallbacks).to_pylist(),
+                               pc.struct_field(pc.list_flatten(fallbacks), "item_id").to_pylist(), strict=True):
+        out[sensors[parent]].add(item_id)
+    return out
 
 
 class Manifest:
@@ -517,7 +545,7 @@ class Manifest:
         sites: list[list[ManifestRow]] = []
         for group in groups:
             for record in self.file.read_row_group(group, columns=list(ROW_SCHEMA.names)).to_pylist():
-                row = _row(record)
+                row = row_from_record(record)
                 if not sites or sites[-1][0].site_id != row.site_id:
                     sites.append([])
                 sites[-1].append(row)
@@ -554,7 +582,7 @@ class Manifest:
         """A manifest of some of the sites (a city of a France-wide catalog run, say) with the
         items they name, at ``out``; the provenance is this one's."""
         keep = set(site_ids)
-        rows = [_row(record) for table in self.tables(ROW_SCHEMA.names)
+        rows = [row_from_record(record) for table in self.tables(ROW_SCHEMA.names)
                 for record in table.filter(pc.is_in(table.column("site_id"), pa.array(sorted(keep)))).to_pylist()]
         wanted: dict[str, set[str]] = defaultdict(set)
         for row in rows:
