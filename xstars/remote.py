@@ -290,13 +290,19 @@ def read_source(
 
 
 def _source_window(src, grid: Grid, margin_px: int) -> Window | None:
-    """The window of ``src`` covering ``grid`` plus a margin, clipped to the raster (None: outside)."""
-    left, bottom, right, top = transform_bounds(grid.crs, src.crs, *grid.bounds, densify_pts=21)
-    window = from_bounds(left, bottom, right, top, transform=src.transform)
+    return source_window(src.transform, src.width, src.height, src.crs, grid, margin_px)
+
+
+def source_window(transform: Affine, width: int, height: int, crs, grid: Grid, margin_px: int) -> Window | None:
+    """The window of a raster (its ``transform``, size and ``crs``) covering ``grid`` plus a
+    margin, clipped to the raster (None: outside). What a read fetches is the blocks it touches
+    (:mod:`xstars.source_blocks` counts them without opening the file)."""
+    left, bottom, right, top = transform_bounds(grid.crs, crs, *grid.bounds, densify_pts=21)
+    window = from_bounds(left, bottom, right, top, transform=transform)
     col0 = max(math.floor(window.col_off) - margin_px, 0)
     row0 = max(math.floor(window.row_off) - margin_px, 0)
-    col1 = min(math.ceil(window.col_off + window.width) + margin_px, src.width)
-    row1 = min(math.ceil(window.row_off + window.height) + margin_px, src.height)
+    col1 = min(math.ceil(window.col_off + window.width) + margin_px, width)
+    row1 = min(math.ceil(window.row_off + window.height) + margin_px, height)
     if col1 <= col0 or row1 <= row0:
         return None
     return Window(col0, row0, col1 - col0, row1 - row0)
