@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from datetime import date
 from pathlib import Path
 
@@ -91,6 +92,69 @@ def minimum(parts: list[list[list]], facts: dict[str, dict]) -> dict[str, int]:
             "overall_header_bytes": sum(facts[h]["header_bytes"] for h in {h for h, _, _ in overall})}
 
 
+# ------------------------------------------------------------------ all of France, by geometry
+
+
+def france_blocks(part_sizes: Sequence[int]) -> dict:
+    """The blocks every part of the France build touches (Sentinel-2, every asset the config
+    reads, 1024-px blocks as the Planetary Computer's COGs have them), over the block-aligned
+    minimum, for parts in store order and by locality, at several part sizes. By geometry only:
+    tiles on the MGRS 100 km squares of each site's UTM zone (west and north edges, as the
+    Sentinel-2 tiling grid has them), the build's windows (footprint, margin, 2 pixels)."""
+    import numpy as np
+    from bench_scale import FRANCE
+    from pyproj import Transformer
+    from scale_jobs import templates
+
+    from xstars import items as stac_items
+    from xstars.config import load_config
+    from xstars.sensors import sensors_of
+    from xstars.sites import sample_sites
+
+    config = load_config(None, FRANCE)
+    sites = sorted(sample_sites(config), key=lambda s: s.site_id)
+    template = templates()["sentinel-2-l2a"]
+    gsds = [stac_items.asset_gsd_m(template, template["assets"][key]) for key in sensors_of(config)["s2"].assets()]
+    margin = float(config["build"]["margin_m"])
+    bounds = np.array([s.bounds for s in sites])
+    lon, _ = Transformer.from_crs(config["sites"]["crs"], "EPSG:4326", always_xy=True).transform(
+        (bounds[:, 0] + bounds[:, 2]) / 2, (bounds[:, 1] + bounds[:, 3]) / 2)
+    zone = ((lon + 180) // 6 + 1).astype(int)
+    xs, ys = np.zeros((len(sites), 4)), np.zeros((len(sites), 4))
+    for z in np.unique(zone):  # the window's corners in the site's UTM zone
+        mine = zone == z
+        to_utm = Transformer.from_crs(config["sites"]["crs"], f"EPSG:{32600 + z}", always_xy=True)
+        for k, (xi, yi) in enumerate([(0, 1), (2, 1), (0, 3), (2, 3)]):
+            xs[mine, k], ys[mine, k] = to_utm.transform(bounds[mine, xi] + (margin if xi == 2 else -margin),
+                                                        bounds[mine, yi] + (margin if yi == 3 else -margin))
+    west = np.floor(xs.mean(axis=1) / 1e5) * 1e5
+    north = np.ceil(ys.mean(axis=1) / 1e5) * 1e5
+
+    def site_blocks(gsd: float) -> list[set]:
+        side, pad = 1024 * gsd, 2 * gsd
+        c0, c1 = ((xs.min(1) - pad - west) // side).astype(int), ((xs.max(1) + pad - west) // side).astype(int)
+        r0, r1 = ((north - ys.max(1) - pad) // side).astype(int), ((north - ys.min(1) + pad) // side).astype(int)
+        return [{(zone[i], west[i], north[i], r, c) for r in range(r0[i], r1[i] + 1) for c in range(c0[i], c1[i] + 1)}
+                for i in range(len(sites))]
+
+    col = np.array([s.col for s in sites]) - min(s.col for s in sites)
+    row = np.array([s.row for s in sites]) - min(s.row for s in sites)
+    orders = {"store order": list(range(len(sites))),
+              "locality order": sorted(range(len(sites)), key=lambda i: (z_order(int(col[i]), int(row[i])), i))}
+    by_gsd = {gsd: site_blocks(gsd) for gsd in sorted(set(gsds))}
+    weight = {gsd: gsds.count(gsd) for gsd in by_gsd}  # assets at that resolution
+    floor = sum(weight[g] * len(set().union(*blocks)) for g, blocks in by_gsd.items())
+    out: dict = {"sites": len(sites), "assets_by_gsd_m": weight, "minimum_blocks": floor, "parts": {}}
+    for size in part_sizes:
+        for name, order in orders.items():
+            total = 0
+            for gsd, blocks in by_gsd.items():
+                for start in range(0, len(order), size):
+                    total += weight[gsd] * len(set().union(*(blocks[i] for i in order[start:start + size])))
+            out["parts"][f"{size} sites a part, {name}"] = round(total / floor, 2)
+    return out
+
+
 def main() -> int:
     from xstars import store
     from xstars.config import load_config
@@ -103,7 +167,14 @@ def main() -> int:
     parser.add_argument("--manifest", type=Path, default=Path("results/demo/catalog/manifest.parquet"))
     parser.add_argument("--world", default="demo")
     parser.add_argument("--overrides", default="{}", help="config overrides (JSON), e.g. build.read_threads")
+    parser.add_argument("--france", type=int, nargs="*", metavar="SITES_PER_PART",
+                        help="instead: the blocks the France build touches, by geometry, at these part sizes")
     args = parser.parse_args()
+    if args.france is not None:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        result = france_blocks(args.france or [64, 256, 1024]) | {"date": date.today().isoformat()}
+        print(json.dumps(result, indent=1))
+        return 0
     config = load_config(None, {"world": args.world, "catalogs": {"geoplateforme": {"max_concurrent_jobs": 1}}}
                          | json.loads(args.overrides))
     demo = config["demo"]
