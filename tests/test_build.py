@@ -418,7 +418,7 @@ def as_earth_search(item: dict, sequence: int) -> dict:
     """A demo Sentinel-2 item as Earth Search would serve it: its asset keys, its id scheme
     (``S2A_31TCJ_20210712_0_L2A``, the sequence telling reprocessed copies apart), the tile as
     ``mgrs:*`` and ``grid:code`` (no ``s2:mgrs_tile``), a lower-case platform, the offset
-    declared in ``raster:bands``."""
+    declared in ``raster:bands``, the files public (Earth Search's bucket: no token)."""
     import copy
 
     from xstars import items as stac_items
@@ -435,6 +435,8 @@ def as_earth_search(item: dict, sequence: int) -> dict:
     es["assets"] = {}
     for key, asset in item["assets"].items():
         if key in EARTH_SEARCH_KEYS:
+            relative = layout.local_path(Path("."), asset["href"]).relative_to("files").as_posix()
+            asset = {**asset, "href": f"{layout.FILES_URL_PLACEHOLDER}/{relative}"}
             if key.startswith("B"):
                 asset = {**asset, "raster:bands": [{"nodata": 0, "data_type": "uint16", "scale": 1e-4, "offset": offset}]}
             es["assets"][EARTH_SEARCH_KEYS[key]] = asset
@@ -531,8 +533,8 @@ def split_worldcover_world(demo_root: Path, demo_server: control.ServerInfo, tmp
             half = json.loads(json.dumps(whole))
             half["id"], half["bbox"] = item_id, [x0, y0, x1, y1]
             half["geometry"] = {"type": "Polygon", "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]}
-            half["assets"]["map"]["href"] = half["assets"]["map"]["href"].replace(
-                f"esa-worldcover/{whole['id']}", f"esa-worldcover-split/{item_id}")
+            # On this world's own file server (public): the demo's blob storage holds no such files.
+            half["assets"]["map"]["href"] = f"{layout.FILES_URL_PLACEHOLDER}/esa-worldcover-split/{item_id}/map.tif"
             for key in ("proj:shape", "proj:transform", "proj:bbox"):
                 half["assets"]["map"].pop(key, None)
             halves.append(half)

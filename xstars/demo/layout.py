@@ -4,7 +4,7 @@
 <root>/world.json                       metadata: seed, version, cities, sensors, dates
 <root>/truth/<city>/landcover.tif       ground truth, Lambert-93, ESA WorldCover codes, 0.5 m
 <root>/truth/shifts.json                known misregistration of every rendered scene
-<root>/files/<collection>/<item_id>/<asset>.tif   COGs served over HTTP (range requests)
+<root>/files/<collection>/<item_id>/<asset>.tif   COGs served over HTTP (blob storage, /files)
 <root>/files/wms/<family>/<year>/<city>.tif  WMS sources (Lambert-93, uint8, the camera's bands)
 <root>/stac/items.ndjson                STAC items, hrefs on blob storage (blob_href) or FILES_URL_PLACEHOLDER
 <root>/stac/collections.json            STAC collections (list of dicts)
