@@ -178,7 +178,7 @@ def test_a_token_expired_mid_build_is_renewed_and_the_part_unchanged(gateway, wo
         for name in ("data", "valid"):
             np.testing.assert_array_equal(a[sensor][name][:per_shard], b[sensor][name][:per_shard],
                                           err_msg=f"{sensor}/{name}")
-    assert "sig=" not in caplog.text and "se=" not in caplog.text
+    assert "sig=" not in caplog.text and "skoid" not in caplog.text
 
 
 def test_no_token_in_the_manifest_items_or_the_gateway_log(gateway, world: dict, demo_root: Path) -> None:
