@@ -391,7 +391,7 @@ def cmd_demo_up(args: argparse.Namespace) -> int:
     root = args.root or Path(demo["root"])
     info = ensure_up(root, demo["host"], demo["port"], demo["stac_backend_port"], token_ttl_s=demo["token_ttl_s"])
     log.info("demo up root=%s pid=%s", root, info.pid)
-    for key in ("stac_url", "files_url", "wms_url", "pid"):
+    for key in ("stac_url", "files_url", "wms_url", "token_url", "proxy", "pid"):
         print(f"{key}={getattr(info, key)}")
     return 0
 

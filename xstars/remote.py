@@ -6,7 +6,8 @@ Three kinds of services are read, with one set of rules for all of them:
   :func:`http_retry`);
 * Cloud-Optimized GeoTIFFs behind HTTP (Planetary Computer blob storage, Earth Search's S3
   bucket, the demo world's file server): :func:`read_source` reads only the window a grid needs,
-  GDAL's ``/vsicurl/`` fetching just the blocks that intersect it;
+  GDAL's ``/vsicurl/`` fetching just the blocks that intersect it (through ``http.proxy`` when
+  one is configured: the demo world's fake blob storage is reached so);
 * OGC WMS (the IGN Géoplateforme): :class:`WmsClient`, GetCapabilities (read with OWSLib,
   :func:`parse_capabilities`) and GetMap, paced to the service's rate limit and within its
   LayerLimit and MaxWidth/MaxHeight (:func:`read_wms` asks for a large window in tiles); the
