@@ -79,11 +79,15 @@ elif mode == "io_floor":
         list(pool.map(fetch, ok.itertuples()))
 elif mode == "baseline":
     import numpy as np, pystac, requests, rasterio, xarray as xr
+    import planetary_computer
     from odc.geo.geobox import GeoBox
-    from odc.stac import load
+    from odc.stac import configure_rio, load
     from rasterio.io import MemoryFile
+    from xstars.remote import use_token_endpoint
     from xstars.sensors import sensors_of
     sensors = sensors_of(config)
+    if config["http"].get("proxy"):  # the demo's blob storage hosts are reached through its gateway
+        configure_rio(GDAL_HTTP_PROXY=config["http"]["proxy"])
     out = Path(workdir) / "baseline.zarr"
     for site_id, rows in ok.groupby("site_id"):
         for row in rows.itertuples():
@@ -99,7 +103,11 @@ elif mode == "baseline":
             else:
                 bands = sensor.assets()
                 geobox = GeoBox.from_bbox(row.geometry.bounds, crs=config["sites"]["crs"], resolution=sensor.gsd_m)
-                ds = load([pystac.Item.from_dict(item)], bands=bands, geobox=geobox, resampling="bilinear")
+                signed = sensor.catalog_cfg["signing"] == "planetary_computer"
+                if signed and sensor.catalog_cfg.get("token_url"):
+                    use_token_endpoint(sensor.catalog_cfg["token_url"])
+                ds = load([pystac.Item.from_dict(item)], bands=bands, geobox=geobox, resampling="bilinear",
+                          patch_url=planetary_computer.sign if signed else None)  # as the PC's docs show
                 ds = ds.drop_vars("spatial_ref", errors="ignore")
             ds.to_zarr(out, group=f"{row.sensor}/{site_id}", mode="w", zarr_format=3)
 wall = time.perf_counter() - started
@@ -134,7 +142,7 @@ def main() -> int:
     # Every mode runs in one process, the parts one after the other: it has the WMS to itself.
     config = load_config(None, {"world": args.world, "catalogs": {"geoplateforme": {"max_concurrent_jobs": 1}}})
     demo = config["demo"]
-    ensure_up(Path(demo["root"]), demo["host"], demo["port"], demo["stac_backend_port"])
+    ensure_up(Path(demo["root"]), demo["host"], demo["port"], demo["stac_backend_port"], token_ttl_s=demo["token_ttl_s"])
     started = time.perf_counter()
     xstars = run("xstars", args.manifest, config)
     baseline = run("baseline", args.manifest, config)

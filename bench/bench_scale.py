@@ -148,7 +148,8 @@ def main() -> None:
     # One process, the jobs one after the other: it has the WMS to itself.
     demo_config = load_config(None, {"world": "demo", "catalogs": {"geoplateforme": {"max_concurrent_jobs": 1}}})
     demo_cfg = demo_config["demo"]
-    ensure_up(Path(demo_cfg["root"]), demo_cfg["host"], demo_cfg["port"], demo_cfg["stac_backend_port"])
+    ensure_up(Path(demo_cfg["root"]), demo_cfg["host"], demo_cfg["port"], demo_cfg["stac_backend_port"],
+              token_ttl_s=demo_cfg["token_ttl_s"])
     with tempfile.TemporaryDirectory() as tmp:
         demo = run_demo(demo_config, Path(tmp))
     print(json.dumps({"demo": demo, "date": date.today().isoformat(),

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ import pytest
 from tests.conftest import free_port
 from tests.test_catalog import build_manifest, small_world_config
 from xstars import store
-from xstars.demo import control
+from xstars.demo import control, layout
 from xstars.manifest import Manifest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -256,35 +257,39 @@ def test_a_403_is_answered_by_signing_again(built, demo_server: control.ServerIn
 BLOB = "http://xstarstest.blob.core.windows.net/files"
 
 
-def on_blob_storage(built: dict, out: Path, sensor: str = "s2") -> tuple[Manifest, str]:
-    """The manifest with the first kept site's `sensor` scenes (chosen and fallbacks) moved to a
-    Planetary Computer blob host: the SDK signs them, asking its token endpoint."""
+def first_kept_site(built: dict) -> str:
     frame = built["manifest"]
-    files_url = f"http://127.0.0.1:{built['config']['demo']['port']}/files"
-    site = next(s for s in store.stored_sites(built["opened"])[:3] if (frame[frame.site_id == s].status == "ok").all())
+    return next(s for s in store.stored_sites(built["opened"])[:3] if (frame[frame.site_id == s].status == "ok").all())
+
+
+def on_unknown_storage(built: dict, out: Path, sensor: str = "s2") -> tuple[Manifest, str]:
+    """The manifest with the first kept site's `sensor` scenes (chosen and fallbacks) moved to a
+    storage account the demo's token endpoint has no token for (it answers 404): the SDK signs
+    them, asking its token endpoint, and gets none."""
+    site = first_kept_site(built)
 
     def to_blob(item: dict) -> None:
         for asset in item["assets"].values():
-            assert files_url in asset["href"]
-            asset["href"] = asset["href"].replace(files_url, BLOB)
+            parts = urlsplit(asset["href"])
+            assert parts.netloc.endswith(".blob.core.windows.net")
+            asset["href"] = f"{BLOB}/{layout.local_path(Path('.'), asset['href']).relative_to('files')}"
 
     return own_items(built, out, site, sensor, to_blob), site
 
 
-def test_a_site_whose_signing_keeps_failing_is_dropped_and_the_part_kept(built, token_endpoint, tmp_path) -> None:
-    from tests.loopback import Answer
-
-    config = built["config"] | {"http": {"max_retries": 1, "backoff_s": 0.01, "timeout_s": 10}}
-    manifest, site = on_blob_storage(built, tmp_path / "manifest.parquet")
-    token_server = token_endpoint(Answer(200, b"{}"))  # never a token
+def test_a_site_whose_signing_keeps_failing_is_dropped_and_the_part_kept(built, demo_server, tmp_path) -> None:
+    config = built["config"] | {"http": built["config"]["http"] | {"max_retries": 1, "backoff_s": 0.01}}
+    manifest, site = on_unknown_storage(built, tmp_path / "manifest.parquet")
     path = tmp_path / "dataset.zarr"
     store.init_store(path, manifest, config)
+    control.reset_stats(demo_server)
     record = store.build_part(path, manifest, config, 0)  # the part is built, not killed
     by_site = {r["site_id"]: r for r in record["records"]}
-    assert token_server.requests
+    assert control.get_stats(demo_server)["requests"]["tokens"] > 0
     assert by_site[site]["status"] == "dropped" and by_site[site]["reason"].startswith("s2: no usable scene")
     [chosen] = [r for rows in manifest.part(0, 3) for r in rows if r.site_id == site and r.sensor == "s2"]
     assert chosen.item_id.endswith("~own") and f"signing sentinel-2-l2a/{chosen.item_id}/" in by_site[site]["reason"]
+    assert "HTTP 404" in by_site[site]["reason"]
     others = [r for r in record["records"] if r["site_id"] != site]
     assert others and all(r["status"] == built["parts"][0]["records"][i]["status"]
                           for i, r in enumerate(record["records"]) if r["site_id"] != site)
@@ -293,19 +298,24 @@ def test_a_site_whose_signing_keeps_failing_is_dropped_and_the_part_kept(built, 
 def test_no_token_in_a_build_job_log_at_debug(built, demo_root: Path, tmp_path: Path) -> None:
     """`xstars build part` at DEBUG (GDAL's debug messages on) as a Snakemake job runs it: one
     site's Sentinel-2 scenes on blob storage, signed with a token holding SECRET, their files
-    answering the header and failing every later range (GDAL names them with their query)."""
+    answering the header and failing every later range (GDAL names them with their query).
+    The job's token endpoint and proxy are loopback servers of this test's (the gateway's
+    tokens are never SECRET, its files never fail this way)."""
     from tests.loopback import Answer, range_answer, serve, token_answer
 
-    config = built["config"] | {"http": {"max_retries": 1, "backoff_s": 0.01, "timeout_s": 10}}
-    manifest, site = on_blob_storage(built, tmp_path / "manifest.parquet")
+    manifest, site = on_unknown_storage(built, tmp_path / "manifest.parquet")
     manifest_path = manifest.path
     path = tmp_path / "dataset.zarr"
-    store.init_store(path, manifest, config)
+    store.init_store(path, manifest, built["config"])
+
     def files(request) -> Answer:
         """Every GDAL read goes through this proxy. The demo's files are small (one 32 KiB range
         holds a whole one): a signed href gets its first 8 KiB (the header) and no more, any
         later range fails."""
-        answer = range_answer((demo_root / request.path.lstrip("/")).read_bytes(), request)
+        host = request.headers["host"]
+        local = demo_root / request.path.lstrip("/") if host == urlsplit(BLOB).netloc else \
+            layout.local_path(demo_root, f"http://{host}{request.path}")
+        answer = range_answer(local.read_bytes(), request)
         if "sig=" not in request.query or answer.status != 206:
             return answer
         if not request.headers["range"].startswith("bytes=0-"):
@@ -314,8 +324,10 @@ def test_no_token_in_a_build_job_log_at_debug(built, demo_root: Path, tmp_path: 
         return Answer(206, answer.body[:8192], {"Content-Range": f"bytes 0-8191/{size}"})
 
     with serve(lambda request: token_answer()) as tokens, serve(files) as proxy:
-        env = os.environ | {"PC_SDK_SAS_URL": f"{tokens.url}/api/sas/v1/token", "GDAL_HTTP_PROXY": proxy.proxy,
-                            "CPL_DEBUG": "ON"}
+        pc = built["config"]["catalogs"]["planetary_computer"] | {"token_url": f"{tokens.url}/api/sas/v1/token"}
+        config = built["config"] | {"http": {"max_retries": 1, "backoff_s": 0.01, "timeout_s": 10, "proxy": proxy.proxy},
+                                    "catalogs": built["config"]["catalogs"] | {"planetary_computer": pc}}
+        env = os.environ | {"CPL_DEBUG": "ON"}
         result = subprocess.run(
             [sys.executable, "-m", "xstars", "--log-level", "DEBUG", "build", "part", "--config-json",
              json.dumps(config), "--manifest", str(manifest_path), "--store", str(path), "--part", "0", "--out",
@@ -406,7 +418,7 @@ def as_earth_search(item: dict, sequence: int) -> dict:
     """A demo Sentinel-2 item as Earth Search would serve it: its asset keys, its id scheme
     (``S2A_31TCJ_20210712_0_L2A``, the sequence telling reprocessed copies apart), the tile as
     ``mgrs:*`` and ``grid:code`` (no ``s2:mgrs_tile``), a lower-case platform, the offset
-    declared in ``raster:bands``."""
+    declared in ``raster:bands``, the files public (Earth Search's bucket: no token)."""
     import copy
 
     from xstars import items as stac_items
@@ -423,6 +435,8 @@ def as_earth_search(item: dict, sequence: int) -> dict:
     es["assets"] = {}
     for key, asset in item["assets"].items():
         if key in EARTH_SEARCH_KEYS:
+            relative = layout.local_path(Path("."), asset["href"]).relative_to("files").as_posix()
+            asset = {**asset, "href": f"{layout.FILES_URL_PLACEHOLDER}/{relative}"}
             if key.startswith("B"):
                 asset = {**asset, "raster:bands": [{"nodata": 0, "data_type": "uint16", "scale": 1e-4, "offset": offset}]}
             es["assets"][EARTH_SEARCH_KEYS[key]] = asset
@@ -519,8 +533,8 @@ def split_worldcover_world(demo_root: Path, demo_server: control.ServerInfo, tmp
             half = json.loads(json.dumps(whole))
             half["id"], half["bbox"] = item_id, [x0, y0, x1, y1]
             half["geometry"] = {"type": "Polygon", "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]}
-            half["assets"]["map"]["href"] = half["assets"]["map"]["href"].replace(
-                f"esa-worldcover/{whole['id']}", f"esa-worldcover-split/{item_id}")
+            # On this world's own file server (public): the demo's blob storage holds no such files.
+            half["assets"]["map"]["href"] = f"{layout.FILES_URL_PLACEHOLDER}/esa-worldcover-split/{item_id}/map.tif"
             for key in ("proj:shape", "proj:transform", "proj:bbox"):
                 half["assets"]["map"].pop(key, None)
             halves.append(half)

@@ -55,7 +55,7 @@ def test_defaults_fill_missing_sections_and_nested_keys() -> None:
     config = validate({"catalogs": PC, "sensors": {"l8": {**L8, "mask": {"asset": "qa", "invalid_bits": [3]}}}},
                       sections=["catalogs", "sensors"])
     assert config["catalogs"]["pc"] == {"kind": "stac", "url": "http://127.0.0.1:1/stac", "signing": "none",
-                                        "page_limit": 100, "asset_keys": {}}
+                                        "page_limit": 100, "asset_keys": {}, "token_url": None}
     assert config["http"]["max_retries"] == 6
     l8 = config["sensors"]["l8"]
     assert l8["max_scene_cloud_cover"] == 50 and l8["fill_values"] == [0] and l8["mask"]["fill_bits"] == [0]
@@ -108,12 +108,18 @@ def test_demo_world_swaps_in_loopback_endpoints_and_demo_sites() -> None:
     demo = load_config(CONFIG, {"world": "demo"})
     assert LOOPBACK.match(demo["catalogs"]["planetary_computer"]["url"])
     assert LOOPBACK.match(demo["catalogs"]["geoplateforme"]["url"])
-    # Same signing path as against the real API: sign_inplace leaves loopback hrefs unchanged.
+    # Same signing path as against the real API: the SDK signs the demo's blob storage hrefs with
+    # tokens of the gateway's, and GDAL reads them through the gateway (the blob hosts do not resolve).
     assert demo["catalogs"]["planetary_computer"]["signing"] == "planetary_computer"
+    assert demo["catalogs"]["planetary_computer"]["token_url"] == "http://127.0.0.1:8765/api/sas/v1/token"
+    assert real["catalogs"]["planetary_computer"]["token_url"] is None and real["http"]["proxy"] is None
+    moved = load_config(CONFIG, {"world": "demo", "demo": {"port": 9000}})
+    assert moved["http"]["proxy"] == "127.0.0.1:9000"
+    assert moved["catalogs"]["planetary_computer"]["token_url"] == "http://127.0.0.1:9000/api/sas/v1/token"
     assert demo["sites"]["cities"] == [city["name"] for city in demo["demo"]["cities"]]
     assert demo["sites"]["footprint_m"] < real["sites"]["footprint_m"]
     # What the overlay does not name is the real build's.
-    assert demo["http"] == real["http"]
+    assert demo["http"] == real["http"] | {"proxy": "127.0.0.1:8765"}
     assert demo["catalogs"]["geoplateforme"]["max_requests_per_s"] == real["catalogs"]["geoplateforme"][
         "max_requests_per_s"]
     for section in ("dates", "demo", "seed"):

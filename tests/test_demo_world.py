@@ -32,7 +32,7 @@ def _items(root: Path) -> list[dict]:
 
 
 def _local(root: Path, href: str) -> Path:
-    return layout.files_dir(root) / href.replace(layout.FILES_URL_PLACEHOLDER + "/", "")
+    return layout.local_path(root, href)
 
 
 # ---------------------------------------------------------------- STAC schema vs real PC items
@@ -181,7 +181,22 @@ def test_known_shifts_are_what_the_rasters_show(demo_root: Path) -> None:
 
 # ---------------------------------------------------------------- served by real servers
 
-def test_pystac_client_searches_the_demo_api_like_the_planetary_computer(demo_root: Path, demo_server) -> None:
+@pytest.fixture
+def sdk_on_the_gateway(demo_server, monkeypatch):
+    """The Planetary Computer SDK's token requests sent to the demo gateway (PC_SDK_SAS_URL)."""
+    from planetary_computer import sas
+    from planetary_computer.settings import Settings
+
+    monkeypatch.setenv("PC_SDK_SAS_URL", demo_server.token_url)
+    Settings.get.cache_clear()
+    sas.TOKEN_CACHE.clear()
+    yield demo_server
+    Settings.get.cache_clear()
+    sas.TOKEN_CACHE.clear()
+
+
+def test_pystac_client_searches_the_demo_api_like_the_planetary_computer(demo_root: Path, demo_server,
+                                                                          sdk_on_the_gateway) -> None:
     client = Client.open(demo_server.stac_url, modifier=planetary_computer.sign_inplace)
     city = SMALL_DEMO["cities"][0]
     bbox = [city["lon"] - 0.001, city["lat"] - 0.001, city["lon"] + 0.001, city["lat"] + 0.001]
@@ -197,15 +212,19 @@ def test_pystac_client_searches_the_demo_api_like_the_planetary_computer(demo_ro
         and "2021" <= i["properties"]["datetime"][:4] <= "2022" and i["properties"]["eo:cloud_cover"] < 20)
     assert clear == expected and len(expected) >= 3
     assert len(found) > 2  # more than one page: `next` links were followed through the gateway
-    assert all(a.href.startswith(demo_server.files_url) for i in found for a in i.assets.values())
+    # Blob storage hrefs, as the Planetary Computer's, signed by the SDK with the gateway's tokens.
+    account, container = layout.BLOB_CONTAINERS["sentinel-2-l2a"]
+    assert all(a.href.startswith(f"http://{account}.blob.core.windows.net/{container}/") and "&sig=" in a.href
+               for i in found for a in i.assets.values())
 
 
-def test_rasterio_reads_a_window_of_a_demo_cog_over_http(demo_root: Path, demo_server) -> None:
+def test_rasterio_reads_a_window_of_a_demo_cog_over_http(demo_root: Path, demo_server, sdk_on_the_gateway) -> None:
     item = next(i for i in _items(demo_root) if i["collection"] == "sentinel-2-l2a")
     local = _local(demo_root, item["assets"]["B08"]["href"])
-    url = item["assets"]["B08"]["href"].replace(layout.FILES_URL_PLACEHOLDER, demo_server.files_url)
+    url = planetary_computer.sign(item["assets"]["B08"]["href"])  # a token of the gateway's
     with (
-        rasterio.Env(GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR"),
+        # The blob host does not resolve: GDAL reads it through the gateway, as an HTTP proxy.
+        rasterio.Env(GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR", GDAL_HTTP_PROXY=demo_server.proxy),
         rasterio.open(f"/vsicurl/{url}") as remote,
         rasterio.open(local) as ref,
     ):

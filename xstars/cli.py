@@ -389,9 +389,9 @@ def cmd_demo_up(args: argparse.Namespace) -> int:
 
     demo = config_from_args(args)["demo"]
     root = args.root or Path(demo["root"])
-    info = ensure_up(root, demo["host"], demo["port"], demo["stac_backend_port"])
+    info = ensure_up(root, demo["host"], demo["port"], demo["stac_backend_port"], token_ttl_s=demo["token_ttl_s"])
     log.info("demo up root=%s pid=%s", root, info.pid)
-    for key in ("stac_url", "files_url", "wms_url", "pid"):
+    for key in ("stac_url", "files_url", "wms_url", "token_url", "proxy", "pid"):
         print(f"{key}={getattr(info, key)}")
     return 0
 
@@ -437,7 +437,8 @@ def serve_demo_if_needed(config: dict[str, Any]) -> None:
     from xstars.demo.control import ensure_up
 
     demo = config["demo"]
-    info = ensure_up(Path(demo["root"]), demo["host"], demo["port"], demo["stac_backend_port"])
+    info = ensure_up(Path(demo["root"]), demo["host"], demo["port"], demo["stac_backend_port"],
+                     token_ttl_s=demo["token_ttl_s"])
     log.info("demo servers root=%s url=%s", demo["root"], info.base_url)
 
 

@@ -104,11 +104,18 @@ def expand_demo_address(config: dict) -> dict:
     (``--config demo.port=9000``, as the tests do) moves every endpoint with them.
     """
     values = {"{demo.host}": str(config["demo"]["host"]), "{demo.port}": str(config["demo"]["port"])}
-    for catalog in config.get("catalogs", {}).values():
-        url = catalog["url"]
+
+    def expand(text: str) -> str:
         for placeholder, value in values.items():
-            url = url.replace(placeholder, value)
-        catalog["url"] = url
+            text = text.replace(placeholder, value)
+        return text
+
+    for catalog in config.get("catalogs", {}).values():
+        catalog["url"] = expand(catalog["url"])
+        if catalog.get("token_url"):
+            catalog["token_url"] = expand(catalog["token_url"])
+    if config.get("http", {}).get("proxy"):
+        config["http"]["proxy"] = expand(config["http"]["proxy"])
     # The demo's benchmark copies are generated under its root (xstars demo benchmarks).
     for spec in config.get("evaluate", {}).get("benchmarks", []):
         spec["path"] = spec["path"].replace("{demo.root}", str(config["demo"]["root"]))

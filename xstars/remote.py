@@ -6,7 +6,8 @@ Three kinds of services are read, with one set of rules for all of them:
   :func:`http_retry`);
 * Cloud-Optimized GeoTIFFs behind HTTP (Planetary Computer blob storage, Earth Search's S3
   bucket, the demo world's file server): :func:`read_source` reads only the window a grid needs,
-  GDAL's ``/vsicurl/`` fetching just the blocks that intersect it;
+  GDAL's ``/vsicurl/`` fetching just the blocks that intersect it (through ``http.proxy`` when
+  one is configured: the demo world's fake blob storage is reached so);
 * OGC WMS (the IGN Géoplateforme): :class:`WmsClient`, GetCapabilities (read with OWSLib,
   :func:`parse_capabilities`) and GetMap, paced to the service's rate limit and within its
   LayerLimit and MaxWidth/MaxHeight (:func:`read_wms` asks for a large window in tiles); the
@@ -105,12 +106,14 @@ def with_retries(call: Callable[[int], T], *, what: str, http_cfg: Mapping[str, 
 # ================================================================================== signing
 
 
-def sign_href(href: str, signing: str, *, http_cfg: Mapping[str, Any], what: str, fresh: bool = False) -> str:
+def sign_href(href: str, signing: str, *, http_cfg: Mapping[str, Any], what: str, fresh: bool = False,
+              token_url: str | None = None) -> str:
     """The href to open: signed by the Planetary Computer SDK (a no-op on other hosts).
 
-    The SDK asks its token endpoint for one SAS token per storage container (``PC_SDK_SAS_URL``,
-    default the Planetary Computer's; ``PC_SDK_SUBSCRIPTION_KEY`` optional) and caches it until
-    it nears expiry. That request is made like any other of xstars: its 429/5xx and dropped
+    The SDK asks its token endpoint for one SAS token per storage container (``token_url``, the
+    catalogue's, when given: :func:`use_token_endpoint`; else ``PC_SDK_SAS_URL``, default the
+    Planetary Computer's; ``PC_SDK_SUBSCRIPTION_KEY`` optional) and caches it until 60 s
+    before its expiry. That request is made like any other of xstars: its 429/5xx and dropped
     connections retried by urllib3 under the SDK with the ``http`` settings (not the SDK's own
     10 retries), an answer that arrived broken (truncated, not JSON, no token) asked again by
     :func:`with_retries`, and what still fails is a :class:`ServiceError` naming ``what`` (the
@@ -119,6 +122,8 @@ def sign_href(href: str, signing: str, *, http_cfg: Mapping[str, Any], what: str
     """
     if signing == "none":
         return href
+    if token_url:
+        use_token_endpoint(token_url)
     import planetary_computer
     import pydantic
     from planetary_computer import sas
@@ -148,6 +153,23 @@ def sign_href(href: str, signing: str, *, http_cfg: Mapping[str, Any], what: str
                         errors=(requests.RequestException, pydantic.ValidationError, ValueError, TypeError))
 
 
+_SETTINGS_LOCK = threading.Lock()
+
+
+def use_token_endpoint(token_url: str) -> None:
+    """Point the Planetary Computer SDK's token requests at ``token_url`` (``catalogs.<name>.token_url``).
+
+    The SDK's own setting, ``Settings.get().sas_url`` (what ``PC_SDK_SAS_URL`` sets), changed
+    in this process: ``get_token`` and ``sign`` then ask there, and cache tokens per endpoint.
+    """
+    from planetary_computer.settings import Settings
+
+    with _SETTINGS_LOCK:
+        settings = Settings.get()
+        if settings.sas_url != token_url:
+            settings.sas_url = token_url
+
+
 # ============================================================================ windowed reads
 
 
@@ -175,9 +197,10 @@ class Grid:
         return (t.c, t.f + t.e * self.height, t.c + t.a * self.width, t.f)
 
 
-def gdal_options(http_cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """GDAL settings for reading COGs over HTTP: few requests, retries on 429/5xx."""
-    return {
+def gdal_options(http_cfg: Mapping[str, Any], href: str | None = None) -> dict[str, Any]:
+    """GDAL settings for reading COGs over HTTP: few requests, retries on 429/5xx, and the
+    ``http.proxy`` (GDAL_HTTP_PROXY) unless ``href`` is on a loopback host."""
+    options = {
         "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",  # no directory listing per open
         "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": ".tif,.tiff,.TIF",
         "GDAL_HTTP_MERGE_CONSECUTIVE_RANGES": "YES",
@@ -186,6 +209,14 @@ def gdal_options(http_cfg: Mapping[str, Any]) -> dict[str, Any]:
         "GDAL_HTTP_TIMEOUT": int(http_cfg["timeout_s"]),
         "VSI_CACHE": "TRUE",
     }
+    proxy = http_cfg.get("proxy")
+    if proxy and not (href and urlsplit(href).hostname in LOOPBACK_HOSTS):
+        options["GDAL_HTTP_PROXY"] = proxy
+    return options
+
+
+#: Hosts read without the configured proxy (the demo's files on loopback, public like a bucket).
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 @dataclass(frozen=True)
@@ -262,8 +293,9 @@ def read_source(
     state = {"fresh": False}
 
     def attempt(number: int) -> SourceWindow:
-        url = sign_href(href, catalog_cfg["signing"], http_cfg=http_cfg, what=what, fresh=state["fresh"])
-        options = gdal_options(http_cfg)
+        url = sign_href(href, catalog_cfg["signing"], http_cfg=http_cfg, what=what, fresh=state["fresh"],
+                        token_url=catalog_cfg.get("token_url"))
+        options = gdal_options(http_cfg, href)
         if number > 0:
             options["CPL_VSIL_CURL_NON_CACHED"] = f"/vsicurl/{url}"
         try:

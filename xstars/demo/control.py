@@ -6,7 +6,7 @@ the same world or starts one, safe when several processes call it at once. A run
 recorded in the world's run dir: ``<root>/run/server.json`` (:class:`ServerInfo`,
 :func:`read_server_json`), its log ``<root>/run/server.log``, and ``server.lock`` serialises
 :func:`ensure_up`. Over HTTP (``/_admin``, never through a proxy of the environment):
-:func:`health`, :func:`set_faults`, :func:`get_stats`, :func:`reset_stats`.
+:func:`health`, :func:`set_faults`, :func:`get_stats`, :func:`reset_stats`, :func:`expire_tokens`.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from urllib.parse import urlsplit
 from xstars.demo import layout
 from xstars.demo.faults import Faults
 from xstars.demo.rustac import BACKEND_HOST
+from xstars.demo.tokens import DEFAULT_TTL_S
 from xstars.errors import ServiceError
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,16 @@ class ServerInfo:
     @property
     def admin_url(self) -> str:
         return f"{self.base_url}/_admin"
+
+    @property
+    def token_url(self) -> str:
+        """The SAS token endpoint (``catalogs.<name>.token_url``, the SDK's ``sas_url``)."""
+        return f"{self.base_url}/api/sas/v1/token"
+
+    @property
+    def proxy(self) -> str:
+        """``host:port`` to read the blob storage hrefs through (``http.proxy``, GDAL_HTTP_PROXY)."""
+        return f"{self.host}:{self.port}"
 
 
 # ============================================================================ run-dir files
@@ -191,6 +202,13 @@ def reset_stats(url: str | ServerInfo) -> None:
     _http_json(f"{_base_url(url)}/_admin/stats/reset", "POST", {})
 
 
+def expire_tokens(url: str | ServerInfo) -> int:
+    """End every SAS token the gateway issued so far (a client's cached token is refused from
+    now on, 403 ``AuthenticationFailed``); returns the issuer's new generation."""
+    url = _url_of(url)
+    return int(_http_json(f"{_base_url(url)}/_admin/tokens/expire", "POST", {})["generation"])
+
+
 # ============================================================================ the detached process
 
 #: Processes started by this Python process, kept to reap them (no zombies) in stop().
@@ -258,6 +276,7 @@ def start(
     port: int = DEFAULT_PORT,
     backend_port: int = DEFAULT_BACKEND_PORT,
     timeout_s: float = 30.0,
+    token_ttl_s: int = DEFAULT_TTL_S,
 ) -> ServerInfo:
     """Start the gateway (which starts rustac) as a detached process and wait until both answer.
 
@@ -300,6 +319,8 @@ def start(
         str(port),
         "--backend-port",
         str(backend_port),
+        "--token-ttl-s",
+        str(token_ttl_s),
     ]
     with log_path(root).open("ab") as log_file:
         proc = subprocess.Popen(
@@ -372,6 +393,7 @@ def ensure_up(
     port: int = DEFAULT_PORT,
     backend_port: int = DEFAULT_BACKEND_PORT,
     timeout_s: float = 30.0,
+    token_ttl_s: int = DEFAULT_TTL_S,
 ) -> ServerInfo:
     """Return the running server of ``root`` at host:port, starting it if needed.
 
@@ -402,4 +424,4 @@ def ensure_up(
         if current is not None:  # ours but its STAC backend is down: replace it
             _kill_group(int(current["pid"]))
         stop(root)  # a stale record of this root, wherever it listened
-        return start(root, host, port, backend_port, timeout_s)
+        return start(root, host, port, backend_port, timeout_s, token_ttl_s)

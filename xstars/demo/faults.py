@@ -1,6 +1,7 @@
 """Faults the demo gateway injects, to test clients against a service that misbehaves.
 
-Throttling (429 with ``Retry-After``), an expired SAS token (403), outages (503), dropped
+Throttling (429 with ``Retry-After``), an expired SAS token (403; real expiry is
+:mod:`xstars.demo.tokens`), outages (503), dropped
 connections, truncated file bodies, STAC pages that lose their ``next`` link or repeat an item.
 :class:`Faults` is what ``POST /_admin/faults`` takes and ``GET /_admin/faults`` answers: the
 gateway (:mod:`xstars.demo.gateway`) draws them per request, tests and benchmarks set them with
@@ -16,8 +17,12 @@ from typing import Any
 
 from xstars.errors import ConfigError
 
-#: Route families the status/drop faults can be scoped to.
-FAULT_ROUTES: tuple[str, ...] = ("stac", "files", "wms")
+#: Route families the status/drop faults can be scoped to. ``files`` is the file server and the
+#: blob storage the gateway fakes (the same files); ``tokens`` the SAS token endpoint.
+FAULT_ROUTES: tuple[str, ...] = ("stac", "files", "wms", "tokens")
+
+#: The families faulted when ``routes`` is not given: the token endpoint only when asked for.
+DEFAULT_FAULT_ROUTES: tuple[str, ...] = ("stac", "files", "wms")
 
 #: Kinds of injected faults counted in the stats.
 FAULT_KINDS: tuple[str, ...] = (
@@ -35,10 +40,13 @@ FAULT_KINDS: tuple[str, ...] = (
 class Faults:
     """Faults the gateway injects, all off by default and all deterministic.
 
-    Every request on a route family (``stac``, ``files``, ``wms``) increments that family's
-    counter n (1 for the first request after the faults were set). Request n gets, checking in
-    this order and only if its family is in ``routes``:
+    Every request on a route family (``stac``, ``files``, ``wms``, ``tokens``) increments that
+    family's counter n (1 for the first request after the faults were set). Request n gets,
+    checking in this order and only if its family is in ``routes`` (by default all but
+    ``tokens``):
 
+    * 429 with ``Retry-After: retry_after_s`` when n <= ``status_429_first`` (a throttled
+      start: the first requests refused, the next ones served);
     * 429 with ``Retry-After: retry_after_s`` when ``status_429_every`` divides n;
     * 403 ``AuthenticationFailed`` (an expired SAS token) when ``status_403_every`` divides n;
     * 503 when ``status_503_every`` divides n;
@@ -61,6 +69,7 @@ class Faults:
     fails. ``/_admin`` routes are never faulted.
     """
 
+    status_429_first: int = 0
     status_429_every: int = 0
     retry_after_s: int = 1
     status_403_every: int = 0
@@ -70,7 +79,7 @@ class Faults:
     omit_next: bool = False
     no_sort_filter: bool = False
     duplicate_items: bool = False
-    routes: list[str] = field(default_factory=lambda: list(FAULT_ROUTES))
+    routes: list[str] = field(default_factory=lambda: list(DEFAULT_FAULT_ROUTES))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Faults:
@@ -89,7 +98,7 @@ class Faults:
         return faults
 
     def validate(self) -> None:
-        counts = ("status_429_every", "status_403_every", "status_503_every", "drop_every", "truncate_every")
+        counts = ("status_429_first", "status_429_every", "status_403_every", "status_503_every", "drop_every", "truncate_every")
         for name in (*counts, "retry_after_s"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:

@@ -11,13 +11,23 @@ the handler), and these two are here:
     OGC WMS 1.3.0 rendered by :mod:`xstars.demo.wms`. Errors are a ``ServiceExceptionReport``
     with **HTTP 400** and ``Content-Type: text/xml`` (the Géoplateforme may answer such reports
     with 200: a robust client checks the Content-Type too, never only the status).
+``/api/sas/v1/token/<account>/<container>``
+    The Planetary Computer's SAS token endpoint (:mod:`xstars.demo.tokens`), for the storage
+    of the demo's collections (:data:`xstars.demo.layout.BLOB_CONTAINERS`); fault family ``tokens``.
+``http://<account>.blob.core.windows.net/<container>/<collection>/...`` (as a proxy)
+    Azure blob storage: the same files as ``/files``, with range requests, only for a valid,
+    unexpired token of that container in the query, else 403 ``AuthenticationFailed``. Those
+    hosts do not resolve: clients send the requests here as to an HTTP proxy (absolute URI,
+    GDAL's ``GDAL_HTTP_PROXY``); an absolute URI of the gateway's own address is served as a
+    plain path, any other host is refused (502). Fault family ``files``.
 ``/_admin/health``, ``/_admin/faults`` (GET; POST replaces), ``/_admin/stats``,
-``/_admin/stats/reset`` (POST)
+``/_admin/stats/reset``, ``/_admin/tokens/expire`` (POST)
     JSON. See :class:`~xstars.demo.faults.Faults` for the fault injection and
-    :meth:`GatewayState.stats` for the counters. ``/_admin`` is never faulted.
+    :meth:`GatewayState.stats` for the counters; ``tokens/expire`` ends every token issued so
+    far. ``/_admin`` is never faulted.
 
-Logging: one line per request (method, path, status, body bytes, route). Query strings are
-dropped for ``/files`` (a signed URL carries a token there): never log a full signed URL.
+Logging: one line per request (method, host for blob storage, path, status, body bytes, route).
+Query strings are logged only for ``/stac`` and ``/wms``: a signed URL carries its token there.
 
 The process that runs the server (and its rustac) is :mod:`xstars.demo.server`.
 """
@@ -40,6 +50,10 @@ from xstars.demo.faults import FAULT_KINDS, FAULT_ROUTES, Faults
 from xstars.demo.gateway_files import FileRoutes
 from xstars.demo.gateway_stac import StacRoutes, load_collections
 from xstars.demo.rustac import BACKEND_HOST, backend_rewriter
+from xstars.demo.tokens import DEFAULT_TTL_S, TokenIssuer, authentication_failed
+
+#: The path of the SAS token endpoint (the Planetary Computer's), before ``<account>/<container>``.
+TOKEN_PATH = "/api/sas/v1/token/"
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +66,7 @@ STAT_ROUTES: tuple[str, ...] = (
     "wms_getmap",
     "wms_capabilities",
     "wms_other",
+    "tokens",
     "not_found",
 )
 
@@ -59,7 +74,8 @@ STAT_ROUTES: tuple[str, ...] = (
 class GatewayState:
     """Everything the request handlers share: configuration, faults, counters. Thread-safe."""
 
-    def __init__(self, root: Path, host: str, port: int, backend_port: int) -> None:
+    def __init__(self, root: Path, host: str, port: int, backend_port: int,
+                 token_ttl_s: int = DEFAULT_TTL_S) -> None:
         self.root = root
         self.host = host
         self.port = port
@@ -71,6 +87,7 @@ class GatewayState:
         self.wms_limits = wms.load_limits(root)
         self.collections = load_collections(root)
         self._backend_pattern = backend_rewriter(backend_port)
+        self.tokens = TokenIssuer(token_ttl_s)  # its secret lives and dies with this process
         self._lock = threading.Lock()
         self._faults = Faults()
         self._counters = dict.fromkeys(FAULT_ROUTES, 0)
@@ -97,6 +114,8 @@ class GatewayState:
             n = self._counters[family]
             f = self._faults
             if family in f.routes:
+                if f.status_429_first and n <= f.status_429_first:
+                    return "status_429"
                 if f.status_429_every and n % f.status_429_every == 0:
                     return "status_429"
                 if f.status_403_every and n % f.status_403_every == 0:
@@ -127,11 +146,13 @@ class GatewayState:
             self._wms_bytes += n
 
     def stats(self) -> dict[str, Any]:
-        """``{"requests": {route: n}, "file_bytes": n, "wms_bytes": n, "faults": {kind: n}}``.
+        """``{"requests": {route: n}, "file_bytes": n, "wms_bytes": n, "faults": {kind: n},
+        "tokens": {"issued": n, "refused": n}}``.
 
-        Every request is counted under its route, faulted or not; ``file_bytes`` counts the
-        bytes of /files bodies actually written (half a body for a truncated one),
-        ``wms_bytes`` those of the GetMap images rendered.
+        Every request is counted under its route, faulted or not (blob storage reads under
+        ``files``); ``file_bytes`` counts the bytes of file bodies actually written (half a
+        body for a truncated one), ``wms_bytes`` those of the GetMap images rendered;
+        ``tokens`` the tokens handed out and the storage requests refused for their token.
         """
         with self._lock:
             return {
@@ -139,6 +160,7 @@ class GatewayState:
                 "file_bytes": self._file_bytes,
                 "wms_bytes": self._wms_bytes,
                 "faults": dict(self._faults_injected),
+                "tokens": {"issued": self.tokens.issued, "refused": self.tokens.refused},
             }
 
     def reset_stats(self) -> None:
@@ -147,6 +169,7 @@ class GatewayState:
             self._faults_injected = dict.fromkeys(FAULT_KINDS, 0)
             self._file_bytes = 0
             self._wms_bytes = 0
+            self.tokens.issued = self.tokens.refused = 0
 
     # --- STAC backend
     def rewrite_backend_urls(self, body: bytes) -> bytes:
@@ -238,17 +261,27 @@ class GatewayHandler(StacRoutes, FileRoutes, BaseHTTPRequestHandler):
     # --- dispatch
     def _dispatch(self) -> None:
         self._status, self._sent, self._route, self._truncate = 0, 0, "-", False
-        parts = urlsplit(self.path)
+        parts = urlsplit(self.path)  # an absolute URI when we are asked as a proxy
         path, query = parts.path, parts.query
+        host = (parts.netloc or self.headers.get("Host", "")).lower()
+        blob_account = host.removesuffix(layout.BLOB_DOMAIN) if host.endswith(layout.BLOB_DOMAIN) else None
         try:
             body = self._read_body()
-            if path == "/_admin" or path.startswith("/_admin/"):
+            if blob_account is not None:
+                self._handle_blob(blob_account, path, query)
+            elif parts.netloc and not self._is_own_address(parts.netloc):
+                self._route = "not_found"
+                self.state.count_request("not_found")
+                self._send(502, f"this gateway is no proxy for {parts.netloc}".encode(), "text/plain")
+            elif path == "/_admin" or path.startswith("/_admin/"):
                 self._route = "admin"
                 self._handle_admin(path, body)
             elif path == "/stac" or path.startswith("/stac/"):
                 self._handle_stac(path[len("/stac") :] or "/", query, body)
             elif path.startswith("/files/"):
                 self._handle_files(path[len("/files/") :])
+            elif path.startswith(TOKEN_PATH):
+                self._handle_token(path[len(TOKEN_PATH) :])
             elif path in ("/wms", "/wms-r"):
                 self._handle_wms(query)
             else:
@@ -266,11 +299,16 @@ class GatewayHandler(StacRoutes, FileRoutes, BaseHTTPRequestHandler):
                 self._send_json(500, {"error": "internal server error, see the server log"})
             else:
                 self.close_connection = True
-        self._log_request(path, query)
+        self._log_request(f"{host}{path}" if blob_account is not None else path, query)
+
+    def _is_own_address(self, netloc: str) -> bool:
+        name, _, port = netloc.rpartition(":")
+        return port == str(self.state.port) and name in (self.state.host, "localhost", "127.0.0.1")
 
     def _log_request(self, path: str, query: str) -> None:
-        # /files query strings may carry a signature token: never log them.
-        shown = path if path.startswith("/files/") or not query else f"{path}?{query}"
+        # Only STAC and WMS queries are logged: a file's, blob's or token's may carry a token.
+        queried = self._route.startswith(("stac", "wms"))
+        shown = f"{path}?{query}" if query and queried else path
         status = self._status or "dropped"
         log.info("%s %s -> %s %dB route=%s", self.command, shown, status, self._sent, self._route)
 
@@ -379,8 +417,42 @@ class GatewayHandler(StacRoutes, FileRoutes, BaseHTTPRequestHandler):
         elif path == "/_admin/stats/reset" and method == "POST":
             state.reset_stats()
             self._send_json(200, state.stats())
+        elif path == "/_admin/tokens/expire" and method == "POST":
+            generation = state.tokens.expire_all()
+            log.info("every token issued so far expired (generation %d)", generation)
+            self._send_json(200, {"generation": generation, "ttl_s": state.tokens.ttl_s})
         else:
             self._send_json(404, {"error": f"no admin route {method} {path}"})
+
+    # --- the SAS token endpoint and the blob storage it opens
+    def _handle_token(self, rest: str) -> None:
+        self._route = "tokens"
+        self.state.count_request("tokens")
+        if self._apply_status_fault("tokens"):
+            return
+        account, _, container = rest.strip("/").partition("/")
+        if (account, container) not in layout.BLOB_CONTAINERS.values():
+            self._send_json(404, {"detail": f"no storage container {rest!r} here"})
+            return
+        self._send_json(200, self.state.tokens.issue(account, container))
+
+    def _handle_blob(self, account: str, path: str, query: str) -> None:
+        """A read of Azure blob storage: a valid token of the container first, then the file."""
+        self._route = "files"
+        self.state.count_request("files")
+        if self._apply_status_fault("files"):
+            return
+        container = path.lstrip("/").split("/", 1)[0]
+        problem = self.state.tokens.check(account, container, query)
+        if problem is not None:
+            self._send(403, authentication_failed(problem), "application/xml")
+            return
+        relative = layout.blob_relative(account, path)
+        if relative is None:
+            body = b'<?xml version="1.0" encoding="utf-8"?><Error><Code>BlobNotFound</Code></Error>'
+            self._send(404, body, "application/xml")
+            return
+        self._serve_file(relative)
 
     # --- /wms
     def _handle_wms(self, query: str) -> None:

@@ -1,7 +1,8 @@
 """The demo gateway's ``/files`` routes: static files with HTTP range requests.
 
-GDAL's ``/vsicurl/`` reads the demo world's COGs through them as it reads them from a blob
-storage.
+GDAL's ``/vsicurl/`` reads the demo world's COGs through them as from a public bucket; the
+gateway's fake Azure blob storage serves the same files through :meth:`FileRoutes._serve_file`
+once it has checked the request's SAS token.
 
 ``/files/<path>``
     Files under ``<root>/files/``: GET and HEAD, ``Accept-Ranges: bytes``, one range per request
@@ -90,6 +91,11 @@ class FileRoutes:
         self.state.count_request("files")
         if self._apply_status_fault("files"):
             return
+        self._serve_file(relative)
+
+    def _serve_file(self, relative: str) -> None:
+        """Answer a GET or HEAD of ``files/<relative>`` (also what blob storage serves, once the
+        token is checked)."""
         if self.command not in ("GET", "HEAD"):
             self._send(405, b"Method not allowed", "text/plain", {"Allow": "GET, HEAD"})
             return

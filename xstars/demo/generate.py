@@ -499,7 +499,7 @@ def render_preview(root: Path, out: Path, footprint_m: float = 960.0) -> Path:
         return min(mine, key=lambda i: (i["properties"]["eo:cloud_cover"], i["id"]))
 
     def local(href: str) -> Path:
-        return layout.files_dir(root) / href.replace(layout.FILES_URL_PLACEHOLDER + "/", "")
+        return layout.local_path(root, href)
 
     s2 = clearest("sentinel-2-l2a", "sentinel-2")
     l8 = clearest("landsat-c2-l2", "landsat-8")

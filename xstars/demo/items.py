@@ -15,7 +15,7 @@ from typing import Any
 
 from rasterio.warp import transform_bounds
 
-from xstars.demo.layout import FILES_URL_PLACEHOLDER
+from xstars.demo.layout import blob_href
 from xstars.demo.render import SensorGrid
 
 COG_TYPE = "image/tiff; application=geotiff; profile=cloud-optimized"
@@ -90,7 +90,8 @@ def _grid_fields(grid: SensorGrid) -> dict[str, Any]:
 
 
 def _href(collection: str, item_id: str, asset: str, ext: str = "tif") -> str:
-    return f"{FILES_URL_PLACEHOLDER}/{collection}/{item_id}/{asset}.{ext}"
+    # On the Planetary Computer's blob storage, as its items have them: signed before each read.
+    return blob_href(collection, f"{item_id}/{asset}.{ext}")
 
 
 def s2_item(acq: S2Acquisition, grid10: SensorGrid, truth_bounds_l93: tuple[float, float, float, float],

@@ -8,6 +8,9 @@ and to the IGN Géoplateforme. One detached process, the *gateway*, does it all:
                        ├── /stac/...   reverse proxy ──> rustac serve http://127.0.0.1:<backend>
                        ├── /files/...  static COGs with HTTP range requests
                        ├── /wms        OGC WMS 1.3.0 (GetCapabilities, GetMap: xstars.demo.wms)
+                       ├── /api/sas/v1/token/...  SAS tokens (xstars.demo.tokens)
+                       ├── http://<account>.blob.core.windows.net/...  (as a proxy) the same
+                       │               files, for a valid token only
                        └── /_admin/... health, fault injection, statistics (never faulted)
 
 This module is that process: :func:`serve` runs the gateway and its rustac in the foreground,
@@ -44,6 +47,7 @@ from xstars.demo.rustac import (
     wait_backend,
     write_served_items,
 )
+from xstars.demo.tokens import DEFAULT_TTL_S
 from xstars.errors import DataError, ServiceError
 
 # Named explicitly: under ``python -m`` __name__ would be "__main__".
@@ -51,11 +55,12 @@ log = logging.getLogger("xstars.demo.server")
 
 
 def serve(
-    root: Path, host: str, port: int, backend_port: int, startup_timeout_s: float = 30.0
+    root: Path, host: str, port: int, backend_port: int, startup_timeout_s: float = 30.0,
+    token_ttl_s: int = DEFAULT_TTL_S,
 ) -> int:
     """Run the gateway and rustac in the foreground until SIGTERM/SIGINT; returns an exit code."""
     root = Path(root).resolve()
-    state = GatewayState(root, host, port, backend_port)  # loads layers: fails fast on a bad world
+    state = GatewayState(root, host, port, backend_port, token_ttl_s)  # loads layers: fails fast on a bad world
     try:
         server = GatewayServer((host, port), state)
     except OSError as exc:
@@ -90,7 +95,7 @@ def serve(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m xstars.demo.server --root R [--host H] [--port P] [--backend-port B]``."""
+    """``python -m xstars.demo.server --root R [--host H] [--port P] [--backend-port B] [--token-ttl-s S]``."""
     parser = argparse.ArgumentParser(
         prog="python -m xstars.demo.server", description=__doc__.split("\n")[0]
     )
@@ -98,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default=DEFAULT_HOST)
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
     parser.add_argument("--backend-port", type=int, default=DEFAULT_BACKEND_PORT)
+    parser.add_argument("--token-ttl-s", type=int, default=DEFAULT_TTL_S,
+                        help="lifetime of the SAS tokens handed out (demo.token_ttl_s)")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -106,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        return serve(args.root, args.host, args.port, args.backend_port)
+        return serve(args.root, args.host, args.port, args.backend_port, token_ttl_s=args.token_ttl_s)
     except (ServiceError, DataError) as exc:
         log.error("%s", exc)
         return 1
