@@ -62,8 +62,10 @@ def file_facts(hrefs: dict[str, str], config: dict) -> dict[str, dict]:
     facts = {}
     for href, sensor in sorted(hrefs.items()):
         control.reset_stats(url)
-        signed = sign_href(href, sensors[sensor].catalog_cfg["signing"], http_cfg=config["http"], what=href)
-        with rasterio.Env(**gdal_options(config["http"])), rasterio.open(signed) as src:
+        catalog_cfg = sensors[sensor].catalog_cfg
+        signed = sign_href(href, catalog_cfg["signing"], http_cfg=config["http"], what=href,
+                           token_url=catalog_cfg.get("token_url"))
+        with rasterio.Env(**gdal_options(config["http"], href)), rasterio.open(signed) as src:
             opened = control.get_stats(url)["file_bytes"]
             height, width = src.block_shapes[0]
             n_rows, n_cols = -(-src.height // height), -(-src.width // width)

@@ -40,7 +40,9 @@ def catalogued(demo_root: Path, demo_server: control.ServerInfo, tmp_path_factor
 
 
 def local_file(demo_root: Path, href: str) -> Path:
-    return demo_root / "files" / href.split("/files/", 1)[1]
+    from xstars.demo.layout import local_path
+
+    return local_path(demo_root, href)
 
 
 def test_the_windows_from_the_items_are_those_the_build_reads_from_the_files(catalogued, demo_root: Path) -> None:

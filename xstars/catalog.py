@@ -512,29 +512,29 @@ def merge_manifest(config: Mapping[str, Any], sites: Sequence[Site], candidate_p
     """The manifest job: select a scene per site and sensor from every shard's candidates and
     write the manifest and its items (:mod:`xstars.manifest`); returns the summary.
 
-    Streams: the candidates are one Arrow table (no Python row for them all), turned into rows
-    one row group of sites at a time; the items are merged in Arrow, sensor by sensor."""
+    The candidates are one Arrow table (no Python row for them all), ranked in NumPy; the rows
+    are Arrow columns made from the picks; the items are merged in Arrow, sensor by sensor."""
     searches = [s for path in candidate_paths for s in json.loads(searches_path(path).read_text())]
     sensors = sensors_of(config)
     ordered = sorted(sites, key=lambda s: s.site_id)
     # Ranked in NumPy over the whole table; only the picks are kept (the table is let go).
     choice = TableSelection(candidates_table(candidate_paths), ordered, Choosing.of(sensors, config["catalog"]),
                             config["catalog"])
-    per_group = int(config["build"]["samples_per_shard"])
-    writer = ManifestWriter(out, config["sites"]["crs"], provenance(config, searches), per_group)
-    for start in range(0, len(ordered), per_group):
-        stop = min(start + per_group, len(ordered))
-        writer.add_row_group(choice.table_of(start, stop), stop - start)
-    counts = choice.summary()
-    del choice
+    referenced = choice.referenced()
     target = items_dir(out)
     if target.exists():
         shutil.rmtree(target)
-    # Sensor by sensor in threads: Arrow reads, sorts and writes outside the GIL.
+    # The items, sensor by sensor in threads (Arrow reads, sorts and writes outside the GIL),
+    # while the rows are written.
     with ThreadPoolExecutor(max_workers=min(len(sensors), 4) or 1) as pool:
-        pins = dict(zip(sensors, pool.map(
-            lambda name: merge_items([items_dir(p) / f"{name}.parquet" for p in candidate_paths],
-                                     writer.referenced[name], target / f"{name}.parquet"), sensors), strict=True))
+        merged = {name: pool.submit(merge_items, [items_dir(p) / f"{name}.parquet" for p in candidate_paths],
+                                    referenced[name], target / f"{name}.parquet") for name in sensors}
+        writer = ManifestWriter(out, config["sites"]["crs"], provenance(config, searches),
+                                int(config["build"]["samples_per_shard"]))
+        writer.add_sites(choice.table_of(0, len(ordered)), len(ordered), referenced)
+        counts = choice.summary()
+        del choice
+        pins = {name: future.result() for name, future in merged.items()}
     writer.close(pins)
     return counts.as_dict(searches)
 

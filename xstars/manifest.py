@@ -410,7 +410,7 @@ class ManifestWriter:
         self._writer = pq.ParquetWriter(self._tmp, self.schema, compression="zstd")
         self._pending: list[ManifestRow] = []
         self._pending_sites = 0
-        self._closing_group_written = False
+        self._partial_written = False
         self.sites = 0
         self.rows = 0
         self.referenced: dict[str, set[str]] = defaultdict(set)
@@ -424,14 +424,16 @@ class ManifestWriter:
         if self._pending_sites == self.sites_per_row_group:
             self._flush()
 
-    def add_row_group(self, table: pa.Table, n_sites: int) -> None:
-        """The rows of the next ``n_sites`` sites as one table (:data:`ROW_SCHEMA`): a whole row
-        group, or the last one (what :class:`xstars.selection.TableSelection` makes)."""
+    def add_sites(self, table: pa.Table, n_sites: int, referenced: Mapping[str, set[str]] | None = None) -> None:
+        """The rows of the next ``n_sites`` sites as one table (:data:`ROW_SCHEMA`, every site with
+        a row per sensor: what :class:`xstars.selection.TableSelection` makes), cut into row groups
+        of ``sites_per_row_group`` sites; only the last call may end in a partial group.
+        ``referenced``: the item ids the rows name, by sensor, when the caller knows them."""
         self._flush()
-        if n_sites != self.sites_per_row_group and self._closing_group_written:
+        if self._partial_written:
             raise ValueError("only the last row group of a manifest may hold fewer sites")
-        self._closing_group_written = n_sites != self.sites_per_row_group
-        for sensor, ids in _referenced(table).items():
+        self._partial_written = n_sites % self.sites_per_row_group != 0
+        for sensor, ids in (referenced if referenced is not None else _referenced(table)).items():
             self.referenced[sensor].update(ids)
         self._write(table, n_sites)
 
@@ -446,7 +448,9 @@ class ManifestWriter:
         side = table.column("footprint_m").to_numpy()
         x, y = table.column("col").to_numpy() * side, table.column("row").to_numpy() * side
         geometry = pa.array(shapely.to_wkb(shapely.box(x, y, x + side, y + side)), pa.binary())
-        self._writer.write_table(table.append_column(self.schema.field("geometry"), geometry).cast(self.schema))
+        rows_per_site = table.num_rows // max(n_sites, 1)
+        self._writer.write_table(table.append_column(self.schema.field("geometry"), geometry).cast(self.schema),
+                                 row_group_size=max(rows_per_site * self.sites_per_row_group, 1))
         self.rows += table.num_rows
         self.sites += n_sites
 

@@ -297,6 +297,7 @@ class TableSelection:
         keep = position <= int(cat["fallbacks"])
         # The picks of group g are self._picks rows pick_start[g]:pick_start[g + 1], best first.
         self.pick_start = np.searchsorted(ranked_group[keep], np.arange(n_groups + 1))
+        self._pick_sensor = ranked_group[keep] % max(n_sensors, 1)
         columns = table.select(list(_PICK_COLUMNS)).take(ranked[keep])
         self._picks = pa.table({name: (column.cast(pa.string()) if pa.types.is_dictionary(column.type) else column)
                                 for name, column in zip(columns.column_names, columns.columns, strict=True)})
@@ -308,6 +309,12 @@ class TableSelection:
             k = self.order[int(np.argmax(lacking[i]))]
             g = i * n_sensors + k
             self.reasons[i] = _drop_reason(self.sensors[k], int(self.n_unique[g]), float(self.best_invalid[g]), cat)
+
+    def referenced(self) -> dict[str, set[str]]:
+        """The item ids the manifest's rows name (chosen and fallbacks), by sensor."""
+        item_ids = self._picks.column("item_id").combine_chunks()
+        return {sensor.name: set(item_ids.filter(pa.array(self._pick_sensor == i)).to_pylist())
+                for i, sensor in enumerate(self.sensors)}
 
     def summary(self) -> Summary:
         """The counts of kept and dropped sites."""
