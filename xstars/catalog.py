@@ -524,9 +524,9 @@ def merge_manifest(config: Mapping[str, Any], sites: Sequence[Site], candidate_p
     target = items_dir(out)
     if target.exists():
         shutil.rmtree(target)
-    # The items, sensor by sensor in threads (Arrow reads, sorts and writes outside the GIL),
-    # while the rows are written.
-    with ThreadPoolExecutor(max_workers=min(len(sensors), 4) or 1) as pool:
+    # The items, sensor by sensor in two threads (Arrow reads, sorts and writes outside the GIL),
+    # while the rows are written; two, not one per sensor: each holds a sensor's items at once.
+    with ThreadPoolExecutor(max_workers=2) as pool:
         merged = {name: pool.submit(merge_items, [items_dir(p) / f"{name}.parquet" for p in candidate_paths],
                                     referenced[name], target / f"{name}.parquet") for name in sensors}
         writer = ManifestWriter(out, config["sites"]["crs"], provenance(config, searches),

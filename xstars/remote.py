@@ -208,6 +208,9 @@ def gdal_options(http_cfg: Mapping[str, Any], href: str | None = None) -> dict[s
         "GDAL_HTTP_RETRY_DELAY": float(http_cfg["backoff_s"]),
         "GDAL_HTTP_TIMEOUT": int(http_cfg["timeout_s"]),
         "VSI_CACHE": "TRUE",
+        # Fetched blocks, kept for the other sites of the part that need them (read_source
+        # reads one file at a time so that a block is in it before the next thread asks).
+        "CPL_VSIL_CURL_CACHE_SIZE": int(http_cfg.get("cache_mb", 256)) << 20,
     }
     proxy = http_cfg.get("proxy")
     if proxy and not (href and urlsplit(href).hostname in LOOPBACK_HOSTS):
@@ -293,6 +296,10 @@ def read_source(
     state = {"fresh": False}
 
     def attempt(number: int) -> SourceWindow:
+        with _one_reader(href):
+            return read(number)
+
+    def read(number: int) -> SourceWindow:
         url = sign_href(href, catalog_cfg["signing"], http_cfg=http_cfg, what=what, fresh=state["fresh"],
                         token_url=catalog_cfg.get("token_url"))
         options = gdal_options(http_cfg, href)
@@ -319,6 +326,18 @@ def read_source(
     return with_retries(attempt, what=f"reading {what} from {redact(href)}", http_cfg=http_cfg,
                         retryable=lambda err: "404" not in str(err),  # a missing file stays missing
                         errors=(RasterioIOError,))
+
+
+_READERS: dict[str, threading.Lock] = {}
+_READERS_GUARD = threading.Lock()
+
+
+def _one_reader(href: str) -> threading.Lock:
+    """The lock of a file: its reads in one process go one at a time. Two threads reading sites
+    that share a block would otherwise both fetch it (GDAL caches a block once its fetch ends);
+    reads of different files still run in parallel."""
+    with _READERS_GUARD:
+        return _READERS.setdefault(href, threading.Lock())
 
 
 def _source_window(src, grid: Grid, margin_px: int) -> Window | None:
