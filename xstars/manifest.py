@@ -443,11 +443,16 @@ class ManifestWriter:
         self._pending, self._pending_sites = [], 0
 
     def _write(self, table: pa.Table, n_sites: int) -> None:
+        import numpy as np
         import shapely
 
-        side = table.column("footprint_m").to_numpy()
-        x, y = table.column("col").to_numpy() * side, table.column("row").to_numpy() * side
-        geometry = pa.array(shapely.to_wkb(shapely.box(x, y, x + side, y + side)), pa.binary())
+        cells = np.stack([table.column(name).to_numpy().astype(np.float64) for name in ("col", "row", "footprint_m")])
+        # One polygon per site (its rows, one per sensor, share it), then one per row.
+        unique, row_of = np.unique(cells, axis=1, return_inverse=True)
+        col, row, side = unique
+        x, y = col * side, row * side
+        polygons = pa.array(shapely.to_wkb(shapely.box(x, y, x + side, y + side)), pa.binary())
+        geometry = polygons.take(pa.array(row_of.ravel()))
         rows_per_site = table.num_rows // max(n_sites, 1)
         self._writer.write_table(table.append_column(self.schema.field("geometry"), geometry).cast(self.schema),
                                  row_group_size=max(rows_per_site * self.sites_per_row_group, 1))
