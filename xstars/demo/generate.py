@@ -303,8 +303,11 @@ def render_preview(root: Path, out: Path, footprint_m: float = 960.0) -> Path:
     bounds = (cx - footprint_m / 2, cy - footprint_m / 2, cx + footprint_m / 2, cy + footprint_m / 2)
 
     def clearest(collection_id: str, platform_prefix: str) -> dict[str, Any]:
+        """The clearest full scene over the city (not an orbit-edge one, not Landsat Tier 2)."""
         mine = [i for i in items if i["collection"] == collection_id
                 and i["properties"]["platform"].lower().startswith(platform_prefix)
+                and i["properties"].get("s2:nodata_pixel_percentage", 0) < 1
+                and i["properties"].get("landsat:collection_category", "T1") == "T1"
                 and i["bbox"][0] <= city["lon"] <= i["bbox"][2] and i["bbox"][1] <= city["lat"] <= i["bbox"][3]]
         return min(mine, key=lambda i: (i["properties"]["eo:cloud_cover"], i["id"]))
 
