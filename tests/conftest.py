@@ -27,7 +27,7 @@ SMALL_DEMO = {
     "cities": [
         {"name": "toulouse", "lon": 1.4442, "lat": 43.6047},
         {"name": "bordeaux", "lon": -0.5792, "lat": 44.8378},
-        {"name": "etercy", "lon": 6.005, "lat": 45.90},
+        {"name": "etercy", "lon": 6.002, "lat": 45.90},
     ],
 }
 

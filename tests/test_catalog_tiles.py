@@ -50,13 +50,13 @@ def test_a_site_in_32n_gets_candidates_from_both_zones_and_the_best_covering_sce
     border = _region(rows, "etercy", "s2")
     assert len(border) == 6
     for row in border:
-        tiles = {c.item_id.split("_")[5] for c in candidates[(row.site_id, "s2")]}
+        tiles = {c.item_id.split("_")[4] for c in candidates[(row.site_id, "s2")]}
         assert tiles == {"T31TGL", "T32TKR"}, tiles  # the site is in the zone-31 and the zone-32 tile
         assert row.status == "ok"
         best = min(c.invalid_fraction for c in candidates[(row.site_id, "s2")])
         assert row.invalid_fraction == best  # the scene that covers the footprint best, whichever zone
     # Both zones' scenes are read by the build: the selection takes either, per site.
-    assert {r.item_id.split("_")[5] for r in border} <= {"T31TGL", "T32TKR"}
+    assert {r.item_id.split("_")[4] for r in border} <= {"T31TGL", "T32TKR"}
     # Landsat: the WRS-2 scene 196/028 is in zone 31 (its centre's), the S2 tile of the city in 32.
     for row in _region(rows, "etercy", "l8"):
         assert row.status == "ok" and "_196028_" in row.item_id
@@ -65,7 +65,7 @@ def test_a_site_in_32n_gets_candidates_from_both_zones_and_the_best_covering_sce
 def test_a_city_in_two_zones_is_seen_by_both(tiles_manifest) -> None:
     rows, candidates = tiles_manifest
     for row in _region(rows, "bordeaux", "s2"):
-        tiles = {c.item_id.split("_")[5] for c in candidates[(row.site_id, "s2")]}
+        tiles = {c.item_id.split("_")[4] for c in candidates[(row.site_id, "s2")]}
         assert tiles == {"T30TXQ", "T31TBK"}
 
 
@@ -132,5 +132,6 @@ def test_tier2_landsat_scenes_are_ranked_after_tier1(tiles_manifest, demo_root: 
         t2_seen += bool(t2)
         # The T2 scene is the clearest of all (no cloud): still never taken while a T1 scene will do.
         assert items[row.item_id]["properties"]["landsat:collection_category"] == "T1"
-        assert all(items[f.item_id]["properties"]["landsat:collection_category"] == "T1" for f in row.fallbacks)
+        ranked = [items[i]["properties"]["landsat:collection_category"] for i in [row.item_id, *(f.item_id for f in row.fallbacks)]]
+        assert ranked == sorted(ranked), ranked  # fallbacks: every T1 scene before a T2 one
     assert t2_seen
