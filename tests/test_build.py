@@ -497,7 +497,8 @@ def test_a_footprint_on_a_label_tile_edge_is_labelled_from_both_tiles(demo_root:
 
     border = next(c for c in SMALL_DEMO["cities"] if c["name"] == "etercy")
     config = small_world_config(demo_root, demo_server, sites={
-        "cities": [dict(border)], "split": {"method": "cities", "val_cities": [], "test_cities": []}})
+        "cities": [dict(border)], "sites_per_city": 6,
+        "split": {"method": "cities", "val_cities": [], "test_cities": []}})
     lon_bounds = [(s, reproject_geometry(shapely_box(*s.bounds), "EPSG:2154", "EPSG:4326").bounds)
                   for s in sample_sites(config)]
     site = next(s for s, (west, _, east, _) in lon_bounds if west < 6.0 < east)
