@@ -289,4 +289,11 @@ def test_items_footprints_cover_their_city(demo_root: Path) -> None:
                 and i["bbox"][1] <= city["lat"] <= i["bbox"][3]]
         assert {i["collection"] for i in mine} == {"sentinel-2-l2a", "landsat-c2-l2", "esa-worldcover"}
         for i in mine:
-            assert i["bbox"][0] <= west + 1e-6 and i["bbox"][2] >= east - 1e-6
+            if i["collection"] != "esa-worldcover":  # a whole scene or tile over the city
+                assert i["bbox"][0] <= west + 1e-6 and i["bbox"][2] >= east - 1e-6
+        # WorldCover: the city's 3-degree tiles (two on a tile edge), each in both editions.
+        touching = [i["id"] for i in _items(demo_root) if i["collection"] == "esa-worldcover"
+                    and i["bbox"][0] < east and i["bbox"][2] > west]
+        assert sorted(touching) == sorted(f"ESA_WorldCover_10m_{edition}_{tile}" for tile in city["worldcover_tiles"]
+                                          for edition in ("2020_v100", "2021_v200"))
+        assert len(city["worldcover_tiles"]) == (2 if city["name"] == "etercy" else 1)
