@@ -377,16 +377,18 @@ def stage_s2(staging: Staging, seed: int, city_index: int, city: str, truth: Gro
             noise = rng_of(seed, city_index, 1, k, plan.tile.zone)
             refl: dict[str, np.ndarray] = {}
             valid: dict[int, np.ndarray] = {}
+            clouds_at: dict[int, CloudField] = {}
             for band, (_, _, center, fwhm, gsd) in S2_BANDS.items():
                 grid = grid10.with_gsd(gsd)
                 if gsd not in valid:
                     valid[gsd] = footprint_mask(cube, grid, shift)
                     if plan.is_edge(k):
                         valid[gsd] &= plan.edge.mask(grid)
+                    clouds_at[gsd] = clouds_on(clouds, clouds_transform, grid, shift)
                 surface = surface_on(when, center, fwhm, grid, shift)
-                toa = apply_atmosphere(surface, clouds_on(clouds, clouds_transform, grid, shift), center)
+                toa = apply_atmosphere(surface, clouds_at[gsd], center)
                 refl[band] = toa + noise.normal(0.0, 0.004, size=toa.shape).astype(np.float32)
-            clouds20 = clouds_on(clouds, clouds_transform, grid20, shift)
+            clouds20 = clouds_at[20]
             red20 = surface_on(when, 0.665, 0.038, grid20, shift)
             water20 = np.nan_to_num(warp_to_grid(water_frac, cube.transform, grid20, shift)) > 0.5
             scl = s2_scene_classification(clouds20, apply_atmosphere(red20, clouds20, 0.665), refl["B8A"],
