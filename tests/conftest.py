@@ -17,7 +17,9 @@ BIN = Path(sys.executable).parent
 SHARED = REPO.parent / "shared"
 FIXTURES = SHARED / "fixtures" / "planetary-computer"
 
-#: A demo world small enough for tests (two cities in two UTM zones, 1.28 km each).
+#: A demo world small enough for tests (1.28 km cities): toulouse (an orbit-edge scene crosses
+#: it), bordeaux (Sentinel-2 tiles of zones 30 and 31), etercy (zone 32N on the 31/32 border, a
+#: WorldCover tile edge). The workflow tests use the first two only.
 SMALL_DEMO = {
     "seed": 7,
     "extent_m": 1280,
@@ -25,6 +27,7 @@ SMALL_DEMO = {
     "cities": [
         {"name": "toulouse", "lon": 1.4442, "lat": 43.6047},
         {"name": "bordeaux", "lon": -0.5792, "lat": 44.8378},
+        {"name": "etercy", "lon": 6.002, "lat": 45.90},
     ],
 }
 

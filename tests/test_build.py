@@ -496,84 +496,44 @@ def test_sentinel2_from_earth_search_builds_the_same_store(built: dict, demo_roo
 # ------------------------------------------------------------- labels on a WorldCover tile edge
 
 
-@pytest.fixture(scope="module")
-def split_worldcover_world(demo_root: Path, demo_server: control.ServerInfo, tmp_path_factory):
-    """The demo world with toulouse's WorldCover map cut into two items at a meridian through a
-    site (as a site on the edge of two 3-degree tiles sees it): the same pixels, two files."""
-    import rasterio
-    from rasterio.windows import Window
-
-    from tests.test_catalog import small_world_config as config_of
-    from xstars.sites import reproject_geometry, sample_sites
-
-    root = tmp_path_factory.mktemp("split_worldcover")
-    (root / "files").mkdir()
-    for entry in (demo_root / "files").iterdir():
-        (root / "files" / entry.name).symlink_to(entry)
-    items = [json.loads(line) for line in (demo_root / "stac" / "items.ndjson").read_text().splitlines() if line]
-    whole = next(i for i in items if i["collection"] == "esa-worldcover" and "E000" in i["id"])
-    site = next(s for s in sample_sites(config_of(demo_root, demo_server)) if s.region == "toulouse")
+def test_a_footprint_on_a_label_tile_edge_is_labelled_from_both_tiles(demo_root: Path, demo_server,
+                                                                      tmp_path: Path) -> None:
+    """etercy lies on the meridian 6 E, the edge of WorldCover tiles N45E003 and N45E006: a footprint
+    across it is labelled from the mosaic of both (each alone covers part of it)."""
     from shapely.geometry import box as shapely_box
 
-    lon = reproject_geometry(shapely_box(*site.bounds), "EPSG:2154", "EPSG:4326").centroid.x
-    source = demo_root / "files" / "esa-worldcover" / whole["id"] / "map.tif"
-    halves = []
-    with rasterio.open(source) as src:
-        cut = round((lon - src.transform.c) / src.transform.a)
-        for name, window in (("w", Window(0, 0, cut, src.height)), ("e", Window(cut, 0, src.width - cut, src.height))):
-            item_id = f"{whole['id']}{name}"
-            path = root / "files" / "esa-worldcover-split" / item_id / "map.tif"
-            path.parent.mkdir(parents=True)
-            profile = src.profile | {"driver": "GTiff", "width": window.width, "height": window.height,
-                                     "transform": src.window_transform(window)}
-            with rasterio.open(path, "w", **profile) as dst:
-                dst.write(src.read(window=window))
-            x0, y1 = src.window_transform(window) * (0, 0)
-            x1, y0 = src.window_transform(window) * (window.width, window.height)
-            half = json.loads(json.dumps(whole))
-            half["id"], half["bbox"] = item_id, [x0, y0, x1, y1]
-            half["geometry"] = {"type": "Polygon", "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]}
-            # On this world's own file server (public): the demo's blob storage holds no such files.
-            half["assets"]["map"]["href"] = f"{layout.FILES_URL_PLACEHOLDER}/esa-worldcover-split/{item_id}/map.tif"
-            for key in ("proj:shape", "proj:transform", "proj:bbox"):
-                half["assets"]["map"].pop(key, None)
-            halves.append(half)
-    kept = [i for i in items if i["id"] != whole["id"]]
-    (root / "stac").mkdir()
-    (root / "stac" / "items.ndjson").write_text("".join(json.dumps(i) + "\n" for i in [*kept, *halves]))
-    info = control.start(root, port=free_port(), backend_port=free_port())
-    yield info, site, whole
-    control.stop(root)
-
-
-def test_a_footprint_on_a_label_tile_edge_is_labelled_from_both_tiles(demo_root: Path, demo_server,
-                                                                      split_worldcover_world, tmp_path: Path) -> None:
+    from tests.conftest import SMALL_DEMO
     from xstars import catalog
     from xstars.acquire import acquire_tile
     from xstars.manifest import ItemsFile, write_items
     from xstars.sensors import sensors_of
+    from xstars.sites import reproject_geometry, sample_sites
 
-    info, site, whole = split_worldcover_world
-    config = small_world_config(demo_root, demo_server, catalogs={"planetary_computer": {"url": info.stac_url}})
+    border = next(c for c in SMALL_DEMO["cities"] if c["name"] == "etercy")
+    config = small_world_config(demo_root, demo_server, sites={
+        "cities": [dict(border)], "sites_per_city": 6,
+        "split": {"method": "cities", "val_cities": [], "test_cities": []}})
+    lon_bounds = [(s, reproject_geometry(shapely_box(*s.bounds), "EPSG:2154", "EPSG:4326").bounds)
+                  for s in sample_sites(config)]
+    site = next(s for s, (west, _, east, _) in lon_bounds if west < 6.0 < east)
     labels = sensors_of(config)["labels"]
     services = catalog.Services(config)
     rows = catalog.label_candidates(labels, catalog.SearchGroup("g", (site,)), services)
     by_id = {r.item_id: r for r in rows}
-    mosaic_id = f"{whole['id']}e+{whole['id']}w"
-    assert sorted(by_id) == sorted([f"{whole['id']}e", f"{whole['id']}w", mosaic_id])
-    assert all(0 < by_id[i].invalid_fraction < 1 for i in (f"{whole['id']}e", f"{whole['id']}w"))
+    west_id, east_id = "ESA_WorldCover_10m_2021_v200_N45E003", "ESA_WorldCover_10m_2021_v200_N45E006"
+    mosaic_id = f"{west_id}+{east_id}"
+    assert sorted(by_id) == sorted([west_id, east_id, mosaic_id])  # the 2020 v100 tiles excluded by the rule
+    assert all(0 < by_id[i].invalid_fraction < 1 for i in (west_id, east_id))
     assert by_id[mosaic_id].invalid_fraction == 0 and labels.eligible(0.0, config["catalog"]["max_invalid_fraction"])
     # Through the items file, as a build job reads it (the mosaic names its members, stored
-    # beside it), then the build's own read: the same classes as from the whole map.
+    # beside it), then the build's own read: each tile's classes where it has them.
     items_path = tmp_path / "labels.parquet"
     write_items(services.items["labels"].values(), items_path)
-    mosaic = ItemsFile(items_path).get([mosaic_id])[mosaic_id]
-    assert [m["id"] for m in mosaic["xstars:mosaic"]] == [f"{whole['id']}e", f"{whole['id']}w"]
-    tile = acquire_tile(labels, mosaic, site.bounds, config)
-    plain = small_world_config(demo_root, demo_server)
-    plain_labels = sensors_of(plain)["labels"]
-    served_whole = next(i for i in catalog.Services(plain).searcher(plain_labels).search(
-        plain_labels.collection, None, None, group_id="all") if i["id"] == whole["id"])
-    reference = acquire_tile(plain_labels, served_whole, site.bounds, plain)
-    assert tile.valid.all() and reference.valid.all()
-    np.testing.assert_array_equal(tile.data, reference.data)
+    stored = ItemsFile(items_path).get([mosaic_id, west_id, east_id])
+    assert [m["id"] for m in stored[mosaic_id]["xstars:mosaic"]] == [west_id, east_id]
+    tile = acquire_tile(labels, stored[mosaic_id], site.bounds, config)
+    west = acquire_tile(labels, stored[west_id], site.bounds, config)
+    east = acquire_tile(labels, stored[east_id], site.bounds, config)
+    assert tile.valid.all() and 0 < west.valid.mean() < 1 and 0 < east.valid.mean() < 1
+    assert (west.valid | east.valid).all()
+    np.testing.assert_array_equal(tile.data, np.where(west.valid, west.data, east.data))

@@ -3,13 +3,16 @@
 ``generate_world(root, demo_cfg)`` writes the layout described in :mod:`xstars.demo.layout`.
 It is deterministic: the same ``demo_cfg`` (seed, cities, extent) gives byte-identical files.
 
-Per city the catalogue holds (dates shifted by a few days from one city to the next):
+Per city the catalogue holds, on the real tile grids (:mod:`xstars.demo.scenes`, :mod:`xstars.demo.tiling`):
 
-* Sentinel-2 L2A: 5 acquisitions, one of them (2021) twice: at baseline 02.12 and reprocessed
-  at 05.00, as the Planetary Computer serves it; baselines 04.00 and 05.09 afterwards;
-  ``platform`` spelled both ways; ``proj:code`` on the 2023 items, ``proj:epsg`` before.
-* Landsat C2 L2: three Landsat-8 and one Landsat-9 acquisitions.
-* ESA WorldCover 2021: the label map at 10 m (EPSG:4326).
+* Sentinel-2 L2A on every MGRS tile holding the city (two in a tile overlap or near a zone
+  border), full-size sparse files: 5 acquisitions from the tile's own orbit, one of them (2021)
+  twice: at baseline 02.12 and reprocessed at 05.00, as the Planetary Computer serves it;
+  baselines 04.00 and 05.09 afterwards; ``platform`` spelled both ways; ``proj:code`` on the 2023
+  items, ``proj:epsg`` before; and one from the neighbouring orbit whose swath edge cuts the tile.
+* Landsat C2 L2 on every WRS-2 scene holding the city, in the zone of the scene's centre: Tier 1
+  and Tier 2, L2SP and L2SR, Landsat-8 and -9.
+* ESA WorldCover 2020 v100 and 2021 v200 on the 3-degree tiles the city touches.
 * WMS layer families (``xstars/demo/sensors.yaml``, data): IGN orthophotos, two campaign years
   per city, served by the WMS as per-year RGB and IRC layers; each family rendered from the same
   ground truth at its own resolution.
@@ -36,66 +39,18 @@ import yaml
 from affine import Affine
 from pyproj import Transformer
 from rasterio.enums import Resampling
-from rasterio.warp import reproject, transform_bounds
+from rasterio.warp import reproject
 from scipy import ndimage
 
-from xstars.demo import layout
-from xstars.demo.items import (
-    LANDSAT_BANDS,
-    S2_BANDS,
-    LandsatAcquisition,
-    S2Acquisition,
-    collection,
-    landsat_item,
-    s2_item,
-    worldcover_item,
-)
+from xstars.demo import layout, scenes
+from xstars.demo.items import collection
 from xstars.demo.landscape import LAMBERT93, CityGrid, GroundTruth, make_ground_truth
-from xstars.demo.render import (
-    FractionCube,
-    SensorGrid,
-    apply_atmosphere,
-    encode_landsat_sr,
-    encode_landsat_st,
-    encode_ortho,
-    encode_s2,
-    footprint_mask,
-    landsat_qa_pixel,
-    make_clouds,
-    psf_blur,
-    s2_scene_classification,
-    scene_grid,
-    warp_to_grid,
-    write_cog,
-)
-from xstars.demo.spectra import MATERIAL_ID, material_reflectance, material_to_worldcover
+from xstars.demo.render import FractionCube, encode_ortho, psf_blur, write_cog
+from xstars.demo.spectra import material_reflectance, material_to_worldcover
 
 log = logging.getLogger(__name__)
 
-WORLD_VERSION = 1
-
-#: Sentinel-2 schedule: (date, time, platform, baselines (reprocessings), cloud fraction, proj key).
-S2_SCHEDULE = [
-    ("2021-07-12", "10:56:21", "Sentinel-2A", ("02.12", "05.00"), 0.04, "proj:epsg"),
-    ("2022-04-18", "10:50:39", "Sentinel-2B", ("04.00",), 0.25, "proj:epsg"),
-    ("2022-08-16", "10:56:29", "sentinel-2a", ("04.00",), 0.01, "proj:epsg"),
-    ("2023-06-11", "10:50:41", "sentinel-2b", ("05.09",), 0.10, "proj:code"),
-    ("2023-10-04", "10:56:31", "Sentinel-2A", ("05.09",), 0.60, "proj:code"),
-]
-#: Generation time of each processing baseline (the reprocessing campaign of 2023 for 05.00).
-REPROCESSING_TIME = {"05.00": datetime(2023, 2, 10, 8, 12, 33, tzinfo=UTC)}
-
-#: Landsat schedule: (date, time, platform, cloud fraction).
-LANDSAT_SCHEDULE = [
-    ("2021-08-03", "10:41:12", "landsat-8", 0.03),
-    ("2022-07-21", "10:41:40", "landsat-8", 0.30),
-    ("2022-09-07", "10:42:01", "landsat-9", 0.05),
-    ("2023-05-20", "10:41:55", "landsat-8", 0.08),
-]
-
-S2_PSF_SIGMA_PX, LANDSAT_PSF_SIGMA_PX = 0.45, 0.5
-MAX_SHIFT_PX = {"sentinel-2-l2a": 1.5, "landsat-c2-l2": 1.0}
-
+WORLD_VERSION = 2  # 2: the products on the real tile grids (MGRS, WRS-2, WorldCover's 3 degrees)
 
 @functools.cache
 def wms_families() -> tuple[dict[str, Any], ...]:
@@ -111,23 +66,6 @@ class City:
     lat: float
     index: int
 
-    @property
-    def utm_crs(self) -> str:
-        return f"EPSG:{32600 + int((self.lon + 180) // 6) + 1}"
-
-    @property
-    def mgrs_tile(self) -> str:
-        """Zone + latitude band + a 100 km square; the square letters are illustrative."""
-        zone = int((self.lon + 180) // 6) + 1
-        band = "CDEFGHJKLMNPQRSTUVWX"[int((self.lat + 80) // 8)]
-        letters = "ABCDEFGHJKLMNPQRSTUVWXYZ"
-        return f"{zone}{band}{letters[(int(self.lon * 10) % 24)]}{letters[(int(self.lat * 10) % 20)]}"
-
-    @property
-    def wrs(self) -> tuple[int, int]:
-        """Approximate Landsat WRS-2 path/row over France."""
-        return round(198 - (self.lon - 1.5) / 1.35), round(30 - (self.lat - 43.6) / 1.4)
-
     def years_of(self, family: Mapping[str, Any]) -> list[int]:
         """The campaign years of a WMS family that cover this city (rotating from city to city)."""
         years = list(family["years"])
@@ -139,20 +77,12 @@ def _rng(seed: int, city: City, *purpose: int) -> np.random.Generator:
     return np.random.default_rng([seed, city.index, *purpose])
 
 
-def _sun(lat: float, when: datetime) -> tuple[float, float]:
-    """(azimuth, elevation) in degrees at about 10:50 solar time: enough for shadows."""
-    doy = when.timetuple().tm_yday
-    declination = 23.44 * np.sin(2 * np.pi * (doy - 81) / 365.0)
-    elevation = 90.0 - lat + declination - 8.0
-    return 152.0, round(float(elevation), 3)
-
-
 def _shift(rng: np.random.Generator, max_px: float, gsd_m: float) -> tuple[float, float]:
-    """A known misregistration of up to ``max_px`` pixels, at least 0.2 px in norm."""
-    while True:
-        dx, dy = rng.uniform(-max_px, max_px, size=2)
-        if np.hypot(dx, dy) >= 0.2:
-            return round(float(dx) * gsd_m, 3), round(float(dy) * gsd_m, 3)
+    return scenes.draw_shift(rng, max_px, gsd_m)
+
+
+def _shift_record(shift: tuple[float, float], gsd_m: float, crs: str, city: City) -> dict[str, Any]:
+    return scenes.shift_record(shift, gsd_m, crs, city.name)
 
 
 def _doy(when: datetime) -> int:
@@ -162,139 +92,6 @@ def _doy(when: datetime) -> int:
 def _city_grid(city: City, extent_m: float, gsd_m: float) -> CityGrid:
     x, y = Transformer.from_crs("EPSG:4326", LAMBERT93, always_xy=True).transform(city.lon, city.lat)
     return CityGrid(city.name, round(x / 10) * 10.0, round(y / 10) * 10.0, float(extent_m), float(gsd_m))
-
-
-def _material_fraction(cube: FractionCube, truth: GroundTruth, name: str) -> np.ndarray:
-    """Unweighted area fraction of one material on the cube grid (brightness is 1 for water)."""
-    return cube.fractions[..., MATERIAL_ID[name]]
-
-
-def _render_band(cube: FractionCube, doy: int, center: float, fwhm: float, grid: SensorGrid,
-                 shift: tuple[float, float], psf_sigma_px: float) -> np.ndarray:
-    """Surface reflectance of one band on the sensor grid (PSF applied on the fine grid)."""
-    surface = cube.reflectance(doy, center, fwhm)
-    surface = psf_blur(surface, psf_sigma_px * grid.gsd_m / cube.gsd_m)
-    return np.nan_to_num(warp_to_grid(surface, cube.transform, grid, shift))
-
-
-def _scl_percentages(scl: np.ndarray) -> dict[str, float]:
-    total = scl.size
-    valid = np.count_nonzero(scl)
-    def pct(*codes: int) -> float:
-        return 100.0 * np.isin(scl, codes).sum() / max(valid, 1)
-    return {"cloud": pct(8, 9, 10), "cloud_high": pct(9), "cloud_medium": pct(8), "cirrus": pct(10),
-            "shadow": pct(3), "vegetation": pct(4), "not_vegetated": pct(5), "water": pct(6),
-            "nodata": 100.0 * (total - valid) / total}
-
-
-def _render_s2(root: Path, seed: int, city: City, truth: GroundTruth, cube: FractionCube,
-               shifts: dict[str, Any]) -> list[dict[str, Any]]:
-    items = []
-    grid10 = scene_grid(truth.grid.bounds, city.utm_crs, 10.0)
-    water_frac = _material_fraction(cube, truth, "water")
-    for k, (day, clock, platform, baselines, cover, proj_key) in enumerate(S2_SCHEDULE):
-        when = datetime.fromisoformat(f"{day}T{clock}+00:00") + timedelta(days=city.index * 3)
-        rng = _rng(seed, city, 1, k)
-        shift = _shift(rng, MAX_SHIFT_PX["sentinel-2-l2a"], 10.0)
-        sun = _sun(city.lat, when)
-        grid20 = grid10.with_gsd(20.0)
-        clouds20 = make_clouds(rng, grid20.shape, 20.0, cover, *sun)
-        refl: dict[str, np.ndarray] = {}
-        valid: dict[int, np.ndarray] = {}
-        for band, (_, _, center, fwhm, gsd) in S2_BANDS.items():
-            grid = grid10.with_gsd(gsd)
-            if gsd not in valid:
-                valid[gsd] = footprint_mask(cube, grid, shift)
-            surface = _render_band(cube, _doy(when), center, fwhm, grid, shift, S2_PSF_SIGMA_PX)
-            toa = apply_atmosphere(surface, clouds20.at_shape(grid.shape), center)
-            refl[band] = toa + rng.normal(0.0, 0.004, size=toa.shape).astype(np.float32)
-        red20 = _render_band(cube, _doy(when), 0.665, 0.038, grid20, shift, S2_PSF_SIGMA_PX)
-        water20 = np.nan_to_num(warp_to_grid(water_frac, cube.transform, grid20, shift)) > 0.5
-        scl = s2_scene_classification(clouds20, apply_atmosphere(red20, clouds20, 0.665), refl["B8A"],
-                                      water20, valid[20])
-        percentages = _scl_percentages(scl)
-        for baseline in baselines:
-            gen_time = REPROCESSING_TIME.get(baseline, when + timedelta(hours=2, minutes=34, seconds=17))
-            acq = S2Acquisition(when, platform, baseline, gen_time, city.mgrs_tile, 51 + 43 * city.index, proj_key)
-            out = layout.files_dir(root) / "sentinel-2-l2a" / acq.item_id
-            for band, (_, _, _, _, gsd) in S2_BANDS.items():
-                grid = grid10.with_gsd(gsd)
-                write_cog(out / f"{band}.tif", encode_s2(refl[band], valid[gsd], baseline), grid.crs,
-                          grid.transform, nodata=0, blocksize=128)
-            write_cog(out / "SCL.tif", scl, grid20.crs, grid20.transform, nodata=0, blocksize=128)
-            tci = np.stack([np.clip(refl[b] * 1275.0, 0, 255) for b in ("B04", "B03", "B02")]).astype(np.uint8)
-            tci[:, ~valid[10]] = 0
-            write_cog(out / "visual.tif", tci, grid10.crs, grid10.transform, nodata=0, blocksize=128)
-            items.append(s2_item(acq, grid10, truth.grid.bounds, percentages, sun))
-            shifts[f"sentinel-2-l2a/{acq.item_id}"] = _shift_record(shift, 10.0, grid10.crs, city)
-    return items
-
-
-def _shift_record(shift: tuple[float, float], gsd_m: float, crs: str, city: City) -> dict[str, Any]:
-    return {"dx_m": shift[0], "dy_m": shift[1], "gsd_m": gsd_m, "dx_px": round(shift[0] / gsd_m, 4),
-            "dy_px": round(shift[1] / gsd_m, 4), "crs": crs, "city": city.name}
-
-
-def _render_landsat(root: Path, seed: int, city: City, truth: GroundTruth, cube: FractionCube,
-                    shifts: dict[str, Any]) -> list[dict[str, Any]]:
-    items = []
-    grid30 = scene_grid(truth.grid.bounds, city.utm_crs, 30.0, snap_m=30.0)
-    water_frac = _material_fraction(cube, truth, "water")
-    built = sum(cube.fractions[..., MATERIAL_ID[n]] for n in ("road_asphalt", "roof_tile", "roof_grey"))
-    for k, (day, clock, platform, cover) in enumerate(LANDSAT_SCHEDULE):
-        when = datetime.fromisoformat(f"{day}T{clock}+00:00") + timedelta(days=city.index * 2)
-        acq = LandsatAcquisition(when, platform, *city.wrs, when + timedelta(days=9))
-        rng = _rng(seed, city, 2, k)
-        shift = _shift(rng, MAX_SHIFT_PX["landsat-c2-l2"], 30.0)
-        sun = _sun(city.lat, when)
-        valid = footprint_mask(cube, grid30, shift)
-        clouds = make_clouds(rng, grid30.shape, 30.0, cover, *sun)
-        out = layout.files_dir(root) / "landsat-c2-l2" / acq.item_id
-        for band, (_, _, center, fwhm, _) in LANDSAT_BANDS.items():
-            surface = _render_band(cube, _doy(when), center, fwhm, grid30, shift, LANDSAT_PSF_SIGMA_PX)
-            toa = apply_atmosphere(surface, clouds, center) + rng.normal(0, 0.005, size=surface.shape)
-            write_cog(out / f"{band}.tif", encode_landsat_sr(toa, valid), grid30.crs, grid30.transform,
-                      nodata=0, blocksize=128)
-        # Surface temperature: seasonal base, warmer built-up, cooler water; clouds are cold.
-        season = np.sin(2 * np.pi * (_doy(when) - 110) / 365.0)
-        kelvin_fine = 288.0 + 10.0 * season + 8.0 * built - 6.0 * water_frac
-        kelvin = np.nan_to_num(warp_to_grid(kelvin_fine.astype(np.float32), cube.transform, grid30, shift))
-        kelvin = kelvin * (1 - clouds.alpha) + 255.0 * clouds.alpha
-        write_cog(out / "lwir11.tif", encode_landsat_st(kelvin, valid), grid30.crs, grid30.transform,
-                  nodata=0, blocksize=128)
-        water = np.nan_to_num(warp_to_grid(water_frac, cube.transform, grid30, shift)) > 0.5
-        write_cog(out / "qa_pixel.tif", landsat_qa_pixel(clouds, water, valid), grid30.crs, grid30.transform,
-                  nodata=1, blocksize=128)
-        cloud_cover = 100.0 * float(((clouds.alpha > 0.35) & valid).sum()) / max(int(valid.sum()), 1)
-        (out / "MTL.json").write_text(json.dumps({"LANDSAT_METADATA_FILE": {
-            "PRODUCT_CONTENTS": {"LANDSAT_PRODUCT_ID": acq.item_id, "PROCESSING_LEVEL": "L2SP"},
-            "LEVEL2_SURFACE_REFLECTANCE_PARAMETERS": {"REFLECTANCE_MULT_BAND_4": "2.75E-05",
-                                                      "REFLECTANCE_ADD_BAND_4": "-0.200000"},
-            "IMAGE_ATTRIBUTES": {"CLOUD_COVER": f"{cloud_cover:.2f}", "SUN_AZIMUTH": sun[0],
-                                 "SUN_ELEVATION": sun[1]}}}, indent=1))
-        items.append(landsat_item(acq, grid30, truth.grid.bounds, cloud_cover, sun))
-        shifts[f"landsat-c2-l2/{acq.item_id}"] = _shift_record(shift, 30.0, grid30.crs, city)
-    return items
-
-
-def _worldcover(root: Path, city: City, truth: GroundTruth, labels: np.ndarray) -> dict[str, Any]:
-    """ESA WorldCover-like 10 m labels on the product's own grid (EPSG:4326, 1/12000 degree)."""
-    step = 1.0 / 12000.0
-    west, south, east, north = transform_bounds(LAMBERT93, "EPSG:4326", *truth.grid.bounds, densify_pts=21)
-    west, south = np.floor(west / step) * step, np.floor(south / step) * step
-    east, north = np.ceil(east / step) * step, np.ceil(north / step) * step
-    grid = SensorGrid("EPSG:4326", step, float(west), float(north),
-                      (round((north - south) / step), round((east - west) / step)))
-    out = np.zeros(grid.shape, dtype=np.uint8)
-    reproject(labels, out, src_transform=truth.grid.transform, src_crs=LAMBERT93, dst_transform=grid.transform,
-              dst_crs=grid.crs, resampling=Resampling.mode, src_nodata=0, dst_nodata=0)
-    lat_tile, lon_tile = int(np.floor(city.lat / 3) * 3), int(np.floor(city.lon / 3) * 3)
-    tile = f"{'N' if lat_tile >= 0 else 'S'}{abs(lat_tile):02d}{'E' if lon_tile >= 0 else 'W'}{abs(lon_tile):03d}"
-    item_id = f"ESA_WorldCover_10m_2021_v200_{tile}"
-    item = worldcover_item(item_id, grid, truth.grid.bounds, 2021)
-    write_cog(layout.files_dir(root) / "esa-worldcover" / item_id / "map.tif", out, grid.crs, grid.transform,
-              nodata=0, blocksize=128)
-    return item
 
 
 def _render_wms_family(root: Path, seed: int, city: City, truth: GroundTruth, shifts: dict[str, Any],
@@ -400,20 +197,24 @@ def generate_world(root: Path, demo_cfg: dict[str, Any]) -> dict[str, Any]:
     gsd_m = float(demo_cfg.get("label_gsd_m", 0.5))
     layout.world_json(root).unlink(missing_ok=True)
     started = time.perf_counter()
-    items: dict[str, list[dict[str, Any]]] = {"sentinel-2-l2a": [], "landsat-c2-l2": [], "esa-worldcover": []}
     shifts: dict[str, Any] = {}
     wms_sources: list[dict[str, Any]] = []
     cities_meta = []
-    for city in cities_from_config(demo_cfg):
+    cities = cities_from_config(demo_cfg)
+    extents = [(c.index, c.lon, c.lat, scenes.city_lonlat_bounds(_city_grid(c, extent_m, gsd_m).bounds))
+               for c in cities]
+    s2_plans, landsat_plans = scenes.plan_s2(extents), scenes.plan_landsat(extents)
+    staging = scenes.Staging(root)
+    for city in cities:
         t0 = time.perf_counter()
         truth = make_ground_truth(_rng(seed, city, 0), _city_grid(city, extent_m, gsd_m))
         labels = material_to_worldcover()[truth.material]
         write_cog(layout.landcover_path(root, city.name), labels, LAMBERT93, truth.grid.transform, nodata=0,
                   blocksize=512)
         cube = FractionCube(truth)
-        items["sentinel-2-l2a"] += _render_s2(root, seed, city, truth, cube, shifts)
-        items["landsat-c2-l2"] += _render_landsat(root, seed, city, truth, cube, shifts)
-        items["esa-worldcover"].append(_worldcover(root, city, truth, labels))
+        s2_tiles = scenes.stage_s2(staging, seed, city.index, city.name, truth, cube, s2_plans, shifts)
+        path_rows = scenes.stage_landsat(staging, seed, city.index, city.name, truth, cube, landsat_plans, shifts)
+        wc_tiles = scenes.stage_worldcover(staging, city.name, truth, labels)
         # Fine texture of the ground (tiles, grass tufts, crop rows) shared by every orthophoto.
         tex_rng = _rng(seed, city, 4)
         texture = ndimage.gaussian_filter(tex_rng.standard_normal(truth.material.shape, dtype=np.float32), 0.8)
@@ -422,11 +223,20 @@ def generate_world(root: Path, demo_cfg: dict[str, Any]) -> dict[str, Any]:
         for family in wms_families():
             wms_sources += _render_wms_family(root, seed, city, truth, shifts, texture, family)
         del truth, cube, texture, labels
-        cities_meta.append({"name": city.name, "lon": city.lon, "lat": city.lat, "utm_crs": city.utm_crs,
-                            "mgrs_tile": city.mgrs_tile, "wrs_path_row": list(city.wrs),
+        cities_meta.append({"name": city.name, "lon": city.lon, "lat": city.lat, "s2_tiles": s2_tiles,
+                            "utm_crs": s2_plans[s2_tiles[0]].tile.crs if s2_tiles else None,
+                            "wrs_path_rows": path_rows, "worldcover_tiles": wc_tiles,
                             "wms_years": {f["name"]: city.years_of(f) for f in wms_families()},
                             "bounds_l93": list(_city_grid(city, extent_m, gsd_m).bounds)})
         log.info("demo city=%s seconds=%.1f", city.name, time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    staging.write()
+    log.info("demo products=%d seconds=%.1f", len(staging.products), time.perf_counter() - t0)
+    landsat, mtl = scenes.landsat_items(staging)
+    for item_id, text in mtl.items():
+        _write_json(layout.files_dir(root) / "landsat-c2-l2" / item_id / "MTL.json", text)
+    items = {"sentinel-2-l2a": scenes.s2_items(staging), "landsat-c2-l2": landsat,
+             "esa-worldcover": scenes.worldcover_items(staging)}
 
     stac_dir = layout.items_path(root).parent
     stac_dir.mkdir(parents=True, exist_ok=True)
@@ -493,8 +303,11 @@ def render_preview(root: Path, out: Path, footprint_m: float = 960.0) -> Path:
     bounds = (cx - footprint_m / 2, cy - footprint_m / 2, cx + footprint_m / 2, cy + footprint_m / 2)
 
     def clearest(collection_id: str, platform_prefix: str) -> dict[str, Any]:
+        """The clearest full scene over the city (not an orbit-edge one, not Landsat Tier 2)."""
         mine = [i for i in items if i["collection"] == collection_id
                 and i["properties"]["platform"].lower().startswith(platform_prefix)
+                and i["properties"].get("s2:nodata_pixel_percentage", 0) < 1
+                and i["properties"].get("landsat:collection_category", "T1") == "T1"
                 and i["bbox"][0] <= city["lon"] <= i["bbox"][2] and i["bbox"][1] <= city["lat"] <= i["bbox"][3]]
         return min(mine, key=lambda i: (i["properties"]["eo:cloud_cover"], i["id"]))
 

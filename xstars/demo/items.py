@@ -13,8 +13,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from rasterio.warp import transform_bounds
-
 from xstars.demo.layout import blob_href
 from xstars.demo.render import SensorGrid
 
@@ -71,11 +69,11 @@ def _iso(dt: datetime) -> str:
     return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def _footprint(grid: SensorGrid, valid_bounds_l93: tuple[float, float, float, float]) -> tuple[list, dict]:
-    """bbox and geometry (lon/lat) of the valid data: the ground truth's extent."""
-    west, south, east, north = transform_bounds("EPSG:2154", "EPSG:4326", *valid_bounds_l93, densify_pts=21)
-    ring = [[west, south], [east, south], [east, north], [west, north], [west, south]]
-    return [west, south, east, north], {"type": "Polygon", "coordinates": [ring]}
+def _footprint(geometry: dict[str, Any]) -> tuple[list, dict]:
+    """bbox and geometry (lon/lat) of the product's data (a polygon)."""
+    ring = [[float(x), float(y)] for x, y in geometry["coordinates"][0]]
+    lons, lats = [p[0] for p in ring], [p[1] for p in ring]
+    return [min(lons), min(lats), max(lons), max(lats)], {"type": "Polygon", "coordinates": [ring]}
 
 
 def _proj(key: str, crs: str) -> dict[str, Any]:
@@ -94,10 +92,10 @@ def _href(collection: str, item_id: str, asset: str, ext: str = "tif") -> str:
     return blob_href(collection, f"{item_id}/{asset}.{ext}")
 
 
-def s2_item(acq: S2Acquisition, grid10: SensorGrid, truth_bounds_l93: tuple[float, float, float, float],
-            percentages: dict[str, float], sun: tuple[float, float]) -> dict[str, Any]:
-    """A ``sentinel-2-l2a`` item with PC's property names and asset keys."""
-    bbox, geometry = _footprint(grid10, truth_bounds_l93)
+def s2_item(acq: S2Acquisition, grid10: SensorGrid, footprint: dict[str, Any], percentages: dict[str, float],
+            sun: tuple[float, float]) -> dict[str, Any]:
+    """A ``sentinel-2-l2a`` item with PC's property names and asset keys (``grid10``: the tile's)."""
+    bbox, geometry = _footprint(footprint)
     assets: dict[str, Any] = {}
     for key, (common, desc, center, fwhm, gsd) in S2_BANDS.items():
         band = {"name": key, "description": desc, "center_wavelength": center, "full_width_half_max": fwhm}
@@ -162,17 +160,21 @@ class LandsatAcquisition:
     wrs_path: int
     wrs_row: int
     processed: datetime
+    collection_category: str = "T1"  # "T1" or "T2" (worse geolocation)
+    processing_level: str = "L2SP"  # "L2SP" (with surface temperature) or "L2SR" (reflectance only)
 
     @property
     def item_id(self) -> str:
         sat = "LC08" if self.platform == "landsat-8" else "LC09"
-        return f"{sat}_L2SP_{self.wrs_path:03d}{self.wrs_row:03d}_{self.datetime:%Y%m%d}_02_T1"
+        return (f"{sat}_{self.processing_level}_{self.wrs_path:03d}{self.wrs_row:03d}_{self.datetime:%Y%m%d}_02_"
+                f"{self.collection_category}")
 
 
-def landsat_item(acq: LandsatAcquisition, grid30: SensorGrid, truth_bounds_l93: tuple[float, float, float, float],
-                 cloud_cover: float, sun: tuple[float, float]) -> dict[str, Any]:
-    """A ``landsat-c2-l2`` item with PC's property names, asset keys and ``raster:bands``."""
-    bbox, geometry = _footprint(grid30, truth_bounds_l93)
+def landsat_item(acq: LandsatAcquisition, grid30: SensorGrid, footprint: dict[str, Any], cloud_cover: float,
+                 sun: tuple[float, float]) -> dict[str, Any]:
+    """A ``landsat-c2-l2`` item with PC's property names, asset keys and ``raster:bands`` (``grid30``:
+    the scene's whole grid; an L2SR product has no surface temperature asset)."""
+    bbox, geometry = _footprint(footprint)
     sr = {"scale": 2.75e-05, "nodata": 0, "offset": -0.2, "data_type": "uint16", "spatial_resolution": 30}
     assets: dict[str, Any] = {}
     for key, (oli, desc, center, fwhm, title) in LANDSAT_BANDS.items():
@@ -180,12 +182,14 @@ def landsat_item(acq: LandsatAcquisition, grid30: SensorGrid, truth_bounds_l93: 
                        "roles": ["data", "reflectance"], "title": title, "raster:bands": [dict(sr)],
                        "eo:bands": [{"name": oli, "common_name": key, "description": desc,
                                      "center_wavelength": center, "full_width_half_max": fwhm}]}
-    assets["lwir11"] = {"href": _href("landsat-c2-l2", acq.item_id, "lwir11"), "type": COG_TYPE,
-                        "roles": ["data", "temperature"], "title": "Surface Temperature Band",
-                        "raster:bands": [{"unit": "kelvin", "scale": 0.00341802, "nodata": 0, "offset": 149.0,
-                                          "data_type": "uint16", "spatial_resolution": 30}],
-                        "eo:bands": [{"name": "TIRS_B10", "common_name": "lwir11", "description": "Long-wave infrared",
-                                      "center_wavelength": 10.9, "full_width_half_max": 0.59}]}
+    if acq.processing_level == "L2SP":
+        assets["lwir11"] = {"href": _href("landsat-c2-l2", acq.item_id, "lwir11"), "type": COG_TYPE,
+                            "roles": ["data", "temperature"], "title": "Surface Temperature Band",
+                            "raster:bands": [{"unit": "kelvin", "scale": 0.00341802, "nodata": 0, "offset": 149.0,
+                                              "data_type": "uint16", "spatial_resolution": 30}],
+                            "eo:bands": [{"name": "TIRS_B10", "common_name": "lwir11",
+                                          "description": "Long-wave infrared", "center_wavelength": 10.9,
+                                          "full_width_half_max": 0.59}]}
     assets["qa_pixel"] = {"href": _href("landsat-c2-l2", acq.item_id, "qa_pixel"), "type": COG_TYPE,
                           "roles": ["cloud", "cloud-shadow", "snow-ice", "water-mask"],
                           "title": "Pixel Quality Assessment Band",
@@ -202,9 +206,9 @@ def landsat_item(acq: LandsatAcquisition, grid30: SensorGrid, truth_bounds_l93: 
         "gsd": 30,
         "eo:cloud_cover": round(cloud_cover, 2),
         "landsat:cloud_cover_land": round(cloud_cover, 2),
-        "landsat:collection_category": "T1",
+        "landsat:collection_category": acq.collection_category,
         "landsat:collection_number": "02",
-        "landsat:correction": "L2SP",
+        "landsat:correction": acq.processing_level,
         "landsat:scene_id": f"{'LC8' if acq.platform == 'landsat-8' else 'LC9'}{acq.wrs_path:03d}{acq.wrs_row:03d}"
                             f"{acq.datetime:%Y%j}LGN00",
         "landsat:wrs_path": f"{acq.wrs_path:03d}",
@@ -228,10 +232,10 @@ def landsat_item(acq: LandsatAcquisition, grid30: SensorGrid, truth_bounds_l93: 
     ])
 
 
-def worldcover_item(item_id: str, grid: SensorGrid, truth_bounds_l93: tuple[float, float, float, float],
-                    year: int) -> dict[str, Any]:
-    """An ``esa-worldcover`` item (asset ``map``: uint8 class codes, EPSG:4326, 1/12000 degree)."""
-    bbox, geometry = _footprint(grid, truth_bounds_l93)
+def worldcover_item(item_id: str, grid: SensorGrid, footprint: dict[str, Any], year: int) -> dict[str, Any]:
+    """An ``esa-worldcover`` item (asset ``map``: uint8 class codes, EPSG:4326, 1/12000 degree; ``grid``: the
+    whole 3-degree tile's)."""
+    bbox, geometry = _footprint(footprint)
     assets = {"map": {"href": _href("esa-worldcover", item_id, "map"), "type": COG_TYPE, "roles": ["data"],
                       "title": "Land Cover Classes", **_grid_fields(grid),
                       "raster:bands": [{"nodata": 0, "data_type": "uint8", "spatial_resolution": 10}]}}
