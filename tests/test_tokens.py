@@ -153,6 +153,12 @@ def test_a_token_expired_mid_build_is_renewed_and_the_part_unchanged(gateway, wo
 
     caplog.set_level(logging.DEBUG)  # every logger, GDAL's messages (naming the signed files) included
     reference = build_part_zero(world, tmp_path / "reference.zarr")
+    # New tokens for the second build: GDAL keeps what it fetched by URL (token included,
+    # http.cache_mb), so with the same tokens the second build would be read from that cache.
+    from planetary_computer import sas
+
+    control.expire_tokens(gateway)
+    sas.TOKEN_CACHE.clear()
     control.reset_stats(gateway)
     signs = {"n": 0, "fresh": 0}
     real_sign = remote.sign_href
