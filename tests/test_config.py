@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from xstars.config import (
+    city_name,
     deep_merge,
     load_cities,
     load_config,
@@ -116,7 +117,7 @@ def test_demo_world_swaps_in_loopback_endpoints_and_demo_sites() -> None:
     moved = load_config(CONFIG, {"world": "demo", "demo": {"port": 9000}})
     assert moved["http"]["proxy"] == "127.0.0.1:9000"
     assert moved["catalogs"]["planetary_computer"]["token_url"] == "http://127.0.0.1:9000/api/sas/v1/token"
-    assert demo["sites"]["cities"] == [city["name"] for city in demo["demo"]["cities"]]
+    assert [city_name(c) for c in demo["sites"]["cities"]] == [city["name"] for city in demo["demo"]["cities"]]
     assert demo["sites"]["footprint_m"] < real["sites"]["footprint_m"]
     # What the overlay does not name is the real build's.
     assert demo["http"] == real["http"] | {"proxy": "127.0.0.1:8765"}
@@ -293,9 +294,14 @@ def test_city_table_covers_the_configured_and_demo_cities() -> None:
     assert sorted(load_config(CONFIG)["sites"]["cities"]) == sorted(cities)
     for lon, lat in cities.values():  # mainland France
         assert -5.5 < lon < 10 and 41 < lat < 51.5
-    # The demo cities sit where the real ones are, so demo sites fall inside them.
-    for city in load_config(CONFIG)["demo"]["cities"]:
-        assert cities[city["name"]] == (city["lon"], city["lat"])
+    # The demo cities sit where the real ones are, so demo sites fall inside them; one not in the
+    # table (etercy, placed on the UTM 31/32 border) is given to the demo's sites with its place.
+    demo = load_config(CONFIG, {"world": "demo"})
+    for city in demo["demo"]["cities"]:
+        if city["name"] in cities:
+            assert cities[city["name"]] == (city["lon"], city["lat"])
+        else:
+            assert city in demo["sites"]["cities"], city
 
 
 def test_footprint_must_be_whole_pixels_of_every_sensor() -> None:
