@@ -88,8 +88,9 @@ def test_guard_and_block_assignment_units() -> None:
 def test_city_split_sends_whole_cities() -> None:
     demo = load_config(CONFIG, {"world": "demo"})
     sites = sample_sites(demo)
-    assert {(s.region, s.split) for s in sites} == {("toulouse", "train"), ("lyon", "val"), ("bordeaux", "test")}
-    assert Counter(s.region for s in sites) == {"toulouse": 12, "lyon": 12, "bordeaux": 12}
+    assert {(s.region, s.split) for s in sites} == {("toulouse", "train"), ("etercy", "train"), ("lyon", "val"),
+                                                     ("bordeaux", "test")}
+    assert Counter(s.region for s in sites) == {"toulouse": 12, "etercy": 12, "lyon": 12, "bordeaux": 12}
 
 
 def test_sites_table_roundtrip(tmp_path: Path) -> None:
