@@ -121,7 +121,7 @@ def test_jobs_querying_the_wms_share_its_rate_limit() -> None:
     assert result.returncode == 0, result.stderr + result.stdout
     jobs = result.stdout.split("\nrule ")[1:]
     wms_jobs = [job for job in jobs if job.startswith(("search_shard:", "build_part:"))]
-    assert len(wms_jobs) == 2 + 5  # the demo's search shards and build parts
+    assert len(wms_jobs) == 2 + 6  # the demo's search shards and build parts (48 sites, 8 a part)
     assert all("wms_jobs_geoplateforme=1" in job for job in wms_jobs)
     assert not any("wms_jobs_geoplateforme" in job for job in jobs if job not in wms_jobs)
 
@@ -199,4 +199,4 @@ def test_config_show_prints_the_resolved_demo_world() -> None:
     assert config["world"] == "demo"
     assert "worlds" not in config
     assert config["catalogs"]["planetary_computer"]["url"].startswith("http://127.0.0.1:")
-    assert config["sites"]["cities"] == ["toulouse", "bordeaux", "lyon"]
+    assert config["sites"]["cities"] == ["toulouse", "bordeaux", "lyon", {"name": "etercy", "lon": 6.002, "lat": 45.9}]
