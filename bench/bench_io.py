@@ -69,9 +69,19 @@ def file_facts(hrefs: dict[str, str], config: dict) -> dict[str, dict]:
             opened = control.get_stats(url)["file_bytes"]
             height, width = src.block_shapes[0]
             n_rows, n_cols = -(-src.height // height), -(-src.width // width)
-            sizes = {(r, c): src.block_size(1, r, c) for r in range(n_rows) for c in range(n_cols)}
+            sizes = {(r, c): block_bytes(src, r, c) for r in range(n_rows) for c in range(n_cols)}
         facts[href] = {"block": (height, width), "sizes": sizes, "header_bytes": opened}
     return facts
+
+
+def block_bytes(src, row: int, col: int) -> int:
+    """A block's compressed size; 0 for a block a sparse file never wrote (read as nodata, no fetch)."""
+    from rasterio.errors import RasterBlockError
+
+    try:
+        return src.block_size(1, row, col)
+    except RasterBlockError:
+        return 0
 
 
 def minimum(parts: list[list[list]], facts: dict[str, dict]) -> dict[str, int]:
