@@ -31,6 +31,8 @@ from collections.abc import Sequence
 from datetime import date
 from pathlib import Path
 
+from xstars.catalog import z_order  # the order the search shards are cut along
+
 PART = r"""
 import json, sys
 from pathlib import Path
@@ -39,13 +41,6 @@ from xstars.manifest import Manifest
 manifest_path, store_path, config_json, part = sys.argv[1:5]
 store.build_part(Path(store_path), Manifest(Path(manifest_path)), json.loads(config_json), int(part))
 """
-
-
-def z_order(x: int, y: int) -> int:
-    z = 0
-    for bit in range(24):
-        z |= ((x >> bit) & 1) << (2 * bit) | ((y >> bit) & 1) << (2 * bit + 1)
-    return z
 
 
 def file_facts(hrefs: dict[str, str], config: dict) -> dict[str, dict]:

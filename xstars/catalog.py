@@ -174,7 +174,7 @@ def shard_of(groups: Sequence[SearchGroup], shard: int, n_shards: int) -> list[S
     robin, every shard of the France build searched nearly every Sentinel-2 tile)."""
     if not 0 <= shard < n_shards:
         raise ConfigError(f"search shard {shard} is not in 0..{n_shards - 1} (catalog.search_shards)")
-    ordered = sorted(groups, key=lambda g: (_z_order(*g.cell), g.group_id))
+    ordered = sorted(groups, key=lambda g: (z_order(*g.cell), g.group_id))
     sizes = np.cumsum([len(g.sites) for g in ordered])
     if not len(ordered):
         return []
@@ -184,7 +184,7 @@ def shard_of(groups: Sequence[SearchGroup], shard: int, n_shards: int) -> list[S
     return [g for g, k in zip(ordered, owner, strict=True) if k == shard]
 
 
-def _z_order(col: int, row: int) -> int:
+def z_order(col: int, row: int) -> int:
     """Position of a cell on the Z-order (Morton) curve: the bits of column and row interleaved
     (offset so that cells of negative index order too)."""
     x, y, z = col + (1 << 20), row + (1 << 20), 0

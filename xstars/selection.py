@@ -221,12 +221,12 @@ class TableSelection:
         self.cat = cat
         names = [s.name for s in self.sensors]
         n_sensors, n_sites = len(names), len(self.sites)
-        self.n_groups = n_groups = n_sites * n_sensors  # group g: site g // n_sensors, sensor g % n_sensors
+        n_groups = n_sites * n_sensors  # group g: site g // n_sensors, sensor g % n_sensors
         anchor = names.index(cat["anchor_sensor"]) if cat["anchor_sensor"] in names else -1
         #: The order the rule looks at sensors in (the anchor first): the first lacking a scene says why.
         self.order = sorted(range(n_sensors), key=lambda i: i != anchor)
 
-        index_of = {site.site_id: i for i, site in enumerate(self.sites)}
+        self._index = index_of = {site.site_id: i for i, site in enumerate(self.sites)}
         codes, values = _codes(table.column("site_id"))
         site = np.array([index_of.get(v, -1) for v in values], dtype=np.int64)[codes]
         codes, values = _codes(table.column("sensor"))
@@ -371,7 +371,7 @@ class TableSelection:
 
     def rows(self, site: Site) -> list[ManifestRow]:
         """One site's rows, as :func:`select_site` gives them (for tests and small readers)."""
-        i = next(k for k, s in enumerate(self.sites) if s.site_id == site.site_id)
+        i = self._index[site.site_id]
         return [row_from_record(record) for record in self.table_of(i, i + 1).to_pylist()]
 
 
