@@ -164,7 +164,7 @@ class World:
 def write_inputs(config: Mapping[str, Any], folder: Path, old_shards: int) -> dict[str, Any]:
     """The sites, and every search shard's files (this layout; today's for the first shards)."""
     from xstars import items as stac_items
-    from xstars.catalog import search_groups, searches_path, shard_of
+    from xstars.catalog import search_groups, searches_path, select_shard, shard_of
     from xstars.manifest import Candidate, CandidatesWriter, items_dir, write_items
     from xstars.sites import sample_sites, write_sites
 
@@ -173,7 +173,7 @@ def write_inputs(config: Mapping[str, Any], folder: Path, old_shards: int) -> di
     world = World(config)
     n_shards = int(config["catalog"]["search_shards"])
     groups = search_groups(sites, config["catalog"]["search_cell_m"])
-    counts = {"sites": len(sites), "candidates": 0, "old_shard_sites": []}
+    counts = {"sites": len(sites), "candidates": 0, "old_shard_sites": [], "shard_selection_s": []}
     json_of: dict[str, str] = {}
     for shard in range(n_shards):
         path = folder / "search" / f"shard-{shard}.parquet"
@@ -213,6 +213,10 @@ def write_inputs(config: Mapping[str, Any], folder: Path, old_shards: int) -> di
             write_items(items[name].values(), items_dir(path) / f"{name}.parquet")
         searches_path(path).write_text(json.dumps(searches, sort_keys=True))
         writer.close()
+        # The shard's own choice for its sites, as its search job ends (catalog.search_shard).
+        selecting = time.perf_counter()
+        select_shard(config, [site for group in shard_of(groups, shard, n_shards) for site in group.sites], path)
+        counts["shard_selection_s"].append(round(time.perf_counter() - selecting, 3))
         if old:
             old.parent.mkdir(parents=True, exist_ok=True)
             old.write_text("\n".join(old_lines) + "\n")
@@ -408,7 +412,8 @@ def simulate(config: dict, folder: Path, baseline_ref: str, old_shards: int) -> 
     cfg = json.dumps(config)
     new_dir, old_dir = folder / "new", folder / "old"
     new_dir.mkdir(exist_ok=True)
-    shards = sorted((folder / "search").glob("shard-*.parquet"), key=lambda p: int(p.stem.split("-")[1]))
+    shards = sorted((folder / "search").glob("shard-*[0-9].parquet"),
+                    key=lambda p: int(p.stem.split("-")[1]))
     # A slice of France both layouts can merge: the sites of the first shards (today's
     # candidates of all of France would be some 30 GB of JSON lines).
     keep = set(counts["old_shard_sites"])

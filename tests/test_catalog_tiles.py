@@ -30,7 +30,7 @@ def tiles_manifest(demo_root: Path, demo_server: control.ServerInfo, tmp_path_fa
         "split": {"method": "cities", "val_cities": [], "test_cities": ["bordeaux"]}})
     path = tmp_path_factory.mktemp("tiles_manifest") / "manifest.parquet"
     rows, _ = build_manifest(config, path)
-    candidates = read_candidates(sorted(path.with_name("manifest.search").glob("shard-*.parquet")))
+    candidates = read_candidates(sorted(path.with_name("manifest.search").glob("shard-*[0-9].parquet")))
     by_site: dict[tuple[str, str], list] = defaultdict(list)
     for c in candidates:
         by_site[(c.site_id, c.sensor)].append(c)

@@ -142,11 +142,44 @@ def test_the_manifest_job_chooses_as_the_rule_does_site_by_site(catalogued) -> N
     from xstars.sites import sample_sites
 
     config, manifest = catalogued["config"], catalogued["manifest"]
-    shards = sorted((manifest.path.parent / "manifest.search").glob("shard-*.parquet"))
+    shards = sorted((manifest.path.parent / "manifest.search").glob("shard-*[0-9].parquet"))
     assert len(shards) == 2
     expected = select(config, sample_sites(config), read_candidates(shards))
     assert manifest_rows(manifest) == expected
     assert {r.n_candidates for r in expected if r.sensor == "s2"} != {0}
+
+
+def test_the_manifest_job_puts_the_shards_rows_in_order_and_ranks_nothing(catalogued, tmp_path: Path) -> None:
+    """Each search shard chose its own sites' rows (a site's candidates are all in its shard):
+    the manifest job reads no candidate. With every candidates file destroyed it writes the same
+    manifest, byte for byte; a shard's rows missing, or a site in two shards' rows, is an error
+    that names the file or the site."""
+    import pyarrow as pa
+
+    from xstars.catalog import merge_manifest, rows_path
+    from xstars.sites import sample_sites
+
+    config, manifest = catalogued["config"], catalogued["manifest"]
+    search = tmp_path / "manifest.search"
+    shutil.copytree(manifest.path.parent / "manifest.search", search)
+    shards = sorted(search.glob("shard-*[0-9].parquet"))
+    assert len(shards) == 2 and all(rows_path(s).exists() for s in shards)
+    for shard in shards:
+        shard.write_bytes(b"not a candidates file")
+    sites = sample_sites(config)
+    out = tmp_path / "manifest.parquet"
+    merge_manifest(config, sites, shards, out)
+    assert out.read_bytes() == manifest.path.read_bytes()
+    assert files_of(items_dir(out)) == files_of(items_dir(manifest.path))
+
+    first, second = (pq.read_table(rows_path(s)) for s in shards)
+    pq.write_table(pa.concat_tables([second, first.slice(0, 5)]), rows_path(shards[1]))  # site 0 of shard 0, twice
+    with pytest.raises(DataError, match=r"site '[^']+' has 10 rows \(in two shards' rows\?\)"):
+        merge_manifest(config, sites, shards, tmp_path / "again.parquet")
+    rows_path(shards[1]).unlink()
+    with pytest.raises(DataError, match=r"shard-1\.rows\.parquet: no rows beside the shard's candidates"):
+        merge_manifest(config, sites, shards, tmp_path / "again.parquet")
+    assert out.read_bytes() == manifest.path.read_bytes()  # what was built is untouched
 
 
 def test_the_table_selection_chooses_as_the_rule_does_on_every_tie(tmp_path: Path) -> None:

@@ -12,12 +12,15 @@ The stage runs in three steps, each a Snakemake rule (``workflow/rules/catalog.s
    are described as STAC-like items from the WMS capabilities (:func:`wms_items`), one per
    site and campaign year, with a GetMap request as asset. Output: one candidate row per site,
    sensor and scene.
-   Each shard writes its candidates and, once each, the items they name (:func:`search_shard`).
-3. :func:`merge_manifest` ranks each site's candidates (the rule: :func:`xstars.selection.select_site`; the
-   job applies it to all of them at once, :class:`xstars.selection.TableSelection`) and writes the
-   manifest (:mod:`xstars.manifest`): one row per site and sensor with the chosen item and its
-   fallbacks by id, the footprint, the date, the cloud figures, and the reason a site was
-   dropped if it was; the items themselves once each beside it, as stac-geoparquet.
+   Each shard writes its candidates and, once each, the items they name (:func:`search_shard`),
+   then ranks its own sites' candidates (:func:`select_shard`; the rule:
+   :func:`xstars.selection.select_site`, applied to all of them at once by
+   :class:`xstars.selection.TableSelection`): one row per site and sensor with the chosen item
+   and its fallbacks by id, the footprint, the date, the cloud figures, and the reason a site
+   was dropped if it was.
+3. :func:`merge_manifest` puts the shards' rows in site order as the manifest
+   (:mod:`xstars.manifest`) and merges the items they name, once each beside it, as
+   stac-geoparquet.
 
 A manifest given as ``catalog.manifest`` (frozen mode) replaces steps 1-3: no search at all.
 
@@ -34,7 +37,7 @@ import logging
 import math
 import shutil
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -43,20 +46,26 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from shapely.geometry import box, mapping, shape
 
 from xstars import items as stac_items
 from xstars.errors import ConfigError, DataError
 from xstars.manifest import (
     MOSAIC_KEY,
+    ROW_SCHEMA,
     Candidate,
     CandidatesWriter,
+    DropReason,
     Manifest,
     ManifestRow,
     ManifestWriter,
     candidates_table,
     items_dir,
     merge_items,
+    referenced_ids,
     write_items,
 )
 from xstars.remote import (
@@ -66,7 +75,7 @@ from xstars.remote import (
     check_wms_sensor,
     read_on_grid,
 )
-from xstars.selection import Choosing, TableSelection
+from xstars.selection import Choosing, Summary, TableSelection
 from xstars.sensors import Sensor, sensors_of
 from xstars.sites import Site, reproject_geometry
 from xstars.stac_search import SearchLog, StacSearcher
@@ -394,11 +403,36 @@ def search_shard(config: Mapping[str, Any], sites: Sequence[Site], shard: int, o
     searches = services.search_log()
     searches_path(out).write_text(json.dumps(searches, indent=1, sort_keys=True) + "\n")
     writer.close()
+    select_shard(config, [site for group in groups for site in group.sites], out)
     return ShardOutput(Path(out), writer.count, {name: pin["items"] for name, pin in pins.items() if pin}, searches)
 
 
+def select_shard(config: Mapping[str, Any], sites: Sequence[Site], candidates_path: Path) -> Path:
+    """The manifest rows of a shard's sites, chosen from its candidates (the selection rule,
+    :class:`xstars.selection.TableSelection`), written sorted by site id beside them
+    (:func:`rows_path`).
+
+    A site's candidates all come from the one shard that searched its group, so the choice is
+    made where they are, in parallel, and the manifest job only puts the shards' rows in order:
+    at France size it would otherwise rank 2.3 million candidates itself."""
+    ordered = sorted(sites, key=lambda s: s.site_id)
+    choice = TableSelection(candidates_table([candidates_path]), ordered,
+                            Choosing.of(sensors_of(config), config["catalog"]), config["catalog"])
+    path = rows_path(candidates_path)
+    tmp = path.with_suffix(".tmp")
+    pq.write_table(choice.table_of(0, len(ordered)), tmp, compression="zstd")
+    tmp.replace(path)
+    return path
+
+
 def searches_path(candidates_path: Path) -> Path:
+    """A search shard's log of searches, beside its candidates."""
     return Path(candidates_path).with_name(Path(candidates_path).stem + ".searches.json")
+
+
+def rows_path(candidates_path: Path) -> Path:
+    """A search shard's manifest rows (:func:`select_shard`), beside its candidates."""
+    return Path(candidates_path).with_name(Path(candidates_path).stem + ".rows.parquet")
 
 
 def raster_candidates(sensor: Sensor, group: SearchGroup, services: Services) -> list[Candidate]:
@@ -509,18 +543,16 @@ CANDIDATES = {"stac_raster": raster_candidates, "stac_labels": label_candidates,
 
 def merge_manifest(config: Mapping[str, Any], sites: Sequence[Site], candidate_paths: Sequence[Path],
                    out: Path) -> dict[str, Any]:
-    """The manifest job: select a scene per site and sensor from every shard's candidates and
-    write the manifest and its items (:mod:`xstars.manifest`); returns the summary.
+    """The manifest job: the rows every search shard chose for its sites (:func:`select_shard`),
+    put in site-id order and written as the manifest, with the items they name merged from the
+    shards' items files (:mod:`xstars.manifest`); returns the summary.
 
-    The candidates are one Arrow table (no Python row for them all), ranked in NumPy; the rows
-    are Arrow columns made from the picks; the items are merged in Arrow, sensor by sensor."""
+    No candidate is read here: each site was ranked by the shard that searched it."""
     searches = [s for path in candidate_paths for s in json.loads(searches_path(path).read_text())]
     sensors = sensors_of(config)
     ordered = sorted(sites, key=lambda s: s.site_id)
-    # Ranked in NumPy over the whole table; only the picks are kept (the table is let go).
-    choice = TableSelection(candidates_table(candidate_paths), ordered, Choosing.of(sensors, config["catalog"]),
-                            config["catalog"])
-    referenced = choice.referenced()
+    rows = shard_rows(candidate_paths, ordered, list(sensors))
+    referenced = referenced_ids(rows)
     target = items_dir(out)
     if target.exists():
         shutil.rmtree(target)
@@ -528,15 +560,59 @@ def merge_manifest(config: Mapping[str, Any], sites: Sequence[Site], candidate_p
     # while the rows are written; two, not one per sensor: each holds a sensor's items at once.
     with ThreadPoolExecutor(max_workers=2) as pool:
         merged = {name: pool.submit(merge_items, [items_dir(p) / f"{name}.parquet" for p in candidate_paths],
-                                    referenced[name], target / f"{name}.parquet") for name in sensors}
+                                    referenced.get(name, set()), target / f"{name}.parquet") for name in sensors}
         writer = ManifestWriter(out, config["sites"]["crs"], provenance(config, searches),
                                 int(config["build"]["samples_per_shard"]))
-        writer.add_sites(choice.table_of(0, len(ordered)), len(ordered), referenced)
-        counts = choice.summary()
-        del choice
+        writer.add_sites(rows, len(ordered), referenced)
+        counts = rows_summary(rows, ordered, len(sensors))
+        del rows
         pins = {name: future.result() for name, future in merged.items()}
     writer.close(pins)
     return counts.as_dict(searches)
+
+
+def shard_rows(candidate_paths: Sequence[Path], sites: Sequence[Site], sensors: Sequence[str]) -> pa.Table:
+    """The rows of every search shard (:func:`rows_path`) as one table in site-id order, checked:
+    every site of ``sites`` (sorted by id) once, with a row per sensor in config order."""
+    tables = []
+    for path in candidate_paths:
+        source = rows_path(path)
+        try:
+            tables.append(pq.read_table(source, schema=ROW_SCHEMA))
+        except FileNotFoundError:
+            raise DataError(f"{source}: no rows beside the shard's candidates {Path(path).name} (written by its "
+                            "search job, `xstars catalog search`: run it again)") from None
+        except (OSError, pa.ArrowInvalid) as err:
+            raise DataError(f"{source}: not the rows of a search shard ({err})") from None
+    table = pa.concat_tables(tables) if tables else ROW_SCHEMA.empty_table()
+    table = table.take(pc.sort_indices(table, [("site_id", "ascending")]))  # stable: sensors stay in order
+    expected_sites = pa.array([s.site_id for s in sites for _ in sensors], pa.string())
+    expected_sensors = pa.array(list(sensors) * len(sites), pa.string())
+    site_ids, sensor_names = table.column("site_id").combine_chunks(), table.column("sensor").combine_chunks()
+    if site_ids.equals(expected_sites) and sensor_names.equals(expected_sensors):
+        return table
+    known = {s.site_id for s in sites}
+    counts = Counter(site_ids.to_pylist())
+    problem = (next((f"site {i!r} is not in the sites file" for i in counts if i not in known), None)
+               or next((f"site {s.site_id!r} is in no shard's rows" for s in sites if s.site_id not in counts), None)
+               or next((f"site {i!r} has {n} rows (in two shards' rows?), not {len(sensors)}"
+                        for i, n in counts.items() if n != len(sensors)), None)
+               or f"the shards' rows are not of the sensors {list(sensors)} (sensors changed since the search?)")
+    raise DataError(f"the search shards' rows do not match the sites: {problem}; run the search again")
+
+
+def rows_summary(rows: pa.Table, sites: Sequence[Site], n_sensors: int) -> Summary:
+    """The counts of kept and dropped sites of :func:`shard_rows`'s table (a site's rows share
+    its status)."""
+    counts = Summary()
+    first = rows.select(["reason_code", "reason_sensor", "reason"]).take(np.arange(0, rows.num_rows, n_sensors))
+    for site, code, sensor, text in zip(sites, *(first.column(i).to_pylist() for i in range(3)), strict=True):
+        counts.sites += 1
+        if code:
+            counts.dropped[DropReason(sensor, code, text).key] += 1
+        else:
+            counts.kept_by_split[site.split] += 1
+    return counts
 
 
 def build_manifest(config: Mapping[str, Any], sites: Sequence[Site], path: Path) -> tuple[list[ManifestRow], list[dict]]:

@@ -8,7 +8,7 @@
     xstars demo preview --root DIR --out preview.png
     xstars demo benchmarks --out DIR [--seed N] [--layouts eurosat_ms,flair]
     xstars catalog sites --out sites.parquet
-    xstars catalog search --sites sites.parquet --shard I --out shard-I.parquet   # + shard-I.items/
+    xstars catalog search --sites sites.parquet --shard I --out shard-I.parquet   # + shard-I.items/, .rows
     xstars catalog manifest --sites sites.parquet --out manifest.parquet shard-*.parquet   # + manifest.items/
     xstars catalog freeze --out manifest.parquet      # frozen mode: check and copy catalog.manifest
     xstars catalog convert --manifest OLD --out NEW   # a layout-1 manifest (item JSON in rows) to this layout
@@ -454,7 +454,8 @@ def cmd_catalog_sites(args: argparse.Namespace) -> int:
 
 
 def cmd_catalog_search(args: argparse.Namespace) -> int:
-    """Search one shard of the sites' groups and write its candidate scenes and their items."""
+    """Search one shard of the sites' groups; write its candidate scenes, their items and the
+    rows it chooses for its sites."""
     from xstars.catalog import search_shard
     from xstars.sites import read_sites
 
@@ -468,7 +469,7 @@ def cmd_catalog_search(args: argparse.Namespace) -> int:
 
 
 def cmd_catalog_manifest(args: argparse.Namespace) -> int:
-    """Select a scene per site and sensor from every shard's candidates; write the manifest."""
+    """Put every shard's rows (a scene per site and sensor) in order as the manifest, with its items."""
     from xstars.catalog import merge_manifest
     from xstars.sites import read_sites
 

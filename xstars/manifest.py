@@ -433,7 +433,7 @@ class ManifestWriter:
         if self._partial_written:
             raise ValueError("only the last row group of a manifest may hold fewer sites")
         self._partial_written = n_sites % self.sites_per_row_group != 0
-        for sensor, ids in (referenced if referenced is not None else _referenced(table)).items():
+        for sensor, ids in (referenced if referenced is not None else referenced_ids(table)).items():
             self.referenced[sensor].update(ids)
         self._write(table, n_sites)
 
@@ -472,17 +472,19 @@ class ManifestWriter:
         return self.path
 
 
-def _referenced(table: pa.Table) -> dict[str, set[str]]:
-    """The item ids manifest rows name (chosen and fallbacks), by sensor."""
-    out: dict[str, set[str]] = defaultdict(set)
-    sensors = table.column("sensor").to_pylist()
-    for sensor, item_id in zip(sensors, table.column("item_id").to_pylist(), strict=True):
-        if item_id:
-            out[sensor].add(item_id)
+def referenced_ids(table: pa.Table) -> dict[str, set[str]]:
+    """The item ids manifest rows name (chosen and fallbacks), by sensor (Arrow columns: no
+    Python row)."""
+    sensor = table.column("sensor").combine_chunks()
+    item_id = table.column("item_id").combine_chunks()
     fallbacks = table.column("fallbacks").combine_chunks()
-    for parent, item_id in zip(pc.list_parent_indices(fallbacks).to_pylist(),
-                               pc.struct_field(pc.list_flatten(fallbacks), "item_id").to_pylist(), strict=True):
-        out[sensors[parent]].add(item_id)
+    fallback_ids = pc.struct_field(pc.list_flatten(fallbacks), "item_id")
+    fallback_sensor = sensor.take(pc.list_parent_indices(fallbacks))
+    out: dict[str, set[str]] = defaultdict(set)
+    for name in pc.unique(sensor).to_pylist():
+        chosen = item_id.filter(pc.and_(pc.equal(sensor, name), pc.not_equal(item_id, "")))
+        backs = fallback_ids.filter(pc.equal(fallback_sensor, name))
+        out[name] = set(pc.unique(pa.concat_arrays([chosen, backs.cast(chosen.type)])).to_pylist())
     return out
 
 

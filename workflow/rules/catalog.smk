@@ -1,8 +1,10 @@
 """Catalog stage: sites -> STAC search in shards -> manifest (xstars/catalog.py).
 
-Each search shard writes its candidates (Parquet, items named by id) and, once each, the items
-they name (`shard-K.items/<sensor>.parquet`, stac-geoparquet); `manifest` merges them into the
-manifest and its items (`manifest.items/`), whose row groups are the build parts (xstars/manifest.py).
+Each search shard writes its candidates (Parquet, items named by id), once each the items they
+name (`shard-K.items/<sensor>.parquet`, stac-geoparquet), and the rows it chose for its sites
+(`shard-K.rows.parquet`: a site's candidates are all in its shard); `manifest` puts the rows in
+site order as the manifest, whose row groups are the build parts, with the items they name
+(`manifest.items/`; xstars/manifest.py).
 With `catalog.manifest` set (frozen mode) only `manifest` exists: it checks the given manifest
 and the items files it pins by checksum, copies them, and no search is made at all.
 """
@@ -52,6 +54,7 @@ else:
             candidates=CATALOG / "search" / "shard-{shard}.parquet",
             item_files=directory(str(CATALOG / "search" / "shard-{shard}.items")),
             searches=CATALOG / "search" / "shard-{shard}.searches.json",
+            rows=CATALOG / "search" / "shard-{shard}.rows.parquet",
         params:
             cfg=config_json("catalog search"),
         resources:
@@ -69,6 +72,7 @@ else:
             sites=CATALOG / "sites.parquet",
             candidates=expand(CATALOG / "search" / "shard-{shard}.parquet", shard=range(N_SHARDS)),
             item_files=expand(CATALOG / "search" / "shard-{shard}.items", shard=range(N_SHARDS)),
+            rows=expand(CATALOG / "search" / "shard-{shard}.rows.parquet", shard=range(N_SHARDS)),
         output:
             manifest=CATALOG / "manifest.parquet",
             item_files=directory(str(CATALOG / "manifest.items")),
