@@ -26,7 +26,8 @@ import functools
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from importlib import resources
@@ -94,8 +95,27 @@ def _city_grid(city: City, extent_m: float, gsd_m: float) -> CityGrid:
     return CityGrid(city.name, round(x / 10) * 10.0, round(y / 10) * 10.0, float(extent_m), float(gsd_m))
 
 
+class BackgroundWriter:
+    """Runs one write at a time in a thread while the caller goes on; a new write first waits for
+    the previous one (so at most one array waits to be written: memory stays bounded)."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1)
+        self._pending: Future | None = None
+
+    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        self.wait()
+        self._pending = self._pool.submit(fn, *args, **kwargs)
+
+    def wait(self) -> None:
+        """Until the last write is done (its error, if any, raised here)."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+
 def _render_wms_family(root: Path, seed: int, city: City, truth: GroundTruth, shifts: dict[str, Any],
-                       texture: np.ndarray, family: Mapping[str, Any]) -> list[dict[str, Any]]:
+                       texture: np.ndarray, family: Mapping[str, Any], writer: BackgroundWriter) -> list[dict[str, Any]]:
     """A WMS family's sources for one city: per campaign year, one uint8 GeoTIFF in Lambert-93
     with the camera's bands, at the family's resolution, with a known misregistration."""
     camera = {band: tuple(value) for band, value in family["camera"].items()}
@@ -137,7 +157,10 @@ def _render_wms_family(root: Path, seed: int, city: City, truth: GroundTruth, sh
         transform = Affine(gsd, 0.0, truth.grid.transform.c, 0.0, -gsd, truth.grid.transform.f)
         declared = Affine.translation(*shift) @ transform
         path = layout.files_dir(root) / "wms" / family["name"] / str(year) / f"{city.name}.tif"
-        write_cog(path, bands, LAMBERT93, declared, nodata=0, blocksize=512, band_descriptions=list(camera))
+        # The WMS server's own sources (never fetched by the pipeline as files): zstd at its fastest
+        # level, written while the next year is rendered (GDAL works outside the GIL).
+        writer.submit(write_cog, path, bands, LAMBERT93, declared, nodata=0, blocksize=512,
+                      band_descriptions=list(camera), compress="zstd", level=1)
         layer = family["layers"][0]["name"].format(year=year)
         shifts[f"{layer}/{city.name}"] = _shift_record(shift, gsd, LAMBERT93, city)
         sources.append({"family": family["name"], "year": year, "city": city.name,
@@ -205,6 +228,7 @@ def generate_world(root: Path, demo_cfg: dict[str, Any]) -> dict[str, Any]:
                for c in cities]
     s2_plans, landsat_plans = scenes.plan_s2(extents), scenes.plan_landsat(extents)
     staging = scenes.Staging(root)
+    writer = BackgroundWriter()
     for city in cities:
         t0 = time.perf_counter()
         truth = make_ground_truth(_rng(seed, city, 0), _city_grid(city, extent_m, gsd_m))
@@ -215,20 +239,22 @@ def generate_world(root: Path, demo_cfg: dict[str, Any]) -> dict[str, Any]:
         s2_tiles = scenes.stage_s2(staging, seed, city.index, city.name, truth, cube, s2_plans, shifts)
         path_rows = scenes.stage_landsat(staging, seed, city.index, city.name, truth, cube, landsat_plans, shifts)
         wc_tiles = scenes.stage_worldcover(staging, city.name, truth, labels)
+        del cube, labels  # the orthophotos are rendered from the truth alone: memory for their writes
         # Fine texture of the ground (tiles, grass tufts, crop rows) shared by every orthophoto.
         tex_rng = _rng(seed, city, 4)
         texture = ndimage.gaussian_filter(tex_rng.standard_normal(truth.material.shape, dtype=np.float32), 0.8)
         texture *= 0.06 / 0.33
         texture += 1.0
         for family in wms_families():
-            wms_sources += _render_wms_family(root, seed, city, truth, shifts, texture, family)
-        del truth, cube, texture, labels
+            wms_sources += _render_wms_family(root, seed, city, truth, shifts, texture, family, writer)
+        del truth, texture
         cities_meta.append({"name": city.name, "lon": city.lon, "lat": city.lat, "s2_tiles": s2_tiles,
                             "utm_crs": s2_plans[s2_tiles[0]].tile.crs if s2_tiles else None,
                             "wrs_path_rows": path_rows, "worldcover_tiles": wc_tiles,
                             "wms_years": {f["name"]: city.years_of(f) for f in wms_families()},
                             "bounds_l93": list(_city_grid(city, extent_m, gsd_m).bounds)})
         log.info("demo city=%s seconds=%.1f", city.name, time.perf_counter() - t0)
+    writer.wait()
     t0 = time.perf_counter()
     staging.write()
     log.info("demo products=%d seconds=%.1f", len(staging.products), time.perf_counter() - t0)

@@ -232,7 +232,8 @@ def encode_ortho(reflectance: np.ndarray) -> np.ndarray:
 
 
 def write_cog(path, array: np.ndarray, crs: str, transform: Affine, nodata: float | None,
-              blocksize: int = 256, band_descriptions: list[str] | None = None) -> None:
+              blocksize: int = 256, band_descriptions: list[str] | None = None, compress: str = "deflate",
+              level: int | None = None) -> None:
     """Write a Cloud-Optimised GeoTIFF (deflate + predictor, internal tiles, overviews)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     data = array if array.ndim == 3 else array[None]
@@ -245,5 +246,6 @@ def write_cog(path, array: np.ndarray, crs: str, transform: Affine, nodata: floa
                 for i, d in enumerate(band_descriptions, start=1):
                     tmp.set_band_description(i, d)
         with mem.open() as tmp:
-            rasterio.shutil.copy(tmp, path, driver="COG", blocksize=blocksize, compress="deflate",
-                                 predictor=2, overview_resampling="average", num_threads=1)
+            rasterio.shutil.copy(tmp, path, driver="COG", blocksize=blocksize, compress=compress,
+                                 predictor=2, overview_resampling="average", num_threads=1,
+                                 **({"level": level} if level is not None else {}))

@@ -23,6 +23,7 @@ partly covered by that scene.
 from __future__ import annotations
 
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -230,12 +231,20 @@ class Staging:
         stem = self.dir / product.collection / product.item_id / f"{asset}.{city}"
         spec.pieces.append(stage_piece(stem, array, spec.nodata, spec.factors, spec.how, row, col))
 
-    def write(self) -> None:
-        for product in self.products.values():
-            out = layout.files_dir(self.root) / product.collection / product.item_id
-            for name, spec in product.assets.items():
-                write_sparse(out / f"{name}.tif", spec.grid.shape, spec.count, spec.dtype, spec.grid.crs,
-                             spec.grid.transform, spec.nodata, spec.pieces, spec.factors)
+    def write(self, threads: int = 2) -> None:
+        """Assemble every product's files from their pieces. Each file is GDAL's copy of its own
+        VRT (GDAL works outside the GIL), so ``threads`` files are written at once; each file's
+        bytes do not depend on the order."""
+        jobs = [(layout.files_dir(self.root) / product.collection / product.item_id / f"{name}.tif", spec)
+                for product in self.products.values() for name, spec in product.assets.items()]
+
+        def write(job: tuple[Path, Asset]) -> None:
+            path, spec = job
+            write_sparse(path, spec.grid.shape, spec.count, spec.dtype, spec.grid.crs, spec.grid.transform,
+                         spec.nodata, spec.pieces, spec.factors)
+
+        with ThreadPoolExecutor(max_workers=max(threads, 1)) as pool:
+            list(pool.map(write, jobs))
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
