@@ -283,7 +283,10 @@ def write_items(items: Iterable[Mapping[str, Any]], path: Path) -> dict[str, Any
 
 
 def _read_items_table(path: Path) -> pa.Table:
-    source = pq.ParquetFile(path)
+    return _items_table(pq.ParquetFile(path))
+
+
+def _items_table(source: pq.ParquetFile) -> pa.Table:
     metadata = {k: v for k, v in (source.metadata.metadata or {}).items() if k != b"ARROW:schema"}
     return source.read().replace_schema_metadata(metadata)
 
@@ -317,10 +320,12 @@ def merge_items(sources: Sequence[Path], wanted: set[str], path: Path) -> dict[s
             continue
         # The shard's ids first (one column): a shard with nothing new is read no further, and
         # the filter is built from what this shard holds, not from all that is still missing.
-        here = set(pq.read_table(source, columns=["id"]).column("id").to_pylist()) & missing
+        # The file is opened once: a STAC collection's footer names hundreds of columns.
+        file = pq.ParquetFile(source)
+        here = set(file.read(columns=["id"]).column("id").to_pylist()) & missing
         if not here:
             continue
-        table = _read_items_table(source)
+        table = _items_table(file)
         metadata = metadata or table.schema.metadata
         chosen = table.filter(pc.is_in(table.column("id"), pa.array(sorted(here), pa.string())))
         if MOSAIC_KEY in chosen.column_names:  # a mosaic's members are stored in the same shard, read with it
