@@ -1,5 +1,5 @@
 """Selection: a scene per site and sensor from the site's candidates, and the counts of what
-was kept and dropped (the catalog's manifest job, :func:`xstars.catalog.merge_manifest`).
+was kept and dropped (each search shard's choice for its sites, :func:`xstars.catalog.select_shard`).
 
 :func:`select_site` is the rule, one site at a time, in the order it is applied: the anchor
 sensor's clearest scene first, then for every other sensor the scene closest in date among the
@@ -201,10 +201,11 @@ def manifest_summary(manifest: Manifest) -> dict[str, Any]:
 
 
 class TableSelection:
-    """:func:`select_site`'s choice for every site at once, in NumPy and Arrow: the manifest job.
+    """:func:`select_site`'s choice for every site at once, in NumPy and Arrow: what each search
+    shard runs on its candidates (:func:`xstars.catalog.select_shard`).
 
-    The job ranks every candidate of the build (2.3 million at France size): a Python object per
-    candidate and a sort per site took 13 of its 18 s. Here each ranking key is a column and each
+    Ranked in one job, the 2.3 million candidates of France took 13 of its 18 s as a Python
+    object per candidate and a sort per site. Here each ranking key is a column and each
     step of the rule one stable ``np.lexsort`` (ties fall as the rule's do, on the item id); the
     picks (1 + ``catalog.fallbacks`` per site and sensor) stay Arrow columns, and the manifest's
     row groups are made from them column by column (:meth:`table_of`). :meth:`rows` gives one
