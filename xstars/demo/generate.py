@@ -113,6 +113,13 @@ class BackgroundWriter:
             pending, self._pending = self._pending, None
             pending.result()
 
+    def close(self) -> None:
+        """The last write done, the thread stopped."""
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown()
+
 
 def _render_wms_family(root: Path, seed: int, city: City, truth: GroundTruth, shifts: dict[str, Any],
                        texture: np.ndarray, family: Mapping[str, Any], writer: BackgroundWriter) -> list[dict[str, Any]]:
@@ -254,7 +261,7 @@ def generate_world(root: Path, demo_cfg: dict[str, Any]) -> dict[str, Any]:
                             "wms_years": {f["name"]: city.years_of(f) for f in wms_families()},
                             "bounds_l93": list(_city_grid(city, extent_m, gsd_m).bounds)})
         log.info("demo city=%s seconds=%.1f", city.name, time.perf_counter() - t0)
-    writer.wait()
+    writer.close()
     t0 = time.perf_counter()
     staging.write()
     log.info("demo products=%d seconds=%.1f", len(staging.products), time.perf_counter() - t0)

@@ -234,7 +234,8 @@ def encode_ortho(reflectance: np.ndarray) -> np.ndarray:
 def write_cog(path, array: np.ndarray, crs: str, transform: Affine, nodata: float | None,
               blocksize: int = 256, band_descriptions: list[str] | None = None, compress: str = "deflate",
               level: int | None = None) -> None:
-    """Write a Cloud-Optimised GeoTIFF (deflate + predictor, internal tiles, overviews)."""
+    """Write a Cloud-Optimised GeoTIFF (``compress``, deflate unless told, with the horizontal
+    predictor; internal tiles, overviews)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     data = array if array.ndim == 3 else array[None]
     profile = {"driver": "GTiff", "width": data.shape[2], "height": data.shape[1], "count": data.shape[0],
