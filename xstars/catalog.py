@@ -58,7 +58,6 @@ from xstars.manifest import (
     ROW_SCHEMA,
     Candidate,
     CandidatesWriter,
-    DropReason,
     Manifest,
     ManifestRow,
     ManifestWriter,
@@ -75,7 +74,7 @@ from xstars.remote import (
     check_wms_sensor,
     read_on_grid,
 )
-from xstars.selection import Choosing, Summary, TableSelection
+from xstars.selection import Choosing, TableSelection, rows_summary
 from xstars.sensors import Sensor, sensors_of
 from xstars.sites import Site, reproject_geometry
 from xstars.stac_search import SearchLog, StacSearcher
@@ -564,7 +563,7 @@ def merge_manifest(config: Mapping[str, Any], sites: Sequence[Site], candidate_p
         writer = ManifestWriter(out, config["sites"]["crs"], provenance(config, searches),
                                 int(config["build"]["samples_per_shard"]))
         writer.add_sites(rows, len(ordered), referenced)
-        counts = rows_summary(rows, ordered, len(sensors))
+        counts = rows_summary([rows])
         del rows
         pins = {name: future.result() for name, future in merged.items()}
     writer.close(pins)
@@ -599,20 +598,6 @@ def shard_rows(candidate_paths: Sequence[Path], sites: Sequence[Site], sensors: 
                         for i, n in counts.items() if n != len(sensors)), None)
                or f"the shards' rows are not of the sensors {list(sensors)} (sensors changed since the search?)")
     raise DataError(f"the search shards' rows do not match the sites: {problem}; run the search again")
-
-
-def rows_summary(rows: pa.Table, sites: Sequence[Site], n_sensors: int) -> Summary:
-    """The counts of kept and dropped sites of :func:`shard_rows`'s table (a site's rows share
-    its status)."""
-    counts = Summary()
-    first = rows.select(["reason_code", "reason_sensor", "reason"]).take(np.arange(0, rows.num_rows, n_sensors))
-    for site, code, sensor, text in zip(sites, *(first.column(i).to_pylist() for i in range(3)), strict=True):
-        counts.sites += 1
-        if code:
-            counts.dropped[DropReason(sensor, code, text).key] += 1
-        else:
-            counts.kept_by_split[site.split] += 1
-    return counts
 
 
 def build_manifest(config: Mapping[str, Any], sites: Sequence[Site], path: Path) -> tuple[list[ManifestRow], list[dict]]:

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from xstars import items as stac_items
 from xstars.manifest import (
@@ -183,18 +184,32 @@ def summary(rows: Iterable[ManifestRow], searches: Sequence[dict] = ()) -> dict[
 
 def manifest_summary(manifest: Manifest) -> dict[str, Any]:
     """:func:`summary` of a manifest file, row group by row group (frozen mode)."""
-    counts = Summary()
-    for table in manifest.tables(["site_id", "split", "status", "reason", "reason_code", "reason_sensor"]):
-        previous = None
-        for record in table.to_pylist():
-            if record["site_id"] != previous:
-                previous = record["site_id"]
-                counts.sites += 1
-                if record["reason_code"]:
-                    counts.dropped[DropReason(record["reason_sensor"], record["reason_code"], record["reason"]).key] += 1
-                else:
-                    counts.kept_by_split[record["split"]] += 1
+    counts = rows_summary(manifest.tables(["site_id", "split", "reason", "reason_code", "reason_sensor"]))
     return counts.as_dict(manifest.provenance.get("searches", ()))
+
+
+def rows_summary(tables: Iterable[pa.Table]) -> Summary:
+    """The counts of kept and dropped sites of manifest rows in site order (whole tables of
+    :data:`ROW_SCHEMA`, or a manifest's row groups): a site's rows share its status, so only
+    each site's first row is looked at."""
+    counts = Summary()
+    previous = None
+    for table in tables:
+        site_ids = table.column("site_id").combine_chunks()
+        if not len(site_ids):
+            continue
+        first = np.ones(len(site_ids), dtype=bool)
+        first[1:] = pc.not_equal(site_ids.slice(1), site_ids.slice(0, len(site_ids) - 1)).to_numpy(zero_copy_only=False)
+        first[0] = site_ids[0].as_py() != previous
+        previous = site_ids[-1].as_py()
+        heads = table.select(["split", "reason_code", "reason_sensor", "reason"]).filter(pa.array(first))
+        for split, code, sensor, text in zip(*(column.to_pylist() for column in heads.columns), strict=True):
+            counts.sites += 1
+            if code:
+                counts.dropped[DropReason(sensor, code, text).key] += 1
+            else:
+                counts.kept_by_split[split] += 1
+    return counts
 
 
 # ============================================================ the same rule, a table at once
@@ -298,7 +313,6 @@ class TableSelection:
         keep = position <= int(cat["fallbacks"])
         # The picks of group g are self._picks rows pick_start[g]:pick_start[g + 1], best first.
         self.pick_start = np.searchsorted(ranked_group[keep], np.arange(n_groups + 1))
-        self._pick_sensor = ranked_group[keep] % max(n_sensors, 1)
         columns = table.select(list(_PICK_COLUMNS)).take(ranked[keep])
         self._picks = pa.table({name: (column.cast(pa.string()) if pa.types.is_dictionary(column.type) else column)
                                 for name, column in zip(columns.column_names, columns.columns, strict=True)})
@@ -310,12 +324,6 @@ class TableSelection:
             k = self.order[int(np.argmax(lacking[i]))]
             g = i * n_sensors + k
             self.reasons[i] = _drop_reason(self.sensors[k], int(self.n_unique[g]), float(self.best_invalid[g]), cat)
-
-    def referenced(self) -> dict[str, set[str]]:
-        """The item ids the manifest's rows name (chosen and fallbacks), by sensor."""
-        item_ids = self._picks.column("item_id").combine_chunks()
-        return {sensor.name: set(item_ids.filter(pa.array(self._pick_sensor == i)).to_pylist())
-                for i, sensor in enumerate(self.sensors)}
 
     def summary(self) -> Summary:
         """The counts of kept and dropped sites."""
@@ -386,8 +394,6 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 def _codes(column: pa.ChunkedArray) -> tuple[np.ndarray, list[str]]:
     """A string column as integer codes and the strings they stand for."""
-    import pyarrow.compute as pc
-
     array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     if not pa.types.is_dictionary(array.type):
         array = pc.dictionary_encode(array)
