@@ -19,7 +19,8 @@ bench_scale.py: 30,960 sites, 64 search shards, 64 sites per build part):
   this layout's manifest, row by row as today's ``write_manifest`` lays it out.
 
 Jobs, each ``xstars`` command as the workflow runs it (or the first lines of a build part, up to
-its first request), timed with its peak RSS (``wait4``): manifest merge, store init, build part
+its first request), timed with its peak RSS (``wait4``): the manifest merge in one job (the slice
+today's layout can merge), the items jobs (one per sensor) and the manifest job, store init, build part
 planning and manifest read, finalize's bookkeeping (with synthetic part records), verify's pass.
 """
 
@@ -422,7 +423,7 @@ def simulate(config: dict, folder: Path, baseline_ref: str, old_shards: int) -> 
     old_root = baseline_worktree(baseline_ref, folder / "baseline")
     rows: dict[str, dict[str, Any]] = {}
     try:
-        rows[f"manifest merge, {old_shards} of {len(shards)} shards ({len(keep)} sites)"] = {
+        rows[f"manifest merge in one job, {old_shards} of {len(shards)} shards ({len(keep)} sites)"] = {
             "today": run_job(xstars("catalog", "manifest", "--config-json", json.dumps(config_for(old_root, config)),
                                     "--sites",
                                     str(folder / "sites-slice.parquet"), "--out", str(old_dir / "slice.parquet"),
@@ -431,11 +432,18 @@ def simulate(config: dict, folder: Path, baseline_ref: str, old_shards: int) -> 
             "after": run_job(xstars("catalog", "manifest", "--config-json", cfg, "--sites",
                                     str(folder / "sites-slice.parquet"), "--out", str(new_dir / "slice.parquet"),
                                     *map(str, shards[:old_shards])), REPO, logs / "new-merge-slice.log")}
-        rows[f"manifest merge, all {len(shards)} shards ({counts['sites']} sites)"] = {
+        # All of France as the workflow runs it: an items job per sensor, then the manifest job.
+        for sensor in config["sensors"]:
+            rows[f"manifest items, {sensor}, all {len(shards)} shards"] = {
+                "today": None,
+                "after": run_job(xstars("catalog", "items", "--config-json", cfg, "--sensor", sensor, "--out",
+                                        str(new_dir / "items" / f"{sensor}.parquet"), *map(str, shards)), REPO,
+                                 logs / f"new-items-{sensor}.log")}
+        rows[f"manifest rows, all {len(shards)} shards ({counts['sites']} sites)"] = {
             "today": None,
             "after": run_job(xstars("catalog", "manifest", "--config-json", cfg, "--sites", str(folder / "sites.parquet"),
-                                    "--out", str(new_dir / "manifest.parquet"), *map(str, shards)), REPO,
-                             logs / "new-merge.log")}
+                                    "--items", str(new_dir / "items"), "--out", str(new_dir / "manifest.parquet"),
+                                    *map(str, shards)), REPO, logs / "new-merge.log")}
         write_old_manifest(new_dir / "manifest.parquet", old_dir / "manifest.parquet")
         parts = part_records(new_dir / "manifest.parquet", folder / "parts", config)
         part = n_parts(counts["sites"], config["build"]["samples_per_shard"]) // 2
@@ -464,6 +472,7 @@ def simulate(config: dict, folder: Path, baseline_ref: str, old_shards: int) -> 
     sizes = {"today: manifest.parquet": size_mb(old_dir / "manifest.parquet"),
              "after: manifest.parquet": size_mb(new_dir / "manifest.parquet"),
              "after: manifest.items/": size_mb(new_dir / "manifest.items"),
+             "after: the items jobs' files (copied into manifest.items/)": size_mb(new_dir / "items"),
              "after: search shards (candidates + items)": size_mb(folder / "search"),
              f"today: {old_shards} search shards (JSON lines)": size_mb(old_dir / "search")}
     return {"inputs": counts | {"old_shard_sites": len(keep)}, "jobs": rows, "disk_mb": sizes,

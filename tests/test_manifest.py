@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import pytest
 from tests.test_catalog import build_manifest, small_world_config
 from xstars import store
 from xstars.demo import control
-from xstars.errors import DataError
+from xstars.errors import ConfigError, DataError
 from xstars.manifest import ITEMS_PER_ROW_GROUP, ItemsFile, Manifest, items_dir, write_items
 from xstars.selection import summary
 
@@ -180,6 +181,52 @@ def test_the_manifest_job_puts_the_shards_rows_in_order_and_ranks_nothing(catalo
     with pytest.raises(DataError, match=r"shard-1\.rows\.parquet: no rows beside the shard's candidates"):
         merge_manifest(config, sites, shards, tmp_path / "again.parquet")
     assert out.read_bytes() == manifest.path.read_bytes()  # what was built is untouched
+
+
+def test_the_items_jobs_merge_each_sensor_and_the_manifest_job_checks_and_copies_them(catalogued, tmp_path: Path,
+                                                                                        capsys) -> None:
+    """The workflow's way: one items job per sensor (`xstars catalog items`), then the manifest
+    job with `--items`. Same manifest and items, byte for byte, as the merge in one process; an
+    items file that lacks an id the rows name, or that is missing, is an error naming it, and
+    what was built is untouched."""
+    import pyarrow as pa
+
+    from xstars.catalog import merge_sensor_items
+    from xstars.cli import main
+    from xstars.sites import sample_sites, write_sites
+
+    config, manifest = catalogued["config"], catalogued["manifest"]
+    shards = sorted((manifest.path.parent / "manifest.search").glob("shard-*[0-9].parquet"))
+    merged = tmp_path / "items"
+    cfg = json.dumps(config)
+    for sensor in config["sensors"]:
+        assert main(["catalog", "items", "--config-json", cfg, "--sensor", sensor,
+                     "--out", str(merged / f"{sensor}.parquet"), *map(str, shards)]) == 0
+    sites = tmp_path / "sites.parquet"
+    write_sites(sample_sites(config), sites, config["sites"]["crs"])
+    out = tmp_path / "manifest.parquet"
+    assert main(["catalog", "manifest", "--config-json", cfg, "--sites", str(sites), "--items", str(merged),
+                 "--out", str(out), *map(str, shards)]) == 0
+    assert out.read_bytes() == manifest.path.read_bytes()
+    assert files_of(items_dir(out)) == files_of(items_dir(manifest.path))
+
+    with pytest.raises(ConfigError, match="--sensor 'modis'"):
+        merge_sensor_items(config, "modis", shards, tmp_path / "modis.parquet")
+    again = ["catalog", "manifest", "--config-json", cfg, "--sites", str(sites), "--items", str(merged),
+             "--out", str(out), *map(str, shards)]
+    s2 = merged / "s2.parquet"
+    table = pq.read_table(s2)
+    pq.write_table(table.slice(1), s2)  # the first item gone
+    capsys.readouterr()
+    assert main(again) == 2
+    assert re.search(rf"items/s2\.parquet: items \[{table.column('id')[0].as_py()!r}\] are named by the shards' "
+                     r"rows but not in it", capsys.readouterr().err)
+    s2.unlink()
+    assert main(again) == 2
+    assert re.search(r"items/s2\.parquet: no merged items .*--sensor s2", capsys.readouterr().err)
+    assert out.read_bytes() == manifest.path.read_bytes()
+    assert files_of(items_dir(out)) == files_of(items_dir(manifest.path))
+    assert pa.types.is_string(pq.read_schema(merged / "labels.parquet").field("id").type)
 
 
 def test_the_table_selection_chooses_as_the_rule_does_on_every_tie(tmp_path: Path) -> None:

@@ -89,7 +89,7 @@ def test_build_dataset_through_slurm_equals_the_local_build(
         "--slurm-init-seconds-before-status-checks", "2", "--slurm-keep-successful-logs", "--retries", "0")
     assert result.returncode == 0, failure_report(workdir, result)
     out = result.stdout + result.stderr
-    for rule in ("sites", "search_shard", "manifest", "store_init", "build_part", "dataset"):
+    for rule in ("sites", "search_shard", "manifest_items", "manifest", "store_init", "build_part", "dataset"):
         assert f" {rule}:\n" in out, rule
         assert list(workdir.glob(f".snakemake/slurm_logs/rule_{rule}/**/*.log")), f"{rule} did not run through SLURM"
     assert "has been submitted with SLURM jobid" in out

@@ -39,7 +39,8 @@ def snakemake_dry_run(*args: str) -> subprocess.CompletedProcess[str]:
 def test_dry_run_of_the_demo_world_lists_its_jobs() -> None:
     result = snakemake_dry_run("all", "--config", "world=demo")
     assert result.returncode == 0, result.stderr + result.stdout
-    for rule in ("demo_world", "demo_preview", "demo_benchmarks", "sites", "search_shard", "manifest", "all"):
+    for rule in ("demo_world", "demo_preview", "demo_benchmarks", "sites", "search_shard", "manifest_items", "manifest",
+                 "all"):
         assert f"rule {rule}:" in result.stdout, rule
     assert "xstars demo generate --root demo_world --demo-json" in result.stdout
     # The evaluation reads the fake benchmark copies: they are its input.
@@ -69,7 +70,7 @@ def test_every_rule_passes_the_config_sections_its_command_reads() -> None:
         assert command in SECTIONS, command
         assert set(given) == set(SECTIONS[command]), (command, sorted(given), sorted(SECTIONS[command]))
         seen.add(command)
-    assert seen >= {"catalog sites", "catalog search", "catalog manifest", "build init", "build part",
+    assert seen >= {"catalog sites", "catalog search", "catalog items", "catalog manifest", "build init", "build part",
                     "build finalize", "build publish", "pretrain run", "evaluate model"}
 
 
@@ -103,7 +104,8 @@ def test_dry_run_of_all_of_france_plans_every_job_per_rule() -> None:
     sites = len(sample_sites(config))  # drawn exactly, as the `sites` job will
     assert sites == 12 * 80 + 30000
     runs = len(config["pretrain"]["runs"])
-    expected = {"sites": 1, "search_shard": 64, "manifest": 1, "catalog_figure": 1, "store_init": 1,
+    expected = {"sites": 1, "search_shard": 64, "manifest_items": len(config["sensors"]), "manifest": 1,
+                "catalog_figure": 1, "store_init": 1,
                 "build_part": -(-sites // 64), "dataset": 1, "dataset_figures": 1, "verify_dataset": 1, "publish_dataset": 1,
                 "pretrain_run": runs, "pretrain_figure": 1, "evaluate_model": runs + 1, "evaluate_report": 1, "all": 1}
     assert job_counts(result.stdout) == expected

@@ -62,6 +62,7 @@ from xstars.manifest import (
     ManifestRow,
     ManifestWriter,
     candidates_table,
+    file_sha256,
     items_dir,
     merge_items,
     referenced_ids,
@@ -541,48 +542,108 @@ CANDIDATES = {"stac_raster": raster_candidates, "stac_labels": label_candidates,
 
 
 def merge_manifest(config: Mapping[str, Any], sites: Sequence[Site], candidate_paths: Sequence[Path],
-                   out: Path) -> dict[str, Any]:
+                   out: Path, merged_items: Path | None = None) -> dict[str, Any]:
     """The manifest job: the rows every search shard chose for its sites (:func:`select_shard`),
-    put in site-id order and written as the manifest, with the items they name merged from the
-    shards' items files (:mod:`xstars.manifest`); returns the summary.
+    put in site-id order and written as the manifest, with the items they name beside it
+    (:mod:`xstars.manifest`); returns the summary.
 
+    ``merged_items``: the folder where the items jobs (:func:`merge_sensor_items`, one per
+    sensor, as the workflow runs them) wrote ``<sensor>.parquet``; they are checked against the
+    rows and copied. None: the items are merged here, sensor by sensor in two threads.
     No candidate is read here: each site was ranked by the shard that searched it."""
     searches = [s for path in candidate_paths for s in json.loads(searches_path(path).read_text())]
     sensors = sensors_of(config)
     ordered = sorted(sites, key=lambda s: s.site_id)
     rows = shard_rows(candidate_paths, ordered, list(sensors))
     referenced = referenced_ids(rows)
+    # The items go to a folder of their own until the manifest is complete: a failed merge
+    # leaves the previous manifest and its items as they were.
     target = items_dir(out)
-    if target.exists():
-        shutil.rmtree(target)
-    # The items, sensor by sensor in two threads (Arrow reads, sorts and writes outside the GIL),
-    # while the rows are written; two, not one per sensor: each holds a sensor's items at once.
+    staging = target.with_name(target.name + ".tmp")
+    if staging.exists():
+        shutil.rmtree(staging)
+    # Arrow reads, sorts and writes outside the GIL: two threads, not one per sensor (each
+    # holds a sensor's items at once), while the rows are written.
     with ThreadPoolExecutor(max_workers=2) as pool:
-        merged = {name: pool.submit(merge_items, [items_dir(p) / f"{name}.parquet" for p in candidate_paths],
-                                    referenced.get(name, set()), target / f"{name}.parquet") for name in sensors}
+        if merged_items is None:
+            merged = {name: pool.submit(merge_items, [items_dir(p) / f"{name}.parquet" for p in candidate_paths],
+                                        referenced.get(name, set()), staging / f"{name}.parquet") for name in sensors}
+        else:
+            merged = {name: pool.submit(adopt_items, Path(merged_items) / f"{name}.parquet",
+                                        referenced.get(name, set()), staging / f"{name}.parquet") for name in sensors}
         writer = ManifestWriter(out, config["sites"]["crs"], provenance(config, searches),
                                 int(config["build"]["samples_per_shard"]))
         writer.add_sites(rows, len(ordered), referenced)
         counts = rows_summary([rows])
         del rows
         pins = {name: future.result() for name, future in merged.items()}
+    if target.exists():
+        shutil.rmtree(target)
+    staging.mkdir(parents=True, exist_ok=True)  # no sensor with items: an empty folder all the same
+    staging.rename(target)
     writer.close(pins)
     return counts.as_dict(searches)
+
+
+def merge_sensor_items(config: Mapping[str, Any], sensor: str, candidate_paths: Sequence[Path],
+                       out: Path) -> dict[str, Any] | None:
+    """The items job of one sensor: the items the search shards' rows name for ``sensor`` (chosen
+    and fallbacks), merged once each from the shards' items files into ``out``, sorted by id;
+    returns its pin, None (and an empty file) when the rows name none.
+
+    A job of its own per sensor, beside the manifest job (which checks and copies the result,
+    :func:`merge_manifest`): at France size the four merges cost more CPU than the rows, and
+    a Sentinel-2 merge opens 64 files whose footers name ~270 columns."""
+    if sensor not in sensors_of(config):
+        raise ConfigError(f"--sensor {sensor!r}: not one of the config's sensors ({', '.join(sensors_of(config))})")
+    rows = pa.concat_tables([_shard_rows_file(path, ["sensor", "item_id", "fallbacks"]) for path in candidate_paths])
+    wanted = referenced_ids(rows).get(sensor, set())
+    pin = merge_items([items_dir(p) / f"{sensor}.parquet" for p in candidate_paths], wanted, out)
+    if pin is None:  # the job's output exists all the same; the manifest pins nothing for it
+        out.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table({"id": pa.array([], pa.string())}), out)
+    return pin
+
+
+def adopt_items(source: Path, wanted: set[str], path: Path) -> dict[str, Any] | None:
+    """An items job's file (:func:`merge_sensor_items`) copied to ``path`` beside the manifest,
+    after checking that it holds every id the rows name (it was made from the same rows, unless
+    one of them was rebuilt since); returns its pin, None when the rows name no item."""
+    try:
+        file = pq.ParquetFile(source)
+        ids = file.read(columns=["id"]).column("id")
+    except FileNotFoundError:
+        raise DataError(f"{source}: no merged items (written by the items job, `xstars catalog items "
+                        f"--sensor {source.stem}`: run it again)") from None
+    except (OSError, KeyError, pa.ArrowInvalid) as err:
+        raise DataError(f"{source}: not an items file ({err})") from None
+    missing = wanted - set(ids.to_pylist())
+    if missing:
+        raise DataError(f"{source}: items {sorted(missing)[:5]} are named by the shards' rows but not in it "
+                        f"(made from other rows? run `xstars catalog items --sensor {source.stem}` again)")
+    if not wanted:
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, path)
+    return {"path": path.name, "sha256": file_sha256(path), "items": file.metadata.num_rows}
+
+
+def _shard_rows_file(candidates_path: Path, columns: Sequence[str] | None = None) -> pa.Table:
+    """The rows a search shard chose (:func:`rows_path`), or a DataError saying how to get them."""
+    source = rows_path(candidates_path)
+    try:
+        return pq.read_table(source, schema=ROW_SCHEMA, columns=None if columns is None else list(columns))
+    except FileNotFoundError:
+        raise DataError(f"{source}: no rows beside the shard's candidates {Path(candidates_path).name} (written by "
+                        "its search job, `xstars catalog search`: run it again)") from None
+    except (OSError, pa.ArrowInvalid) as err:
+        raise DataError(f"{source}: not the rows of a search shard ({err})") from None
 
 
 def shard_rows(candidate_paths: Sequence[Path], sites: Sequence[Site], sensors: Sequence[str]) -> pa.Table:
     """The rows of every search shard (:func:`rows_path`) as one table in site-id order, checked:
     every site of ``sites`` (sorted by id) once, with a row per sensor in config order."""
-    tables = []
-    for path in candidate_paths:
-        source = rows_path(path)
-        try:
-            tables.append(pq.read_table(source, schema=ROW_SCHEMA))
-        except FileNotFoundError:
-            raise DataError(f"{source}: no rows beside the shard's candidates {Path(path).name} (written by its "
-                            "search job, `xstars catalog search`: run it again)") from None
-        except (OSError, pa.ArrowInvalid) as err:
-            raise DataError(f"{source}: not the rows of a search shard ({err})") from None
+    tables = [_shard_rows_file(path) for path in candidate_paths]
     table = pa.concat_tables(tables) if tables else ROW_SCHEMA.empty_table()
     table = table.take(pc.sort_indices(table, [("site_id", "ascending")]))  # stable: sensors stay in order
     expected_sites = pa.array([s.site_id for s in sites for _ in sensors], pa.string())

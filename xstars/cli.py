@@ -9,7 +9,8 @@
     xstars demo benchmarks --out DIR [--seed N] [--layouts eurosat_ms,flair]
     xstars catalog sites --out sites.parquet
     xstars catalog search --sites sites.parquet --shard I --out shard-I.parquet   # + shard-I.items/, .rows
-    xstars catalog manifest --sites sites.parquet --out manifest.parquet shard-*.parquet   # + manifest.items/
+    xstars catalog items --sensor s2 --out items/s2.parquet shard-*.parquet   # one sensor's items, merged
+    xstars catalog manifest --sites sites.parquet --out manifest.parquet [--items items/] shard-*.parquet   # + manifest.items/
     xstars catalog freeze --out manifest.parquet      # frozen mode: check and copy catalog.manifest
     xstars catalog convert --manifest OLD --out NEW   # a layout-1 manifest (item JSON in rows) to this layout
     xstars catalog wms-layers                         # configured WMS layers: which years are live
@@ -80,6 +81,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "catalog sites": ("seed", "sites", "sensors"),
     "catalog search": (*_SERVICES, "seed", "sites", "sensors", "dates", "catalog"),
     # build: the manifest's row groups are the build parts (build.samples_per_shard sites each)
+    "catalog items": ("sensors", "catalogs"),
     "catalog manifest": ("seed", "sites", "catalogs", "sensors", "dates", "catalog", "build"),
     "catalog freeze": ("catalog",),
     "catalog convert": ("build",),
@@ -196,8 +198,17 @@ def build_parser() -> argparse.ArgumentParser:
     manifest.add_argument("--sites", type=Path, required=True, help="sites.parquet")
     manifest.add_argument("--out", type=Path, required=True, help="manifest.parquet")
     manifest.add_argument("--summary", type=Path, help="also write the kept/dropped counts as JSON")
+    manifest.add_argument("--items", type=Path,
+                          help="folder of the items jobs' <sensor>.parquet (`catalog items`); without it the "
+                               "items are merged by this job")
     manifest.add_argument("candidates", type=Path, nargs="+", help="candidate files of every shard")
     manifest.set_defaults(func=cmd_catalog_manifest)
+    items = catalog_cmds.add_parser("items", parents=[config_opts],
+                                    help="merge one sensor's items from the search shards (for the manifest)")
+    items.add_argument("--sensor", required=True, help="a sensor of the config")
+    items.add_argument("--out", type=Path, required=True, help="<sensor>.parquet (stac-geoparquet)")
+    items.add_argument("candidates", type=Path, nargs="+", help="candidate files of every shard")
+    items.set_defaults(func=cmd_catalog_items)
     convert = catalog_cmds.add_parser("convert", parents=[config_opts],
                                       help="a manifest of layout 1 (item JSON in every row) to this layout")
     convert.add_argument("--manifest", type=Path, required=True, help="the old manifest.parquet")
@@ -473,8 +484,18 @@ def cmd_catalog_manifest(args: argparse.Namespace) -> int:
     from xstars.catalog import merge_manifest
     from xstars.sites import read_sites
 
-    counts = merge_manifest(config_from_args(args), read_sites(args.sites), args.candidates, args.out)
+    counts = merge_manifest(config_from_args(args), read_sites(args.sites), args.candidates, args.out,
+                            merged_items=args.items)
     _write_summary(counts, args.summary)
+    return 0
+
+
+def cmd_catalog_items(args: argparse.Namespace) -> int:
+    """Merge the items one sensor's rows name from every shard's items file, once each."""
+    from xstars.catalog import merge_sensor_items
+
+    pin = merge_sensor_items(config_from_args(args), args.sensor, args.candidates, args.out)
+    log.info("catalog items sensor=%s items=%d out=%s", args.sensor, pin["items"] if pin else 0, args.out)
     return 0
 
 

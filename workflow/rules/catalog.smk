@@ -2,9 +2,10 @@
 
 Each search shard writes its candidates (Parquet, items named by id), once each the items they
 name (`shard-K.items/<sensor>.parquet`, stac-geoparquet), and the rows it chose for its sites
-(`shard-K.rows.parquet`: a site's candidates are all in its shard); `manifest` puts the rows in
-site order as the manifest, whose row groups are the build parts, with the items they name
-(`manifest.items/`; xstars/manifest.py).
+(`shard-K.rows.parquet`: a site's candidates are all in its shard); `manifest_items` merges the
+items the rows name, one job per sensor, and `manifest` puts the rows in site order as the
+manifest, whose row groups are the build parts, with those items beside it (`manifest.items/`,
+checked and copied; xstars/manifest.py).
 With `catalog.manifest` set (frozen mode) only `manifest` exists: it checks the given manifest
 and the items files it pins by checksum, copies them, and no search is made at all.
 """
@@ -67,25 +68,46 @@ else:
             "xstars catalog search --config-json {params.cfg:q} --sites {input.sites}"
             " --shard {wildcards.shard} --out {output.candidates} > {log} 2>&1"
 
+    rule manifest_items:
+        input:
+            # the arguments name the candidates; the job reads the rows and items files beside them
+            candidates=expand(CATALOG / "search" / "shard-{shard}.parquet", shard=range(N_SHARDS)),
+            item_files=expand(CATALOG / "search" / "shard-{shard}.items", shard=range(N_SHARDS)),
+            rows=expand(CATALOG / "search" / "shard-{shard}.rows.parquet", shard=range(N_SHARDS)),
+        output:
+            CATALOG / "search" / "items" / "{sensor}.parquet",
+        wildcard_constraints:
+            sensor="|".join(config["sensors"]),
+        params:
+            cfg=config_json("catalog items"),
+        log:
+            "logs/catalog/manifest_items-{sensor}.log",
+        conda:
+            "../../envs/xstars.yaml"
+        shell:
+            "xstars catalog items --config-json {params.cfg:q} --sensor {wildcards.sensor} --out {output}"
+            " {input.candidates} > {log} 2>&1"
+
     rule manifest:
         input:
             sites=CATALOG / "sites.parquet",
             candidates=expand(CATALOG / "search" / "shard-{shard}.parquet", shard=range(N_SHARDS)),
-            item_files=expand(CATALOG / "search" / "shard-{shard}.items", shard=range(N_SHARDS)),
             rows=expand(CATALOG / "search" / "shard-{shard}.rows.parquet", shard=range(N_SHARDS)),
+            merged_items=expand(CATALOG / "search" / "items" / "{sensor}.parquet", sensor=list(config["sensors"])),
         output:
             manifest=CATALOG / "manifest.parquet",
             item_files=directory(str(CATALOG / "manifest.items")),
             summary=CATALOG / "summary.json",
         params:
             cfg=config_json("catalog manifest"),
+            merged_items=CATALOG / "search" / "items",
         log:
             "logs/catalog/manifest.log",
         conda:
             "../../envs/xstars.yaml"
         shell:
             "xstars catalog manifest --config-json {params.cfg:q} --sites {input.sites}"
-            " --out {output.manifest} --summary {output.summary} {input.candidates} > {log} 2>&1"
+            " --items {params.merged_items} --out {output.manifest} --summary {output.summary} {input.candidates} > {log} 2>&1"
 
 
 rule catalog_figure:
