@@ -592,7 +592,7 @@ def merge_sensor_items(config: Mapping[str, Any], sensor: str, candidate_paths: 
     returns its pin, None (and an empty file) when the rows name none.
 
     A job of its own per sensor, beside the manifest job (which checks and copies the result,
-    :func:`merge_manifest`): at France size the four merges cost more CPU than the rows, and
+    :func:`merge_manifest`): at France size the sensors' merges cost more CPU than the rows, and
     a Sentinel-2 merge opens 64 files whose footers name ~270 columns."""
     if sensor not in sensors_of(config):
         raise ConfigError(f"--sensor {sensor!r}: not one of the config's sensors ({', '.join(sensors_of(config))})")
