@@ -564,13 +564,14 @@ def merge_manifest(config: Mapping[str, Any], sites: Sequence[Site], candidate_p
         shutil.rmtree(staging)
     # Arrow reads, sorts and writes outside the GIL: two threads, not one per sensor (each
     # holds a sensor's items at once), while the rows are written.
-    with ThreadPoolExecutor(max_workers=2) as pool:
+    def sensor_items(name: str) -> dict[str, Any] | None:
+        wanted, path = referenced.get(name, set()), staging / f"{name}.parquet"
         if merged_items is None:
-            merged = {name: pool.submit(merge_items, [items_dir(p) / f"{name}.parquet" for p in candidate_paths],
-                                        referenced.get(name, set()), staging / f"{name}.parquet") for name in sensors}
-        else:
-            merged = {name: pool.submit(adopt_items, Path(merged_items) / f"{name}.parquet",
-                                        referenced.get(name, set()), staging / f"{name}.parquet") for name in sensors}
+            return merge_items([items_dir(p) / f"{name}.parquet" for p in candidate_paths], wanted, path)
+        return adopt_items(Path(merged_items) / f"{name}.parquet", wanted, path)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        merged = {name: pool.submit(sensor_items, name) for name in sensors}
         writer = ManifestWriter(out, config["sites"]["crs"], provenance(config, searches),
                                 int(config["build"]["samples_per_shard"]))
         writer.add_sites(rows, len(ordered), referenced)
