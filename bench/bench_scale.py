@@ -38,7 +38,8 @@ from pathlib import Path
 from xstars.sensors import sensors_of
 
 #: The France-wide build of README.md ("All of France"), on top of config.yaml.
-FRANCE = {"sites": {"uniform_count": 30000}, "build": {"samples_per_shard": 64}, "catalog": {"search_shards": 64}}
+FRANCE = {"sites": {"uniform_count": 30000}, "build": {"samples_per_shard": 64, "sites_per_group": 1024},
+          "catalog": {"search_shards": 64}, "http": {"cache_mb": 1024}}
 
 
 def cpu_seconds() -> float:

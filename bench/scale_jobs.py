@@ -310,6 +310,23 @@ from xstars.store import plan_part
 plan = plan_part(Manifest(MANIFEST), CONFIG, PART)
 print(len(plan.sites), sum(len(v) for v in plan.items.values()))
 """,
+    # With locality groups: a group job's plan (every site's cell, its sites' rows and items),
+    # and a packing part's (its rows, which group staged each site).
+    "group": """
+from xstars.manifest import Manifest
+from xstars.store import plan_group
+plan = plan_group(Manifest(MANIFEST), CONFIG, PART)
+print(len(plan.sites), sum(len(v) for v in plan.items.values()))
+""",
+    "pack": """
+from xstars.manifest import Manifest
+from xstars.staging import locality_groups
+from xstars.store import plan_part
+manifest = Manifest(MANIFEST)
+plan = plan_part(manifest, CONFIG, PART, with_items=False)
+groups = locality_groups(manifest.site_cells(), CONFIG["build"]["sites_per_group"])
+print(len(plan.sites), len(groups))
+""",
 }
 
 
@@ -402,6 +419,7 @@ def size_mb(path: Path) -> float:
 def simulate(config: dict, folder: Path, baseline_ref: str, old_shards: int) -> dict[str, Any]:
     """Every job, today's and this layout's; the table's rows."""
     from xstars.sites import read_sites, write_sites
+    from xstars.staging import n_groups
     from xstars.store import n_parts
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -467,6 +485,12 @@ def simulate(config: dict, folder: Path, baseline_ref: str, old_shards: int) -> 
                 row[flavour] = run_job(command, root, logs / f"{flavour}-{name.split()[0]}.log",
                                        ok_exits=(0, 2) if name.startswith("verify") else (0,))
             rows[name] = row
+        # With locality groups (build.sites_per_group): a group job and a packing part, this layout only.
+        group = n_groups(counts["sites"], config["build"]["sites_per_group"]) // 2
+        for name, flavour, index in ((f"build group {group}: plan and manifest read", "group", group),
+                                     (f"build part {part}, packing: plan and manifest read", "pack", part)):
+            rows[name] = {"today": None, "after": run_job(part_head(flavour, new_dir / "manifest.parquet", config, index),
+                                                          REPO, logs / f"after-{flavour}.log")}
     finally:
         drop_worktree(old_root)
     sizes = {"today: manifest.parquet": size_mb(old_dir / "manifest.parquet"),

@@ -141,7 +141,8 @@ def world_configfile(path: Path, demo_root: Path, info, overlay: dict | None = N
         "sites": {"cities": ["toulouse", "bordeaux"], "footprint_m": 240, "city_radius_m": 360, "sites_per_city": 4,
                   "split": {"method": "cities", "val_cities": [], "test_cities": ["bordeaux"]}},
         "catalog": {"search_shards": 2, "search_cell_m": 4800, **extra},
-        "build": {"samples_per_shard": 3, "margin_m": 240},
+        # 8 sites: three locality groups read them, three parts pack (build.sites_per_group).
+        "build": {"samples_per_shard": 3, "sites_per_group": 3, "margin_m": 240},
     }
     world = deep_merge(world, overlay or {})
     config = deep_merge(read_yaml(REPO / "config.yaml"), {"world": "demo", "worlds": {"demo": world}})

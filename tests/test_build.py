@@ -18,6 +18,7 @@ from tests.conftest import free_port
 from tests.test_catalog import build_manifest, small_world_config
 from xstars import store
 from xstars.demo import control, layout
+from xstars.errors import DataError
 from xstars.manifest import Manifest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -537,3 +538,61 @@ def test_a_footprint_on_a_label_tile_edge_is_labelled_from_both_tiles(demo_root:
     assert tile.valid.all() and 0 < west.valid.mean() < 1 and 0 < east.valid.mean() < 1
     assert (west.valid | east.valid).all()
     np.testing.assert_array_equal(tile.data, np.where(west.valid, west.data, east.data))
+
+
+def test_parts_packed_from_locality_groups_are_the_same_store_byte_for_byte(built, tmp_path: Path) -> None:
+    """build.sites_per_group > 0: group jobs read the sites in Z-order and stage them, the parts
+    pack; same shards, same part records as the one-step build. A site missing from the staging
+    is an error naming it, its group and the command, and leaves the store as it was."""
+    from xstars.cli import main
+    from xstars.staging import locality_groups, staged_file
+
+    config = built["config"] | {"build": {**built["config"]["build"], "sites_per_group": 3}}
+    manifest_path, staging = built["folder"] / "manifest.parquet", tmp_path / "staging"
+    path = tmp_path / "packed.zarr"
+    store.init_store(path, built["opened"], config)
+    groups = locality_groups(built["opened"].site_cells(), 3)
+    assert sorted(i for g in groups for i in g) == list(range(built["n"])) and len(groups) == 3
+    assert groups != [list(range(k, min(k + 3, built["n"]))) for k in range(0, built["n"], 3)]  # not store order
+    cfg = ["--config-json", json.dumps(config), "--manifest", str(manifest_path)]
+    for group in range(len(groups)):
+        assert main(["build", "group", *cfg, "--staging", str(staging), "--group", str(group)]) == 0
+    assert main(["build", "group", *cfg, "--staging", str(staging), "--group", "3"]) == 2  # no such group
+    records = []
+    for part in range(len(built["parts"])):
+        out = tmp_path / f"part-{part}.json"
+        assert main(["build", "part", *cfg, "--store", str(path), "--part", str(part), "--staging", str(staging),
+                     "--out", str(out)]) == 0
+        records.append(json.loads(out.read_text()))
+    one_step = [json.loads(json.dumps(r, sort_keys=True)) for r in built["parts"]]
+    assert [r["checksums"] for r in records] == [r["checksums"] for r in one_step]
+    assert records == one_step
+
+    # A part whose site's staged sample is gone: the error names the file, the site, the group.
+    lost_site = built["opened"].site_ids()[4]
+    [lost_group] = [g for g, samples in enumerate(groups) if 4 in samples]
+    staged_file(staging, lost_group, lost_site).unlink()
+    shard = path / "s2" / "data" / "c" / "1" / "0" / "0" / "0"
+    before = shard.read_bytes()
+    with pytest.raises(DataError) as failure:
+        store.build_part(path, built["opened"], config, 1, staging)
+    text = str(failure.value)
+    assert lost_site in text and f"group {lost_group}" in text and "xstars build group" in text, text
+    assert shard.read_bytes() == before
+    # Without groups there is no group to build.
+    no_groups = built["config"] | {"build": {**built["config"]["build"], "sites_per_group": 0}}
+    plain = ["--config-json", json.dumps(no_groups), "--manifest", str(manifest_path)]
+    assert main(["build", "group", *plain, "--staging", str(staging), "--group", "0"]) == 2
+
+
+def test_locality_groups_are_squares_of_neighbours_on_a_grid() -> None:
+    from xstars.staging import locality_groups
+
+    cells = [(col, row) for col in range(10, 18) for row in range(-4, 4)]  # 8 x 8 cells, store order by column
+    groups = locality_groups(cells, 16)
+    assert sorted(i for g in groups for i in g) == list(range(64))
+    for group in groups:  # Z-order: each group of 16 is a 4 x 4 square
+        cols, rows = {cells[i][0] for i in group}, {cells[i][1] for i in group}
+        assert len(cols) == 4 and len(rows) == 4, sorted(cells[i] for i in group)
+    with pytest.raises(DataError, match="sites_per_group"):
+        locality_groups(cells, 0)

@@ -80,7 +80,8 @@ def test_dry_run_of_the_real_build_parses() -> None:
 
 
 #: The France-wide build documented in README.md ("All of France").
-FRANCE = ("sites={uniform_count: 30000}", "build={samples_per_shard: 64}", "catalog={search_shards: 64}")
+FRANCE = ("sites={uniform_count: 30000}", "build={samples_per_shard: 64, sites_per_group: 1024}",
+          "catalog={search_shards: 64}", "http={cache_mb: 1024}")
 
 
 def job_counts(stdout: str) -> dict[str, int]:
@@ -105,11 +106,12 @@ def test_dry_run_of_all_of_france_plans_every_job_per_rule() -> None:
     assert sites == 12 * 80 + 30000
     runs = len(config["pretrain"]["runs"])
     expected = {"sites": 1, "search_shard": 64, "manifest_items": len(config["sensors"]), "manifest": 1,
-                "catalog_figure": 1, "store_init": 1,
+                "catalog_figure": 1, "store_init": 1, "build_group": -(-sites // 1024),
                 "build_part": -(-sites // 64), "dataset": 1, "dataset_figures": 1, "verify_dataset": 1, "publish_dataset": 1,
                 "pretrain_run": runs, "pretrain_figure": 1, "evaluate_model": runs + 1, "evaluate_report": 1, "all": 1}
     assert job_counts(result.stdout) == expected
     assert expected["build_part"] == 484  # hundreds of jobs, not one per tile
+    assert expected["build_group"] == 31  # the reads, by locality: 1,024 sites each
 
 
 def test_jobs_querying_the_wms_share_its_rate_limit() -> None:
@@ -122,8 +124,8 @@ def test_jobs_querying_the_wms_share_its_rate_limit() -> None:
                                "catalogs={geoplateforme: {max_concurrent_jobs: 4}}")
     assert result.returncode == 0, result.stderr + result.stdout
     jobs = result.stdout.split("\nrule ")[1:]
-    wms_jobs = [job for job in jobs if job.startswith(("search_shard:", "build_part:"))]
-    assert len(wms_jobs) == 2 + 6  # the demo's search shards and build parts (48 sites, 8 a part)
+    wms_jobs = [job for job in jobs if job.startswith(("search_shard:", "build_group:"))]
+    assert len(wms_jobs) == 2 + 2  # the demo's search shards and locality groups (48 sites, 24 a group)
     assert all("wms_jobs_geoplateforme=1" in job for job in wms_jobs)
     assert not any("wms_jobs_geoplateforme" in job for job in jobs if job not in wms_jobs)
 

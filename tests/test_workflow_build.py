@@ -17,8 +17,10 @@ def test_build_dataset_runs_the_catalog_and_the_store_then_rebuilds_frozen(
         demo_build: WorkflowRun, demo_root: Path, demo_server, tmp_path: Path) -> None:
     first = demo_build.workdir  # the session's local build (conftest.demo_build)
     out = demo_build.result.stdout + demo_build.result.stderr
-    for rule in ("sites", "search_shard", "manifest", "store_init", "build_part", "dataset"):
+    for rule in ("sites", "search_shard", "manifest", "store_init", "build_group", "build_part", "dataset"):
         assert f"rule {rule}:\n" in out, rule
+    # The groups' staged samples are temporary: gone once every part has packed its shard.
+    assert out.count("rule build_group:\n") == 3 and not list((first / "results" / "dataset").glob("staging/*"))
     # The WMS's rate limit is shared: a resource caps the jobs querying it (max_concurrent_jobs).
     assert 'wms_jobs_geoplateforme=Resource("wms_jobs_geoplateforme", 2)' in out  # the demo world's
     manifest = first / "results" / "catalog" / "manifest.parquet"
@@ -27,14 +29,17 @@ def test_build_dataset_runs_the_catalog_and_the_store_then_rebuilds_frozen(
     # The servers were up before the run: the workflow leaves them running.
     assert control.health(demo_server.base_url) is not None
 
-    # Frozen: same manifest, no search job, no request to the catalogue.
+    # Frozen: same manifest, no search job, no request to the catalogue; and each part reading
+    # its own sites (no locality group): the same store.
     control.reset_stats(demo_server)
     second = tmp_path / "second"
     second.mkdir()
-    configfile = world_configfile(tmp_path / "second.yaml", demo_root, demo_server, manifest=str(manifest))
+    configfile = world_configfile(tmp_path / "second.yaml", demo_root, demo_server,
+                                  overlay={"build": {"sites_per_group": 0}}, manifest=str(manifest))
     result = snakemake(second, "build_dataset", "--configfile", str(configfile))
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert "rule search_shard:" not in result.stdout + result.stderr
+    assert "rule build_group:" not in result.stdout + result.stderr
     assert (second / "results" / "catalog" / "manifest.parquet").read_bytes() == manifest.read_bytes()
     assert control.get_stats(demo_server)["requests"]["stac_search"] == 0
     # ...and the same dataset.
@@ -45,6 +50,7 @@ def test_build_dataset_runs_the_catalog_and_the_store_then_rebuilds_frozen(
     for sensor in set(frame.sensor):
         for name in ("data", "valid", "site_id", "item_id"):
             assert (a[sensor][name][:] == b[sensor][name][:]).all(), (sensor, name)
+    assert a.attrs["xstars"]["shard_sha256"] == b.attrs["xstars"]["shard_sha256"]
     summary = json.loads((second / "results" / "dataset" / "summary.json").read_text())
     assert summary["kept"] + sum(summary["dropped_by_reason"].values()) == 8
 

@@ -88,6 +88,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "catalog wms-layers": (*_SERVICES, "sensors"),
     "build init": ("sites", "catalogs", "sensors", "build", "catalog"),
     "build part": (*_SERVICES, "sites", "sensors", "build", "catalog"),
+    "build group": (*_SERVICES, "sites", "sensors", "build", "catalog"),
     "build finalize": ("sites", "catalogs", "sensors", "build", "catalog"),
     "build publish": (*BUILD_SECTIONS, "publish"),
     "import msc-france": ("results_dir", "msc_france"),
@@ -238,7 +239,16 @@ def build_parser() -> argparse.ArgumentParser:
     init.set_defaults(func=cmd_build_init)
     part = build_cmds.add_parser("part", parents=[config_opts, store_opts], help="acquire and write one part")
     part.add_argument("--part", type=int, required=True)
+    part.add_argument("--staging", type=Path, default=None,
+                      help="the locality groups' staged samples: with build.sites_per_group > 0 the part packs "
+                           "them instead of reading its sites")
     part.set_defaults(func=cmd_build_part)
+    group = build_cmds.add_parser("group", parents=[config_opts],
+                                  help="acquire and stage one locality group (build.sites_per_group > 0)")
+    group.add_argument("--manifest", type=Path, required=True, help="manifest.parquet")
+    group.add_argument("--staging", type=Path, required=True, help="folder of the staged samples")
+    group.add_argument("--group", type=int, required=True)
+    group.set_defaults(func=cmd_build_group)
     final = build_cmds.add_parser("finalize", parents=[config_opts, store_opts],
                                   help="check completeness, normalisation statistics, consolidate")
     final.add_argument("parts", type=Path, nargs="+", help="the parts' JSON records")
@@ -586,9 +596,26 @@ def cmd_build_part(args: argparse.Namespace) -> int:
     from xstars.store import build_part, write_part_record
 
     config = config_from_args(args)
-    serve_demo_if_needed(config)
-    record = build_part(args.store, Manifest(args.manifest), config, args.part)
+    # The groups read, the part packs; without the staging folder it reads its own sites (the
+    # same store either way).
+    staging = args.staging if int(config["build"]["sites_per_group"]) > 0 else None
+    if staging is None:
+        serve_demo_if_needed(config)
+    record = build_part(args.store, Manifest(args.manifest), config, args.part, staging)
     write_part_record(record, args.out)
+    return 0
+
+
+def cmd_build_group(args: argparse.Namespace) -> int:
+    """Acquire, co-register and stage the sites of one locality group."""
+    from xstars.manifest import Manifest
+    from xstars.store import build_group
+
+    config = config_from_args(args)
+    if int(config["build"]["sites_per_group"]) < 1:
+        raise ConfigError("build.sites_per_group is 0: the parts read their own sites, there is no group to build")
+    serve_demo_if_needed(config)
+    build_group(args.staging, Manifest(args.manifest), config, args.group)
     return 0
 
 

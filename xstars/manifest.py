@@ -556,17 +556,39 @@ class Manifest:
         last = min(first + samples_per_shard, self.n_sites)
         if not 0 <= first < self.n_sites:
             raise DataError(f"part {part} is not in 0..{max(0, -(-self.n_sites // samples_per_shard) - 1)}")
+        return self.sites(range(first, last))
+
+    def sites(self, samples: Iterable[int]) -> list[list[ManifestRow]]:
+        """The sites at these sample indices (in the order given), each as its rows; only the
+        row groups holding them are decoded (a locality group's sites are spread over many)."""
+        samples = [int(i) for i in samples]
+        outside = [i for i in samples if not 0 <= i < self.n_sites]
+        if outside:
+            raise DataError(f"{self.path}: samples {outside[:5]} are not in 0..{self.n_sites - 1}")
         per_group = self.sites_per_row_group
-        groups = range(first // per_group, (last - 1) // per_group + 1)
-        sites: list[list[ManifestRow]] = []
-        for group in groups:
+        found: dict[int, list[ManifestRow]] = {}
+        for group in sorted({i // per_group for i in samples}):
+            wanted = {i - group * per_group for i in samples if i // per_group == group}
+            offset, previous = -1, None  # a site's rows are consecutive: count site changes
             for record in self.file.read_row_group(group, columns=list(ROW_SCHEMA.names)).to_pylist():
-                row = row_from_record(record)
-                if not sites or sites[-1][0].site_id != row.site_id:
-                    sites.append([])
-                sites[-1].append(row)
-        offset = first - groups.start * per_group
-        return sites[offset:offset + last - first]
+                if record["site_id"] != previous:
+                    offset, previous = offset + 1, record["site_id"]
+                if offset in wanted:
+                    found.setdefault(group * per_group + offset, []).append(row_from_record(record))
+        return [found[i] for i in samples]
+
+    def site_cells(self) -> list[tuple[int, int]]:
+        """Every site's grid cell ``(col, row)`` in sample order (three columns read): where the
+        sites are, for planning reads by locality."""
+        cells: list[tuple[int, int]] = []
+        last = None
+        for table in self.tables(["site_id", "col", "row"]):
+            for site_id, col, row in zip(*(table.column(c).to_pylist() for c in ("site_id", "col", "row")),
+                                         strict=True):
+                if site_id != last:
+                    cells.append((int(col), int(row)))
+                    last = site_id
+        return cells
 
     def frame(self):
         """The whole manifest as a GeoDataFrame (no item is read)."""

@@ -28,6 +28,7 @@ consolidates the metadata. Two builds from the same manifest are identical in ar
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -120,19 +121,18 @@ def init_store(path: Path, manifest: Manifest, config: Mapping[str, Any]) -> int
     return n
 
 
-def build_part(path: Path, manifest: Manifest, config: Mapping[str, Any], part: int) -> dict[str, Any]:
+def build_part(path: Path, manifest: Manifest, config: Mapping[str, Any], part: int,
+               staging: Path | None = None) -> dict[str, Any]:
     """Acquire, co-register and write the samples of one part (one shard of every array).
 
-    Returns the part's records (one per site: status, per-sensor item, shift, fractions).
-    A site whose chosen scene and fallbacks are all unusable for a sensor is stored as
-    ``dropped: <reason>`` with no valid pixel.
+    With ``staging`` (``build.sites_per_group > 0``: :mod:`xstars.staging`) the part reads
+    nothing: it packs its sites' samples, which the locality groups' jobs (:func:`build_group`)
+    acquired and co-registered, into the same shard. Returns the part's records (one per site:
+    status, per-sensor item, shift, fractions). A site whose chosen scene and fallbacks are all
+    unusable for a sensor is stored as ``dropped: <reason>`` with no valid pixel.
     """
-    from tqdm import tqdm
-
-    from xstars.remote import WmsClient
-
     started = time.perf_counter()
-    plan = plan_part(manifest, config, part)
+    plan = plan_part(manifest, config, part, with_items=staging is None)
     log.info("build part=%d planned: sites=%d items=%d in %.2fs", part, len(plan.sites),
              sum(len(v) for v in plan.items.values()), time.perf_counter() - started)
     root = open_store(path, mode="r+")
@@ -140,32 +140,13 @@ def build_part(path: Path, manifest: Manifest, config: Mapping[str, Any], part: 
     sensors = sensors_of(config)
     buffers = {name: _empty_buffers(sensor, last - first, config) for name, sensor in sensors.items()}
     records: list[dict[str, Any]] = []
-    # Reading is latency-bound (HTTP ranges, WMS renders): every (site, sensor) tile of the part
-    # is fetched by a pool of threads; sites are then co-registered and written in order, so
-    # the result does not depend on which read finished first. Memory is bounded by the part.
-    kept = [site for site in plan.sites if all(row.status == "ok" for row in site.values())]
-    # One client per WMS, shared by the threads: its rate limit holds for the whole job.
-    clients = {s.catalog_name: WmsClient(s.catalog_cfg, config["http"]) for s in sensors.values()
-               if s.kind == "wms_layers"}
-    with ThreadPoolExecutor(max_workers=int(config["build"]["read_threads"])) as pool:
-        futures = {(rows[name].site_id, name): pool.submit(
-                       _first_usable, sensor, [plan.items[name][i] for i in rows[name].item_ids],
-                       rows[name].bounds, config, clients.get(sensor.catalog_name))
-                   for rows in kept for name, sensor in sensors.items()}
-        for offset, rows in enumerate(tqdm(plan.sites, desc=f"part {part}", unit="site", leave=False)):
-            head = next(iter(rows.values()))
-            tiles: dict[str, Any] = {}
-            reason, tried, dropped_by = head.drop_reason, {}, "build"
-            if reason is not None:  # dropped by the catalog: stored with its reason, nothing read
-                dropped_by = "catalog"
-            for name in sensors if reason is None else ():
-                tile, why, tried[name] = futures.pop((head.site_id, name)).result()
-                if tile is None:
-                    reason = reason or why
-                else:
-                    tiles[name] = tile
+    if staging is None:
+        for offset, (head, tiles, reason, tried, dropped_by) in enumerate(
+                _acquired_sites(plan.sites, plan.items, config, f"part {part}")):
             _store_site(buffers, records, offset, head.site_id, head.split, tiles, reason, tried, config,
                         dropped_by, head.region)
+    else:
+        _unstage(buffers, records, plan, manifest, config, Path(staging))
     for sensor in sensors:
         group = root[sensor]
         for name, values in buffers[sensor].items():
@@ -190,6 +171,113 @@ def build_part(path: Path, manifest: Manifest, config: Mapping[str, Any], part: 
             "statistics": statistics}
 
 
+def build_group(staging: Path, manifest: Manifest, config: Mapping[str, Any], group: int) -> dict[str, Any]:
+    """Acquire and co-register the sites of locality group ``group`` (:mod:`xstars.staging`),
+    in the group's order, and stage each site's sample for the part that stores it.
+
+    Memory stays flat in the group's size: a few sites are read ahead, each is staged as soon
+    as it is co-registered. Returns the group's record (its sites, what was dropped)."""
+    from xstars.staging import group_dir, staged_file, write_group_record, write_staged
+
+    started = time.perf_counter()
+    plan = plan_group(manifest, config, group)
+    log.info("build group=%d planned: sites=%d items=%d in %.2fs", group, len(plan.sites),
+             sum(len(v) for v in plan.items.values()), time.perf_counter() - started)
+    # A rerun starts clean: a killed job's staged files are not mixed with the new ones.
+    for stale in group_dir(staging, group).glob("*"):
+        stale.unlink()
+    sensors = sensors_of(config)
+    records: list[dict[str, Any]] = []
+    for head, tiles, reason, tried, dropped_by in _acquired_sites(plan.sites, plan.items, config, f"group {group}"):
+        sample = {name: _empty_buffers(sensor, 1, config) for name, sensor in sensors.items()}
+        _store_site(sample, records, 0, head.site_id, head.split, tiles, reason, tried, config, dropped_by,
+                    head.region)
+        write_staged(staged_file(staging, group, head.site_id), sample, records[-1])
+    seconds = time.perf_counter() - started
+    dropped = sum(r["status"] != "ok" for r in records)
+    log.info("build group=%d sites=%d dropped=%d seconds=%.1f", group, len(records), dropped, seconds)
+    record = {"group": group, "sites": [r["site_id"] for r in records], "dropped": dropped,
+              "seconds": round(seconds, 2)}
+    write_group_record(staging, group, record)
+    return record
+
+
+def _unstage(buffers: dict, records: list, plan: PartPlan, manifest: Manifest, config: Mapping[str, Any],
+             staging: Path) -> None:
+    """Fill a part's buffers and records from its sites' staged samples."""
+    from xstars.staging import GROUP_RECORD, group_dir, locality_groups, read_staged, staged_file
+
+    per_group = int(config["build"]["sites_per_group"])
+    group_of = {sample: g for g, samples in enumerate(locality_groups(manifest.site_cells(), per_group))
+                for sample in samples}
+    for offset, rows in enumerate(plan.sites):
+        site_id, group = next(iter(rows.values())).site_id, group_of[plan.first + offset]
+        path = staged_file(staging, group, site_id)
+        if not path.exists():
+            done = (group_dir(staging, group) / GROUP_RECORD).exists()
+            raise DataError(f"{path}: site {site_id} (sample {plan.first + offset}) of part {plan.part} was not "
+                            f"staged by group {group} ({'which finished without it' if done else 'not run or not finished'}); "
+                            f"run `xstars build group --group {group}` (rule build_group) again")
+        sample, record = read_staged(path)
+        if record["site_id"] != site_id or set(sample) != set(buffers):
+            raise DataError(f"{path}: staged for site {record['site_id']} with sensors {sorted(sample)}, "
+                            f"part {plan.part} expects site {site_id} with {sorted(buffers)}")
+        for sensor, named in buffers.items():
+            for name, values in named.items():
+                values[offset] = sample[sensor][name][0]
+        records.append(record)
+
+
+def _acquired_sites(sites: Sequence[Mapping[str, ManifestRow]], items: Mapping[str, Mapping[str, Any]],
+                    config: Mapping[str, Any], desc: str):
+    """Read every (site, sensor) tile of ``sites`` and yield, site by site in the given order,
+    ``(head row, tiles by sensor, drop reason or None, fallbacks tried, dropped_by)``.
+
+    Reading is latency-bound (HTTP ranges, WMS renders): the tiles are fetched by a pool of
+    ``build.read_threads`` threads, as many sites ahead as there are threads; sites come out in
+    order, so the result does not depend on which read finished first, and memory is bounded by
+    the sites in flight, not by how many are read."""
+    from collections import deque
+
+    from tqdm import tqdm
+
+    from xstars.remote import WmsClient
+
+    sensors = sensors_of(config)
+    threads = int(config["build"]["read_threads"])
+    # One client per WMS, shared by the threads: its rate limit holds for the whole job.
+    clients = {s.catalog_name: WmsClient(s.catalog_cfg, config["http"]) for s in sensors.values()
+               if s.kind == "wms_layers"}
+
+    def submit(pool: ThreadPoolExecutor, rows: Mapping[str, ManifestRow]) -> dict:
+        if any(row.status != "ok" for row in rows.values()):
+            return {}  # dropped by the catalog: nothing to read
+        return {name: pool.submit(_first_usable, sensor, [items[name][i] for i in rows[name].item_ids],
+                                  rows[name].bounds, config, clients.get(sensor.catalog_name))
+                for name, sensor in sensors.items()}
+
+    upcoming = iter(sites)
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        in_flight = deque((rows, submit(pool, rows)) for rows in itertools.islice(upcoming, max(2, threads)))
+        for _ in tqdm(range(len(sites)), desc=desc, unit="site", leave=False):
+            rows, futures = in_flight.popleft()
+            following = next(upcoming, None)
+            if following is not None:
+                in_flight.append((following, submit(pool, following)))
+            head = next(iter(rows.values()))
+            tiles: dict[str, Any] = {}
+            reason, tried, dropped_by = head.drop_reason, {}, "build"
+            if reason is not None:  # dropped by the catalog: stored with its reason, nothing read
+                dropped_by = "catalog"
+            for name in sensors if reason is None else ():
+                tile, why, tried[name] = futures[name].result()
+                if tile is None:
+                    reason = reason or why
+                else:
+                    tiles[name] = tile
+            yield head, tiles, reason, tried, dropped_by
+
+
 @dataclass(frozen=True)
 class PartPlan:
     """What a build part reads, known before its first request: its samples ``first:last``, each
@@ -202,23 +290,55 @@ class PartPlan:
     items: dict[str, dict[str, dict[str, Any]]]
 
 
-def plan_part(manifest: Manifest, config: Mapping[str, Any], part: int) -> PartPlan:
+def plan_part(manifest: Manifest, config: Mapping[str, Any], part: int, with_items: bool = True) -> PartPlan:
     """The part's rows (only its row groups of the manifest are decoded) and the items they name
-    (only the row groups of the items files holding them)."""
+    (only the row groups of the items files holding them; none when ``with_items`` is false)."""
     per_shard = int(config["build"]["samples_per_shard"])
     if not 0 <= part < n_parts(manifest.n_sites, per_shard):
         raise DataError(f"part {part} is not in 0..{n_parts(manifest.n_sites, per_shard) - 1}")
-    sites = [{row.sensor: row for row in rows} for rows in manifest.part(part, per_shard)]
+    first = part * per_shard
+    samples = range(first, min(first + per_shard, manifest.n_sites))
+    sites, items = _sites_and_items(manifest, config, samples, with_items)
+    return PartPlan(part, first, first + len(sites), sites, items)
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    """What a locality group reads (:mod:`xstars.staging`): its samples in reading order, each
+    site's rows by sensor, and the items they name."""
+
+    group: int
+    samples: list[int]
+    sites: list[dict[str, ManifestRow]]
+    items: dict[str, dict[str, dict[str, Any]]]
+
+
+def plan_group(manifest: Manifest, config: Mapping[str, Any], group: int) -> GroupPlan:
+    """The group's sites (from every site's cell, three columns of the manifest), their rows
+    (only the row groups holding them are decoded) and the items they name."""
+    from xstars.staging import locality_groups
+
+    per_group = int(config["build"]["sites_per_group"])
+    groups = locality_groups(manifest.site_cells(), per_group)
+    if not 0 <= group < len(groups):
+        raise DataError(f"group {group} is not in 0..{len(groups) - 1} (build.sites_per_group = {per_group})")
+    sites, items = _sites_and_items(manifest, config, groups[group])
+    return GroupPlan(group, groups[group], sites, items)
+
+
+def _sites_and_items(manifest: Manifest, config: Mapping[str, Any], samples: Sequence[int],
+                     with_items: bool = True) -> tuple[list[dict[str, ManifestRow]], dict[str, dict[str, dict]]]:
+    """The rows of the sites at ``samples`` by sensor, and the items the kept ones name."""
+    sites = [{row.sensor: row for row in rows} for rows in manifest.sites(samples)]
     sensors = sensors_of(config)
     for rows in sites:
         if set(rows) != set(sensors):
             raise DataError(f"{manifest.path}: site {next(iter(rows.values())).site_id} has rows for "
                             f"{sorted(rows)}, the config's sensors are {sorted(sensors)}")
     wanted = {name: sorted({i for rows in sites if all(r.status == "ok" for r in rows.values())
-                            for i in rows[name].item_ids}) for name in sensors}
+                            for i in rows[name].item_ids}) for name in sensors} if with_items else {}
     items = {name: manifest.items(name).get(ids) if ids else {} for name, ids in wanted.items()}
-    first = part * per_shard
-    return PartPlan(part, first, first + len(sites), sites, items)
+    return sites, items
 
 
 def _store_site(buffers: dict, records: list, offset: int, site_id: str, split: str, tiles: dict,

@@ -2,9 +2,11 @@
 
 `store_init` creates the arrays; one `build_part` job per part (a shard of samples, i.e. of
 sites: their number is known from the config, so the whole DAG is planned at parse time) reads,
-co-registers and writes its shard of every array; `dataset` checks completeness, adds the
-normalisation statistics and consolidates the metadata; `publish_dataset` writes the dataset
-card, the STAC collection and the Croissant metadata beside the store.
+co-registers and writes its shard of every array (with `build.sites_per_group > 0`, one
+`build_group` job per locality group reads and co-registers instead, and the parts pack);
+`dataset` checks completeness, adds the normalisation statistics and consolidates the metadata;
+`publish_dataset` writes the dataset card, the STAC collection and the Croissant metadata
+beside the store.
 """
 
 rule store_init:
@@ -24,6 +26,30 @@ rule store_init:
         " --store {params.store} --out {output} > {log} 2>&1"
 
 
+rule build_group:
+    wildcard_constraints:
+        group=r"\d+",
+    input:
+        manifest=RESULTS / "catalog" / "manifest.parquet",
+        item_files=RESULTS / "catalog" / "manifest.items",  # the group reads the items its rows name
+        world=demo_world_input,
+    output:
+        # Temporary: removed once every part has packed its samples (the store's raw size again).
+        temp(directory(STAGING / "group-{group}")),
+    params:
+        cfg=config_json("build group"),
+        staging=STAGING,
+    resources:
+        **WMS_RESOURCES,  # at most catalogs.<wms>.max_concurrent_jobs jobs query a WMS at once
+    log:
+        "logs/build/build_group-{group}.log",
+    conda:
+        "../../envs/xstars.yaml"
+    shell:
+        "xstars build group --config-json {params.cfg:q} --manifest {input.manifest}"
+        " --staging {params.staging} --group {wildcards.group} > {log} 2>&1"
+
+
 rule build_part:
     wildcard_constraints:
         part=r"\d+",
@@ -32,20 +58,24 @@ rule build_part:
         manifest=RESULTS / "catalog" / "manifest.parquet",
         item_files=RESULTS / "catalog" / "manifest.items",  # the part reads the items its rows name
         world=demo_world_input,
+        staged=build_groups,  # with build.sites_per_group > 0: the part packs, the groups read
     output:
         DATASET / "parts" / "part-{part}.json",
     params:
         cfg=config_json("build part"),
         store=STORE,
+        staging=STAGING,
     resources:
-        **WMS_RESOURCES,  # at most catalogs.<wms>.max_concurrent_jobs jobs query a WMS at once
+        # At most catalogs.<wms>.max_concurrent_jobs jobs query a WMS at once; a part that
+        # packs staged samples queries none.
+        **({} if BUILD_GROUPS else WMS_RESOURCES),
     log:
         "logs/build/build_part-{part}.log",
     conda:
         "../../envs/xstars.yaml"
     shell:
         "xstars build part --config-json {params.cfg:q} --manifest {input.manifest}"
-        " --store {params.store} --part {wildcards.part} --out {output} > {log} 2>&1"
+        " --store {params.store} --part {wildcards.part} --staging {params.staging} --out {output} > {log} 2>&1"
 
 
 rule dataset:

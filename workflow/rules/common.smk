@@ -109,6 +109,25 @@ def _planned_parts():
 
 
 BUILD_PARTS = _planned_parts()
+# build.sites_per_group > 0: the reads are planned by locality (xstars/staging.py), one
+# build_group job per group of sites, then the parts pack the staged samples.
+_SITES_PER_GROUP = int(config["build"]["sites_per_group"])
+STAGING = DATASET / "staging"
+
+
+def _planned_groups():
+    from xstars.staging import n_groups
+    from xstars.store import planned_sites
+
+    return n_groups(planned_sites(config), _SITES_PER_GROUP) if _SITES_PER_GROUP else 0
+
+
+BUILD_GROUPS = _planned_groups()
+
+
+def build_groups(wildcards):
+    """Every locality group's staged samples (none when the parts read their own sites)."""
+    return [STAGING / f"group-{group}" for group in range(BUILD_GROUPS)]
 
 
 def build_parts(wildcards):
