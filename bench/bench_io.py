@@ -16,7 +16,7 @@ Per stored byte: the store's bytes on disk. Ratios are against the block-aligned
 
     .venv/bin/xstars demo up --world demo
     .venv/bin/python bench/bench_io.py --manifest results/demo/catalog/manifest.parquet --group-sizes 8 24 48
-    .venv/bin/python bench/bench_io.py --france 64 256 1024     # by geometry, all of France
+    .venv/bin/python bench/bench_io.py --france 64 256 512 1024 --cache-mb 256 512 1024   # all of France
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ def minimum(parts: list[list[list]], facts: dict[str, dict]) -> dict[str, int]:
 # ------------------------------------------------------------------ all of France, by geometry
 
 
-def france_blocks(part_sizes: Sequence[int], cache_mb: float = 256) -> dict:
+def france_blocks(part_sizes: Sequence[int], caches_mb: Sequence[float] = (256,)) -> dict:
     """The blocks every part of the France build touches (Sentinel-2, every asset the config
     reads, 1024-px blocks as the Planetary Computer's COGs have them), over the block-aligned
     minimum, for parts in store order and by locality, at several part sizes. By geometry only:
@@ -178,9 +178,10 @@ def france_blocks(part_sizes: Sequence[int], cache_mb: float = 256) -> dict:
                 for start in range(0, len(order), size):
                     total += weight[gsd] * len(set().union(*(blocks[i] for i in order[start:start + size])))
             out["parts"][f"{size} sites a part, {name}"] = round(total / floor, 2)
-            out["parts"][f"{size} sites a part, {name}, through a {cache_mb} MB cache"] = round(
-                lru_fetches(order, size, by_gsd, weight, int(cache_mb / REAL_BLOCK_MB)) / floor, 2)
-    out["cache"] = {"cache_mb": cache_mb, "block_mb_assumed": REAL_BLOCK_MB}
+            for cache_mb in caches_mb:
+                out["parts"][f"{size} sites a part, {name}, through a {cache_mb:g} MB cache"] = round(
+                    lru_fetches(order, size, by_gsd, weight, int(cache_mb / REAL_BLOCK_MB)) / floor, 2)
+    out["block_mb_assumed"] = REAL_BLOCK_MB
     return out
 
 
@@ -230,11 +231,13 @@ def main() -> int:
                         help="locality group sizes to run (default: the config's build.sites_per_group)")
     parser.add_argument("--france", type=int, nargs="*", metavar="SITES_PER_PART",
                         help="instead: the blocks the France build touches, by geometry, at these part sizes")
+    parser.add_argument("--cache-mb", type=float, nargs="*",
+                        help="with --france: GDAL cache sizes to simulate (default: the config's http.cache_mb)")
     args = parser.parse_args()
     if args.france is not None:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
-        cache_mb = load_config(None, {})["http"]["cache_mb"]
-        result = france_blocks(args.france or [64, 256, 1024], cache_mb) | {"date": date.today().isoformat()}
+        caches = args.cache_mb or [load_config(None, {})["http"]["cache_mb"]]
+        result = france_blocks(args.france or [64, 256, 1024], caches) | {"date": date.today().isoformat()}
         print(json.dumps(result, indent=1))
         return 0
     config = load_config(None, {"world": args.world, "catalogs": {"geoplateforme": {"max_concurrent_jobs": 1}}}

@@ -555,9 +555,14 @@ def test_parts_packed_from_locality_groups_are_the_same_store_byte_for_byte(buil
     assert sorted(i for g in groups for i in g) == list(range(built["n"])) and len(groups) == 3
     assert groups != [list(range(k, min(k + 3, built["n"]))) for k in range(0, built["n"], 3)]  # not store order
     cfg = ["--config-json", json.dumps(config), "--manifest", str(manifest_path)]
+    # What a killed earlier run of group 0 left (a half-written file) is cleared when it runs again.
+    left_over = staged_file(staging, 0, "killed_mid_write").with_suffix(".npz.tmp")
+    left_over.parent.mkdir(parents=True)
+    left_over.write_bytes(b"PK\x03\x04")
     for group in range(len(groups)):
         assert main(["build", "group", *cfg, "--staging", str(staging), "--group", str(group)]) == 0
     assert main(["build", "group", *cfg, "--staging", str(staging), "--group", "3"]) == 2  # no such group
+    assert not left_over.exists()
     records = []
     for part in range(len(built["parts"])):
         out = tmp_path / f"part-{part}.json"
