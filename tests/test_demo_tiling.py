@@ -89,6 +89,27 @@ def test_wrs2_centres_match_the_recorded_landsat_scenes() -> None:
         assert scene.contains(lon, lat)
 
 
+def test_landsat_scenes_have_the_size_and_footprint_of_the_recorded_ones() -> None:
+    """A full-size WRS-2 scene: the recorded items' footprints are about 185 x 198 km (36,700 km2)
+    and their 30 m grids 7,600-7,800 px on each side; the demo's scene of the same path/row
+    within 3 % of both."""
+    from shapely.geometry import Polygon
+
+    from xstars.demo.scenes import landsat_scene_grid
+
+    for item in _fixture("landsat-c2-l2"):
+        props = item["properties"]
+        scene = tiling.wrs2_scene(int(props["landsat:wrs_path"]), int(props["landsat:wrs_row"]))
+        to_utm = Transformer.from_crs("EPSG:4326", scene.crs, always_xy=True)
+        recorded = Polygon([to_utm.transform(*p[:2]) for p in item["geometry"]["coordinates"][0]])
+        demo = Polygon([to_utm.transform(*p) for p in scene.corners_lonlat()])
+        assert abs(demo.area / recorded.area - 1) < 0.03, (item["id"], demo.area / 1e6, recorded.area / 1e6)
+        rows, cols = item["assets"]["red"].get("proj:shape") or props["proj:shape"]
+        grid = landsat_scene_grid(scene)
+        assert abs(grid.shape[0] / rows - 1) < 0.03 and abs(grid.shape[1] / cols - 1) < 0.03, (
+            item["id"], grid.shape, (rows, cols))
+
+
 def test_landsat_scene_of_a_city_can_be_in_another_zone_than_its_sentinel2_tile() -> None:
     d = 0.015
     lon, lat = 6.002, 45.90

@@ -436,14 +436,21 @@ def s2_items(staging: Staging) -> list[dict[str, Any]]:
 
 # ================================================================================= Landsat
 
+#: Fill USGS's products frame a scene with east and west of its footprint's box: the recorded
+#: items' grids are 180-250 px wider than their footprints' boxes, no taller.
+LANDSAT_FRAME_PAD_M = 3_000.0
+
+
 def landsat_scene_grid(scene: tiling.WrsScene) -> SensorGrid:
     """The scene's whole 30 m grid in the UTM zone of its centre, pixel centres on multiples of 30 m
-    (origins at 15 m past a multiple of 30, as USGS's products)."""
+    (origins at 15 m past a multiple of 30, as USGS's products): the footprint's box, with
+    ``LANDSAT_FRAME_PAD_M`` of fill east and west (about 7,600-7,800 px a side, as recorded)."""
     to = Transformer.from_crs("EPSG:4326", scene.crs, always_xy=True)
     xs, ys = to.transform(*zip(*scene.corners_lonlat()))
-    xmin = np.floor((min(xs) - 15) / 30) * 30 + 15
+    pad = LANDSAT_FRAME_PAD_M
+    xmin = np.floor((min(xs) - pad - 15) / 30) * 30 + 15
     ymax = np.ceil((max(ys) - 15) / 30) * 30 + 15
-    xmax, ymin = np.ceil((max(xs) - 15) / 30) * 30 + 15, np.floor((min(ys) - 15) / 30) * 30 + 15
+    xmax, ymin = np.ceil((max(xs) + pad - 15) / 30) * 30 + 15, np.floor((min(ys) - 15) / 30) * 30 + 15
     return SensorGrid(scene.crs, 30.0, float(xmin), float(ymax), (round((ymax - ymin) / 30), round((xmax - xmin) / 30)))
 
 

@@ -14,7 +14,7 @@ the ids, CRSs and pixel grids the real services give the same places:
   233 paths in 16 days, 248 rows per orbit, row 60 on the equator descending), the path's node
   longitude fitted on a real scene (``LC08_L2SP_033032``: centre lon -104.22, lat 40.33). Not USGS's
   ephemeris: centres agree to a few kilometres, enough for ids, zones and footprints. A scene is on
-  the grid of the UTM zone of its centre (as USGS does), ~185 x 180 km turned along the track.
+  the grid of the UTM zone of its centre (as USGS does), ~185 x 198 km turned along the track.
 * **WorldCover** tiles are 3 x 3 degrees (``N45E003``: lat 45-48, lon 3-6) at 1/12000 degree.
 """
 
@@ -161,7 +161,7 @@ WRS2_INCLINATION_DEG = 98.2
 WRS2_PATHS, WRS2_ROWS, WRS2_EQUATOR_ROW = 233, 248, 60
 #: Earth's rotation under the satellite per degree of orbit arc: 24.72 deg a 98.88-minute orbit.
 _EARTH_TURN_PER_ARC_DEG = 16 / WRS2_PATHS  # (360 * 16 / 233 deg an orbit) / 360 deg of arc
-LANDSAT_SCENE_M = (185_000.0, 180_000.0)  # across, along the track
+LANDSAT_SCENE_M = (185_000.0, 198_000.0)  # across, along the track (the recorded items: 36,700 km2)
 _GEOD = Geod(ellps="WGS84")
 _WGS84_F = 1 / 298.257223563
 
@@ -218,7 +218,7 @@ class WrsScene:
         return f"EPSG:{utm_epsg(self.zone)}"
 
     def corners_lonlat(self) -> list[tuple[float, float]]:
-        """Footprint corners (closed ring): the 185 km x 180 km scene turned along the track."""
+        """Footprint corners (closed ring): the 185 km x 198 km scene turned along the track."""
         across, along = LANDSAT_SCENE_M
         half_diag = math.hypot(across, along) / 2
         angle = math.degrees(math.atan2(across, along))
