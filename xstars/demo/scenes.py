@@ -436,7 +436,7 @@ def s2_items(staging: Staging) -> list[dict[str, Any]]:
 
 # ================================================================================= Landsat
 
-#: Fill USGS's products frame a scene with east and west of its footprint's box: the recorded
+#: USGS's products frame a scene with fill east and west of its footprint's box: the recorded
 #: items' grids are 180-250 px wider than their footprints' boxes, no taller.
 LANDSAT_FRAME_PAD_M = 3_000.0
 
