@@ -21,6 +21,9 @@ rule pretrain_run:
         out_dir=lambda wildcards: PRETRAIN / wildcards.run,
         # One process per GPU the job is given (pretrain.resources, or --set-resources), 1 on CPU.
         nproc=lambda wildcards, resources: max(int(resources.gpu), 1),
+    # The trainings are the longest jobs: started before the evaluations and the dataset's
+    # checks and figures, which fill the cores around them (on 2 cores, make demo ~1 min sooner).
+    priority: 10
     threads: PRETRAIN_CPUS
     resources:
         gpu=PRETRAIN_GPUS,
