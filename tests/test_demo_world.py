@@ -316,3 +316,25 @@ def test_items_footprints_cover_their_city(demo_root: Path) -> None:
         assert sorted(touching) == sorted(f"ESA_WorldCover_10m_{edition}_{tile}" for tile in city["worldcover_tiles"]
                                           for edition in ("2020_v100", "2021_v200"))
         assert len(city["worldcover_tiles"]) == (2 if city["name"] == "etercy" else 1)
+
+
+def test_generation_on_two_threads_is_the_same_as_on_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The strips of the ground truth and the bands of rows of the PSF, on two threads
+    (xstars/demo/threads.py), give the same arrays bit for bit as one thread."""
+    from scipy import ndimage
+
+    from xstars.demo import threads
+    from xstars.demo.landscape import CityGrid, make_ground_truth
+    from xstars.demo.render import psf_blur
+
+    grid = CityGrid("toulouse", 574_000.0, 6_280_000.0, 800.0, 0.5)  # 1600 px: 13 strips
+    image = np.random.default_rng(3).random((1031, 517), dtype=np.float32)
+    results = {}
+    for workers in (1, 2):
+        monkeypatch.setattr(threads, "WORKERS", workers)
+        truth = make_ground_truth(np.random.default_rng(7), grid)
+        results[workers] = (truth.material, truth.brightness, psf_blur(image, 2.3), psf_blur(image, 0.6))
+    for one, two in zip(results[1], results[2], strict=True):
+        np.testing.assert_array_equal(one, two)
+    np.testing.assert_array_equal(results[2][2], ndimage.gaussian_filter(image, 2.3, mode="nearest"))
+    assert len(threads.row_chunks(1031, 2)) == 2

@@ -43,7 +43,7 @@ from rasterio.enums import Resampling
 from rasterio.warp import reproject
 from scipy import ndimage
 
-from xstars.demo import layout, scenes
+from xstars.demo import layout, scenes, threads
 from xstars.demo.items import collection
 from xstars.demo.landscape import LAMBERT93, CityGrid, GroundTruth, make_ground_truth
 from xstars.demo.render import FractionCube, encode_ortho, psf_blur, write_cog
@@ -226,6 +226,7 @@ def generate_world(root: Path, demo_cfg: dict[str, Any]) -> dict[str, Any]:
     extent_m = float(demo_cfg.get("extent_m", 2560))
     gsd_m = float(demo_cfg.get("label_gsd_m", 0.5))
     layout.world_json(root).unlink(missing_ok=True)
+    threads.one_malloc_arena()  # strips on two threads, memory as on one (threads.py)
     started = time.perf_counter()
     shifts: dict[str, Any] = {}
     wms_sources: list[dict[str, Any]] = []

@@ -24,6 +24,7 @@ from scipy import ndimage
 from shapely.geometry import LineString, Point
 
 from xstars.demo.spectra import MATERIAL_ID
+from xstars.demo.threads import in_threads
 
 LAMBERT93 = "EPSG:2154"
 
@@ -280,25 +281,34 @@ def _paint_roads(rng: np.random.Generator, grid: CityGrid, mat: np.ndarray) -> N
     _burn(grid, roads, MATERIAL_ID["road_asphalt"], mat)
 
 
-#: Rows painted at a time: bounds the memory of the per-pixel temporaries (~50 MB per strip).
-STRIP_ROWS = 256
+#: Rows painted at a time: bounds the memory of the per-pixel temporaries (~25 MB per strip,
+#: one strip per thread). The map does not depend on it: every pixel is painted on its own.
+STRIP_ROWS = 128
 
 
 def make_ground_truth(rng: np.random.Generator, grid: CityGrid) -> GroundTruth:
     """Build the material map and brightness of one city (see module docstring for the layers)."""
     mat = np.zeros((grid.size, grid.size), dtype=np.uint8)
     bright = np.ones((grid.size, grid.size), dtype=np.float32)
+    strips = [(r0, min(r0 + STRIP_ROWS, grid.size)) for r0 in range(0, grid.size, STRIP_ROWS)]
+    # The layers' random draws are made here, in order; the strips only read them (threads.py).
     parcels, woods = _Parcels(rng, grid), _Woods(rng, grid)
-    for r0 in range(0, grid.size, STRIP_ROWS):
-        r1 = min(r0 + STRIP_ROWS, grid.size)
+
+    def fields_and_woods(strip: tuple[int, int]) -> None:
+        r0, r1 = strip
         x, y = grid.coords(r0, r1)
         parcels.paint(x, y, mat[r0:r1], bright[r0:r1])
         woods.paint(r0, r1, mat[r0:r1], bright[r0:r1])
+
+    in_threads(fields_and_woods, strips)
     _paint_water(rng, grid, mat, bright)
     town = _Town(rng, grid)
-    for r0 in range(0, grid.size, STRIP_ROWS):
-        r1 = min(r0 + STRIP_ROWS, grid.size)
+
+    def streets_and_blocks(strip: tuple[int, int]) -> None:
+        r0, r1 = strip
         x, y = grid.coords(r0, r1)
         town.paint(x, y, r0, r1, mat[r0:r1], bright[r0:r1], mat[r0:r1] == MATERIAL_ID["water"])
+
+    in_threads(streets_and_blocks, strips)
     _paint_roads(rng, grid, mat)
     return GroundTruth(grid=grid, material=mat, brightness=bright)

@@ -28,6 +28,7 @@ from scipy import ndimage
 
 from xstars.demo.landscape import LAMBERT93, GroundTruth
 from xstars.demo.spectra import MATERIALS, material_reflectance
+from xstars.demo.threads import in_threads, row_chunks
 
 #: Resolution (m) of the intermediate reflectance grid from which satellite bands are rendered.
 FRACTION_GSD_M = 2.5
@@ -108,8 +109,26 @@ def warp_to_grid(src: np.ndarray, src_transform: Affine, grid: SensorGrid, shift
 
 
 def psf_blur(image: np.ndarray, sigma_px: float) -> np.ndarray:
-    """Gaussian point-spread function (sigma in pixels of ``image``)."""
-    return ndimage.gaussian_filter(image, sigma_px, mode="nearest")
+    """Gaussian point-spread function (sigma in pixels of ``image``).
+
+    Blurred in bands of rows on ``threads.WORKERS`` threads, each band read with the kernel's
+    radius of rows around it: every output pixel sees the same input as in one call, so the
+    result is identical to ``ndimage.gaussian_filter`` on the whole image.
+    """
+    radius = int(4.0 * sigma_px + 0.5) + 1  # SciPy's kernel radius at its default truncate (4 sigma), plus one
+    rows = image.shape[0]
+    chunks = row_chunks(rows)
+    if len(chunks) < 2 or rows < 4 * radius:
+        return ndimage.gaussian_filter(image, sigma_px, mode="nearest")
+    out = np.empty(image.shape, dtype=image.dtype)
+
+    def blur(chunk: tuple[int, int]) -> None:
+        a, b = chunk
+        lo, hi = max(a - radius, 0), min(b + radius, rows)
+        out[a:b] = ndimage.gaussian_filter(image[lo:hi], sigma_px, mode="nearest")[a - lo: b - lo]
+
+    in_threads(blur, chunks)
+    return out
 
 
 def footprint_mask(cube: FractionCube, grid: SensorGrid, shift_m: tuple[float, float]) -> np.ndarray:
